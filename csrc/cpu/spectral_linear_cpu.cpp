@@ -1,0 +1,186 @@
+// CPU kernels of the spectral linear layer  y = ((x Vh^T) * s) U^T + b.
+//
+// GEMMs go through ATen (MKL/oneDNN/OpenBLAS); the reductions that give ds are fused,
+// OpenMP-parallel and deterministic: fixed row chunks, per-chunk partials, then one
+// fixed-order sum, so results do not depend on the thread count.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "spectral_schema.h"
+
+namespace imse {
+namespace {
+
+constexpr int64_t kRowChunk = 64;
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// s broadcast over the columns of U (d_out x r), computed in the accumulation type.
+at::Tensor scale_columns(const at::Tensor& U, const at::Tensor& s) {
+  auto acc = acc_type(U.scalar_type());
+  return (U.to(acc) * s.to(acc)).to(U.scalar_type());
+}
+
+// s broadcast over the rows of Vh (r x d_in).
+at::Tensor scale_rows(const at::Tensor& Vh, const at::Tensor& s) {
+  auto acc = acc_type(Vh.scalar_type());
+  return (Vh.to(acc) * s.to(acc).unsqueeze(1)).to(Vh.scalar_type());
+}
+
+// ds[k] = sum_n h[n,k] * t[n,k]  (h, t: N x r, contiguous), accumulated in acc_t.
+template <typename scalar_t, typename acc_t>
+void colsum_product_kernel(const scalar_t* h, const scalar_t* t, int64_t N, int64_t r, acc_t* out) {
+  const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+  std::vector<acc_t> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * r), acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t* p = partial.data() + c * r;
+      const int64_t n_end = std::min(N, (c + 1) * kRowChunk);
+      for (int64_t n = c * kRowChunk; n < n_end; ++n) {
+        const scalar_t* hn = h + n * r;
+        const scalar_t* tn = t + n * r;
+        for (int64_t k = 0; k < r; ++k) {
+          p[k] += static_cast<acc_t>(hn[k]) * static_cast<acc_t>(tn[k]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, r, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t acc = 0;
+      for (int64_t c = 0; c < chunks; ++c) acc += partial[c * r + k];
+      out[k] = acc;
+    }
+  });
+}
+
+// ds[k] = sum_j M[k,j] * V[k,j]  (M, V: r x d, contiguous).
+template <typename m_t, typename v_t, typename acc_t>
+void rowdot_kernel(const m_t* M, const v_t* V, int64_t r, int64_t d, acc_t* out) {
+  at::parallel_for(0, r, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t acc = 0;
+      const m_t* mk = M + k * d;
+      const v_t* vk = V + k * d;
+      for (int64_t j = 0; j < d; ++j) acc += static_cast<acc_t>(mk[j]) * static_cast<acc_t>(vk[j]);
+      out[k] = acc;
+    }
+  });
+}
+
+at::Tensor colsum_product(const at::Tensor& h_in, const at::Tensor& t_in, at::ScalarType out_dtype) {
+  auto h = h_in.contiguous();
+  auto t = t_in.contiguous();
+  const int64_t N = h.size(0), r = h.size(1);
+  auto acc = acc_type(h.scalar_type());
+  auto ds = at::empty({r}, h.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imse_colsum_product", [&] {
+    if (acc == at::kDouble) {
+      colsum_product_kernel<scalar_t, double>(h.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), N, r,
+                                              ds.mutable_data_ptr<double>());
+    } else {
+      colsum_product_kernel<scalar_t, float>(h.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), N, r,
+                                             ds.mutable_data_ptr<float>());
+    }
+  });
+  return ds.to(out_dtype);
+}
+
+at::Tensor rowdot(const at::Tensor& M_in, const at::Tensor& V_in, at::ScalarType out_dtype) {
+  auto acc = acc_type(V_in.scalar_type());
+  auto M = M_in.to(acc).contiguous();
+  auto V = V_in.to(acc).contiguous();
+  const int64_t r = M.size(0), d = M.size(1);
+  auto ds = at::empty({r}, M.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "imse_rowdot", [&] {
+    rowdot_kernel<scalar_t, scalar_t, scalar_t>(M.const_data_ptr<scalar_t>(), V.const_data_ptr<scalar_t>(), r, d,
+                                                ds.mutable_data_ptr<scalar_t>());
+  });
+  return ds.to(out_dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops (inputs are validated in Python; the checks here guard direct calls).
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "imse_ext: ", name, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "imse_ext: ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> factorized_forward(const at::Tensor& x, const at::Tensor& U, const at::Tensor& s,
+                                                      const at::Tensor& Vh, const std::optional<at::Tensor>& bias,
+                                                      bool save_h) {
+  check_2d(x, "x");
+  TORCH_CHECK(x.size(1) == Vh.size(1) && U.size(1) == Vh.size(0) && s.numel() == Vh.size(0),
+              "imse_ext.factorized_forward: shape mismatch x ", x.sizes(), " U ", U.sizes(), " s ", s.sizes(), " Vh ",
+              Vh.sizes());
+  auto h = at::mm(x, Vh.t());
+  auto Us = scale_columns(U, s);
+  auto y = bias.has_value() && bias->defined() ? at::addmm(*bias, h, Us.t()) : at::mm(h, Us.t());
+  return {y, save_h ? h : at::empty({0}, x.options())};
+}
+
+at::Tensor recompose(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
+  check_2d(U, "U");
+  check_2d(Vh, "Vh");
+  return at::mm(scale_columns(U, s), Vh);
+}
+
+std::tuple<at::Tensor, at::Tensor> factorized_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                       const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                                                       bool need_dx) {
+  check_2d(grad, "grad");
+  check_2d(h, "h");
+  auto t = at::mm(grad, U);
+  auto ds = colsum_product(h, t, s.scalar_type());
+  auto dx = need_dx ? at::mm(t, scale_rows(Vh, s)) : at::empty({0}, grad.options());
+  return {dx, ds};
+}
+
+at::Tensor factorized_input_grad(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s,
+                                 const at::Tensor& Vh) {
+  check_2d(grad, "grad");
+  return at::mm(at::mm(grad, U), scale_rows(Vh, s));
+}
+
+std::tuple<at::Tensor, at::Tensor> recomposed_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                       const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                                                       const at::Tensor& W, bool need_dx) {
+  check_2d(grad, "grad");
+  check_2d(x, "x");
+  auto G = at::mm(grad.t(), x);                        // d_out x d_in
+  auto acc = acc_type(U.scalar_type());
+  auto M = G.scalar_type() == acc ? at::mm(U.t(), G) : at::mm(U.t().to(acc), G.to(acc));  // r x d_in
+  auto ds = rowdot(M, Vh, s.scalar_type());
+  auto dx = need_dx ? at::mm(grad, W) : at::empty({0}, grad.options());
+  return {dx, ds};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(imse_ext, m) { IMSE_DEFINE_SCHEMA(m); }
+
+TORCH_LIBRARY_IMPL(imse_ext, CPU, m) {
+  m.impl("factorized_forward", &factorized_forward);
+  m.impl("recompose", &recompose);
+  m.impl("factorized_backward", &factorized_backward);
+  m.impl("factorized_input_grad", &factorized_input_grad);
+  m.impl("recomposed_backward", &recomposed_backward);
+}
+
+}  // namespace imse
+
+// A Python module with no functions: importing it runs the registrations above.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

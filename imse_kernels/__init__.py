@@ -1,0 +1,14 @@
+"""imse_kernels: fused spectral linear layers (train only the singular values) and IMSE test-time adaptation."""
+from . import _extension
+from .backends import available_backends, backend_status, use_backend
+from .layers import FusedSpectralLinear, spectral_layers, spectralize, unspectralize
+from .ops import spectral_linear
+
+__version__ = "0.1.0"
+
+_extension.load("_C")  # registers the C++ CPU ops; warns once and falls back if missing
+
+__all__ = [
+    "spectral_linear", "FusedSpectralLinear", "spectralize", "unspectralize", "spectral_layers",
+    "available_backends", "backend_status", "use_backend", "__version__",
+]

@@ -1,0 +1,192 @@
+"""`spectral_linear`: y = ((x·Vhᵀ) ⊙ s)·Uᵀ + bias, with gradients for x and s only.
+
+Two `torch.library` custom ops (forward and backward) carry one autograd formula; the route
+(planner.py) is chosen in Python before the op, so fake implementations know every shape and
+`torch.compile(fullgraph=True)` sees no graph break. The backend is resolved inside the ops.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve_backend
+from .planner import FACTORIZED, RECOMPOSED, plan
+from .weight_cache import RecomposedWeightCache
+
+_EMPTY = (0,)
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    return x.new_empty(_EMPTY)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward op
+
+@torch.library.custom_op("imse::spectral_linear_fwd", mutates_args=())
+def _forward_op(
+    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor], weight: Optional[Tensor],
+    route: int, need_ds: bool, need_dx: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (y, aux): aux is h (route F, when ds is needed), the recomposed W (route R, when a
+    backward follows and no W was given) or an empty tensor."""
+    backend = resolve_backend(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        if route == FACTORIZED:
+            y, h = backend.factorized_forward(x, U, s, Vh, bias, need_ds)
+            return y, (h if need_ds else _empty_like(x))
+        W = weight if weight is not None else backend.recompose(U, s, Vh)
+        y = backend.dense_forward(x, W, bias)
+        keep = weight is None and (need_ds or need_dx)
+        return y, (W if keep else _empty_like(x))
+
+
+@_forward_op.register_fake
+def _(x, U, s, Vh, bias, weight, route, need_ds, need_dx):
+    y = x.new_empty((x.shape[0], U.shape[0]))
+    if route == FACTORIZED and need_ds:
+        return y, x.new_empty((x.shape[0], U.shape[1]))
+    if route == RECOMPOSED and weight is None and (need_ds or need_dx):
+        return y, x.new_empty((U.shape[0], Vh.shape[1]))
+    return y, x.new_empty(_EMPTY)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward op
+
+@torch.library.custom_op("imse::spectral_linear_bwd", mutates_args=())
+def _backward_op(
+    grad: Tensor, saved: Optional[Tensor], U: Tensor, s: Tensor, Vh: Tensor, weight: Optional[Tensor],
+    route: int, need_ds: bool, need_dx: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (dx, ds); either is an empty tensor when not needed. `saved` is h (route F) or x
+    (route R) when ds is needed; `weight` is W for route R."""
+    backend = resolve_backend(grad.device)
+    grad = grad.contiguous()
+    dx = ds = None
+    with torch.autocast(grad.device.type, enabled=False):
+        if route == FACTORIZED:
+            if need_ds:
+                dx, ds = backend.factorized_backward(grad, saved, U, s, Vh, need_dx)
+            elif need_dx:
+                dx = backend.factorized_input_grad(grad, U, s, Vh)
+        else:
+            if need_ds:
+                dx, ds = backend.recomposed_backward(grad, saved, U, s, Vh, weight, need_dx)
+            elif need_dx:
+                dx = backend.dense_input_grad(grad, weight)
+    return (dx if dx is not None else _empty_like(grad)), (ds if ds is not None else s.new_empty(_EMPTY))
+
+
+@_backward_op.register_fake
+def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
+    dx = grad.new_empty((grad.shape[0], Vh.shape[1]) if need_dx else _EMPTY)
+    ds = s.new_empty((s.shape[0],) if need_ds else _EMPTY)
+    return dx, ds
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd: one formula for every backend
+
+def _setup_context(ctx, inputs, output):
+    x, U, s, Vh, bias, weight, route, need_ds, need_dx = inputs
+    _, aux = output
+    ctx.mark_non_differentiable(aux)
+    ctx.route, ctx.need_ds, ctx.need_dx = route, need_ds, need_dx
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
+    if route == FACTORIZED:
+        saved, W = (aux if need_ds else None), None
+    else:
+        saved, W = (x if need_ds else None), (weight if weight is not None else aux)
+    ctx.save_for_backward(saved, U, s, Vh, W)
+
+
+def _backward(ctx, grad_y, _grad_aux):
+    saved, U, s, Vh, W = ctx.saved_tensors
+    need_ds = ctx.need_ds and ctx.needs_input_grad[2]
+    need_dx = ctx.need_dx and ctx.needs_input_grad[0]
+    dx = ds = db = None
+    if need_ds or need_dx:
+        dx, ds = _backward_op(grad_y, saved, U, s, Vh, W, ctx.route, need_ds, need_dx)
+        dx = dx if need_dx else None
+        ds = ds if need_ds else None
+    if ctx.bias_grad:
+        db = grad_y.sum(0)
+    return dx, None, ds, None, db, None, None, None, None
+
+
+torch.library.register_autograd("imse::spectral_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The public function
+
+def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor]) -> None:
+    named = {"x": x, "U": U, "s": s, "Vh": Vh}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"spectral_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"spectral_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if U.dim() != 2 or Vh.dim() != 2 or s.dim() != 1:
+        raise ValueError(
+            f"spectral_linear: expected U (d_out, r), s (r,), Vh (r, d_in); got U {tuple(U.shape)}, "
+            f"s {tuple(s.shape)}, Vh {tuple(Vh.shape)}"
+        )
+    r = s.shape[0]
+    if U.shape[1] != r or Vh.shape[0] != r:
+        raise ValueError(
+            f"spectral_linear: rank mismatch: U {tuple(U.shape)} has r={U.shape[1]}, s has r={r}, "
+            f"Vh {tuple(Vh.shape)} has r={Vh.shape[0]}"
+        )
+    if x.dim() == 0 or x.shape[-1] != Vh.shape[1]:
+        raise ValueError(
+            f"spectral_linear: x has shape {tuple(x.shape)} but Vh {tuple(Vh.shape)} expects last dim d_in={Vh.shape[1]}"
+        )
+    if bias is not None and tuple(bias.shape) != (U.shape[0],):
+        raise ValueError(f"spectral_linear: bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"spectral_linear: all tensors must be on one device, got {devices}")
+    if U.requires_grad or Vh.requires_grad:
+        raise ValueError(
+            "spectral_linear: U and Vh are frozen (only s and x get gradients); "
+            "call .detach() or set requires_grad_(False) on them"
+        )
+
+
+def spectral_linear(
+    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor] = None,
+    *, weight_cache: Optional[RecomposedWeightCache] = None,
+) -> Tensor:
+    """((x·Vhᵀ) ⊙ s)·Uᵀ + bias for x of any leading shape (…, d_in) → (…, d_out).
+
+    Gradients flow to x and s (and to bias if it requires grad); U and Vh must be frozen.
+    `weight_cache` (kept by `FusedSpectralLinear`) lets the recomposed route reuse W' = (U ⊙ s)·Vh
+    while s is unchanged, so inference with frozen s is a single GEMM.
+    """
+    _check_inputs(x, U, s, Vh, bias)
+    dtype = U.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    elif x.dtype != U.dtype or Vh.dtype != U.dtype or (bias is not None and bias.dtype != U.dtype):
+        raise TypeError(
+            f"spectral_linear: x, U, Vh and bias must share a dtype (outside autocast); got x {x.dtype}, "
+            f"U {U.dtype}, Vh {Vh.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
+        )
+    x, U, Vh = x.to(dtype), U.to(dtype), Vh.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    d_out, r = U.shape
+    grad_on = torch.is_grad_enabled()
+    need_ds = grad_on and s.requires_grad
+    need_dx = grad_on and x.requires_grad
+    use_cache = weight_cache is not None and not need_ds and not torch.compiler.is_compiling()
+    route = plan(x2.shape[0], x2.shape[1], d_out, r, need_ds, need_dx, has_weight=use_cache).route
+    weight = weight_cache.get(U, s, Vh) if (use_cache and route == RECOMPOSED) else None
+    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, weight, route, need_ds, need_dx)
+    return y.reshape(*lead, d_out)
