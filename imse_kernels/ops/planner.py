@@ -5,7 +5,9 @@ F: h = x·Vhᵀ, y = (h ⊙ s)·Uᵀ.  h (N × r) is saved for the backward; sin
 R: y = x·W'ᵀ with W' = (U ⊙ s)·Vh (cached while s is unchanged); x is saved, as in `nn.Linear`.
 The planner compares FLOPs of the whole step (forward and the backward that will follow).
 """
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 FACTORIZED = 0
 RECOMPOSED = 1
@@ -37,4 +39,22 @@ def step_flops(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bo
 def plan(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool, has_weight: bool) -> Plan:
     """Choose the cheaper route; ties go to F (no d_out × d_in temporary)."""
     f, R = step_flops(n, d_in, d_out, r, need_ds, need_dx, has_weight)
+    if _forced:
+        return Plan(_forced[-1], f, R)
     return Plan(FACTORIZED if f <= R else RECOMPOSED, f, R)
+
+
+_forced: list[int] = []
+_ROUTES = {"factorized": FACTORIZED, "recomposed": RECOMPOSED}
+
+
+@contextlib.contextmanager
+def force_route(name: str) -> Iterator[None]:
+    """Pin the route ('factorized' or 'recomposed') inside the block, for tests and benchmarks."""
+    if name not in _ROUTES:
+        raise ValueError(f"force_route: unknown route {name!r}; choose 'factorized' or 'recomposed'")
+    _forced.append(_ROUTES[name])
+    try:
+        yield
+    finally:
+        _forced.pop()
