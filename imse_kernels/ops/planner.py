@@ -7,7 +7,9 @@ The planner compares FLOPs of the whole step (forward and the backward that will
 """
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
+
+import torch
 
 FACTORIZED = 0
 RECOMPOSED = 1
@@ -36,11 +38,23 @@ def step_flops(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bo
     return f, R
 
 
-def plan(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool, has_weight: bool) -> Plan:
-    """Choose the cheaper route; ties go to F (no d_out × d_in temporary)."""
+def plan(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool, has_weight: bool,
+         device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Plan:
+    """Choose the cheaper route; ties go to F (no d_out × d_in temporary).
+
+    Given a device, a backend that times routes (`measured_route`, the Triton backend on a GPU)
+    decides from measurements cached per shape; otherwise, and under torch.compile, the FLOP model.
+    """
     f, R = step_flops(n, d_in, d_out, r, need_ds, need_dx, has_weight)
     if _forced:
         return Plan(_forced[-1], f, R)
+    if device is not None and device.type != "cpu" and not torch.compiler.is_compiling():
+        from ..backends import resolve_backend
+
+        measure = getattr(resolve_backend(device), "measured_route", None)
+        route = measure(n, d_in, d_out, r, need_ds, need_dx, has_weight, dtype, device) if measure else None
+        if route is not None:
+            return Plan(route, f, R)
     return Plan(FACTORIZED if f <= R else RECOMPOSED, f, R)
 
 

@@ -186,7 +186,8 @@ def spectral_linear(
     need_ds = grad_on and s.requires_grad
     need_dx = grad_on and x.requires_grad
     use_cache = weight_cache is not None and not need_ds and not torch.compiler.is_compiling()
-    route = plan(x2.shape[0], x2.shape[1], d_out, r, need_ds, need_dx, has_weight=use_cache).route
+    route = plan(x2.shape[0], x2.shape[1], d_out, r, need_ds, need_dx, has_weight=use_cache,
+                 device=x2.device, dtype=dtype).route
     weight = weight_cache.get(U, s, Vh) if (use_cache and route == RECOMPOSED) else None
     y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, weight, route, need_ds, need_dx)
     return y.reshape(*lead, d_out)

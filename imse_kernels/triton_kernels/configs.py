@@ -25,6 +25,13 @@ class Config:
     def __getitem__(self, key):
         return dict(self.meta)[key]
 
+    def for_fp32(self) -> "Config":
+        """The same tile with half the reduction depth: fp32 tiles then take the bytes the
+        16-bit tiles take, so a configuration that fits shared memory in bf16 fits in fp32."""
+        reduce_key = "BLOCK_O" if "BLOCK_O" in dict(self.meta) else "BLOCK_K"
+        meta = {**dict(self.meta), reduce_key: max(16, dict(self.meta)[reduce_key] // 2)}
+        return Config(tuple(sorted(meta.items())), self.num_warps, self.num_stages)
+
 
 def make(num_warps: int = 4, num_stages: int = 3, **meta) -> Config:
     return Config(tuple(sorted(meta.items())), num_warps, num_stages)
@@ -73,17 +80,18 @@ def arch_key(capability: int) -> int:
     return 90 if capability >= 90 else 80
 
 
-def candidates(kernel: str, capability: int) -> list[Config]:
+def candidates(kernel: str, capability: int, fp32: bool = False) -> list[Config]:
+    """The configurations `tuning.py` times for this kernel, GPU and operand width."""
     if capability == 0:
         return [INTERPRETER[kernel]]
-    return CANDIDATES[kernel][arch_key(capability)]
+    table = CANDIDATES[kernel][arch_key(capability)]
+    return [c.for_fp32() for c in table] if fp32 else list(table)
 
 
-def default(kernel: str, capability: int, m: int) -> Config:
-    """The configuration used without timing: small row tiles for few rows, else a mid-size tile."""
+def default(kernel: str, capability: int, m: int, fp32: bool = False) -> Config:
+    """The configuration used without timing: the small-row tile for few rows, else the second
+    (mid-size) one; both are lowered for every architecture by the compile-only check."""
     if capability == 0:
         return INTERPRETER[kernel]
-    table = CANDIDATES[kernel][arch_key(capability)]
-    if kernel == "recomposed_ds":
-        return table[1]
-    return table[0] if m <= 64 else table[1] if m <= 4096 else table[2]
+    table = candidates(kernel, capability, fp32)
+    return table[0] if (m <= 64 and kernel != "recomposed_ds") else table[1]

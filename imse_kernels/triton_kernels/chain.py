@@ -1,0 +1,152 @@
+"""The fused F-route kernel: out = ((A·B1) ⊙ s)·B2 (+ bias) in one launch.
+
+Per (row tile, output column tile) program the rank is streamed in chunks of BLOCK_R:
+`mid = A_tile·B1[:, chunk]` (fp32, on chip) is scaled by `s[chunk]` and accumulated into the output
+tile through `·B2[chunk, :]`; `mid` never reaches memory. The programs of output column tile 0
+also run the epilogues that need `mid` itself:
+
+- DS:      per-row-tile partial sums Σ_rows mid ⊙ H[:, chunk] (one row of partials per row tile,
+           summed afterwards in a fixed order: deterministic, no atomics);
+- SAVE_H:  write mid (rounded to the output dtype) as h;
+- STATS:   per-row-tile partial Σ a and Σ a² with a = mid / ‖A_row‖ (the expert alignments of the
+           diversity loss, DESIGN §5), without writing h.
+
+Forward:     A = x (N×d_in),  B1 = Vhᵀ, B2 = Uᵀ,  out = y
+Backward:    A = grad (N×d_out), B1 = U, B2 = Vh, out = dx, DS with H = h → ds
+The price is that `mid` is recomputed for every output column tile: this kernel wins when the
+output has few column tiles or N is small (one launch, no N×r round trip); `tuning.py` decides.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs, runtime
+
+
+@triton.jit
+def chain_kernel(
+    a_ptr, b1_ptr, s_ptr, b2_ptr, bias_ptr, out_ptr, h_ptr, hout_ptr, ds_ptr, stats_ptr,
+    M, K, R, N,
+    stride_am, stride_ak, stride_b1k, stride_b1r, stride_b2r, stride_b2n,
+    stride_om, stride_on, stride_hm, stride_hr, stride_hom, stride_hor,
+    HAS_BIAS: tl.constexpr, DS: tl.constexpr, SAVE_H: tl.constexpr, STATS: tl.constexpr,
+    CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs share row tiles of A (L2 reuse).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_m.to(tl.int64)
+    epilogue = pid_n == 0
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        mid = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b1 = tl.load(b1_ptr + offs_k[:, None] * stride_b1k + offs_r[None, :] * stride_b1r,
+                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if STATS:
+                af = a.to(tl.float32)
+                sq += tl.sum(af * af, axis=1)
+            if CAST_F32:
+                a = a.to(tl.float32)
+                b1 = b1.to(tl.float32)
+            mid = tl.dot(a, b1, mid, input_precision=PRECISION)
+
+        if epilogue:
+            if DS:
+                hv = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+                tl.store(ds_ptr + pid_m * R + offs_r, tl.sum(mid * hv, axis=0), mask=mask_r)
+            if SAVE_H:
+                tl.store(hout_ptr + rows[:, None] * stride_hom + offs_r[None, :] * stride_hor,
+                         mid.to(hout_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+            if STATS:
+                inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+                al = mid * inv[:, None]
+                base = stats_ptr + pid_m * 2 * R + offs_r
+                tl.store(base, tl.sum(al, axis=0), mask=mask_r)
+                tl.store(base + R, tl.sum(al * al, axis=0), mask=mask_r)
+
+        s_r = tl.load(s_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        scaled = mid * s_r[None, :]
+        b2 = tl.load(b2_ptr + offs_r[:, None] * stride_b2r + offs_n[None, :] * stride_b2n,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if CAST_F32:
+            b2 = b2.to(tl.float32)
+        acc = tl.dot(scaled.to(b2.dtype), b2, acc, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def chain(
+    a: torch.Tensor, b1: torch.Tensor, s: torch.Tensor, b2: torch.Tensor, bias: Optional[torch.Tensor] = None,
+    *, h: Optional[torch.Tensor] = None, save_h: bool = False, stats: bool = False,
+    cfg: Optional[configs.Config] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """out = ((a·b1) ⊙ s)·b2 + bias for a (M×K), b1 (K×R), s (R,), b2 (R×N); any strides.
+
+    Returns (out, h_out, ds, stats): h_out = a·b1 in a's dtype when save_h; ds = Σ_rows (a·b1) ⊙ h
+    (float32, (R,)) when h is given; stats = float32 (2, R) with the column sums of a·b1 / ‖a_row‖
+    and of its square when stats. Unrequested results are None.
+    """
+    runtime.check_operands("chain", {"a": a, "b1": b1, "b2": b2} | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
+    M, K = a.shape
+    R, N = b2.shape
+    if b1.shape != (K, R) or s.shape != (R,) or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"chain: shapes do not chain: a {tuple(a.shape)}, b1 {tuple(b1.shape)}, s {tuple(s.shape)}, "
+                         f"b2 {tuple(b2.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    if h is not None and h.shape != (M, R):
+        raise ValueError(f"chain: h must be ({M}, {R}), got {tuple(h.shape)}")
+    cfg = cfg or configs.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32)
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    num_m = triton.cdiv(M, bm)
+    out = a.new_empty((M, N))
+    hout = a.new_empty((M, R)) if save_h else None
+    ds_part = torch.empty((num_m, R), device=a.device, dtype=torch.float32) if h is not None else None
+    st_part = torch.empty((num_m, 2, R), device=a.device, dtype=torch.float32) if stats else None
+    if M == 0:
+        return (out, hout, None if h is None else a.new_zeros((R,), dtype=torch.float32),
+                None if not stats else a.new_zeros((2, R), dtype=torch.float32))
+    hs = h.stride() if h is not None else (0, 0)
+    hos = hout.stride() if hout is not None else (0, 0)
+    grid = (num_m * triton.cdiv(N, bn),)
+    with runtime.device_guard(a):
+        chain_kernel[grid](
+            a, b1, s, b2, bias if bias is not None else out, out,
+            h if h is not None else out, hout if hout is not None else out,
+            ds_part if ds_part is not None else out, st_part if st_part is not None else out,
+            M, K, R, N,
+            a.stride(0), a.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
+            out.stride(0), out.stride(1), hs[0], hs[1], hos[0], hos[1],
+            HAS_BIAS=bias is not None, DS=h is not None, SAVE_H=save_h, STATS=stats,
+            CAST_F32=runtime.cast_f32(a.dtype), PRECISION=runtime.dot_precision(a.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+        )
+    ds = ds_part.sum(0) if ds_part is not None else None
+    st = st_part.sum(0) if st_part is not None else None
+    return out, hout, ds, st
