@@ -3,6 +3,8 @@ from . import _extension
 from .backends import available_backends, backend_status, use_backend
 from .layers import FusedSpectralLinear, spectral_layers, spectralize, unspectralize
 from .ops import spectral_linear
+from . import losses, optim, tta  # noqa: E402  (IMSE on top of the layers)
+from .tta import IMSE, IMSEConfig, Source, Tent
 
 __version__ = "0.1.0"
 
@@ -11,4 +13,5 @@ _extension.load("_C")  # registers the C++ CPU ops; warns once and falls back if
 __all__ = [
     "spectral_linear", "FusedSpectralLinear", "spectralize", "unspectralize", "spectral_layers",
     "available_backends", "backend_status", "use_backend", "__version__",
+    "IMSE", "IMSEConfig", "Tent", "Source", "losses", "optim", "tta",
 ]

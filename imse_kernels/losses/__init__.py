@@ -1,0 +1,10 @@
+"""Losses of IMSE: softmax entropy with the reliable-sample filter, and the expert diversity loss."""
+from ..ops.expert_stats import ExpertMoments, expert_alignment_moments, std_from_moments
+from .diversity import diversity_loss, layer_diversity, lowest_k, lowest_k_mean
+from .entropy import entropy_threshold, reliable_entropy, reliable_mask, softmax_entropy
+
+__all__ = [
+    "softmax_entropy", "entropy_threshold", "reliable_mask", "reliable_entropy",
+    "diversity_loss", "layer_diversity", "lowest_k", "lowest_k_mean",
+    "ExpertMoments", "expert_alignment_moments", "std_from_moments",
+]

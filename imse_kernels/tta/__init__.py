@@ -1,0 +1,20 @@
+"""Test-time adaptation: IMSE (spectral codes, diversity loss, SAM, code bank) and the Tent/Source baselines.
+
+All adapters share one call: `logits = adapter(x)` (predict, and adapt where the method does) and
+`adapter.reset()`, so an evaluation harness can swap them.
+"""
+from .bank_io import BankFileError
+from .code_bank import BankEntry, BankEvent, CodeBank, Retrieval
+from .config import IMSEConfig
+from .diversity_probe import DiversityProbe
+from .domain_stats import DomainStats, DomainTracker, Observation, patch_embedding_tokens, symmetric_kl
+from .imse import IMSE
+from .source import Source
+from .tent import Tent
+
+__all__ = [
+    "IMSE", "IMSEConfig", "Tent", "Source",
+    "CodeBank", "BankEntry", "BankEvent", "Retrieval", "BankFileError",
+    "DomainStats", "DomainTracker", "Observation", "patch_embedding_tokens", "symmetric_kl",
+    "DiversityProbe",
+]

@@ -1,0 +1,251 @@
+"""`CodeBank`: domain-aware spectral code retrieval of IMSE (DESIGN §5).
+
+Entries pair a domain descriptor (patch-embedding statistics) with that domain's spectral code
+(every spectral layer's `s`) and optimizer state. Entry 0 is the source: the pretrained code with
+statistics of clean source images. When `DomainTracker` declares a shift, the code adapted on the
+domain that just ended is appended with that domain's running descriptor; on the first full window
+of the new domain the bank is searched by symmetric KL and a code is retrieved:
+    top1   s ← s_j,  j = argmin_i KL_i
+    mix    s ← s₀ + Σ_i softmax(−KL/T)_i (s_i − s₀)
+A bound on the number of entries (source included) is enforced by dropping the oldest non-source
+entry or merging the two nearest non-source entries. Every decision is logged in `events`.
+Files are safetensors with JSON metadata (no pickle); see `bank_io`.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .bank_io import BankFileError, read_bank_file, write_bank_file
+from .domain_stats import DomainStats, DomainTracker, symmetric_kl
+
+Codes = dict[str, Tensor]
+Snapshot = Callable[[], tuple[Codes, Optional[dict]]]
+
+
+@dataclass
+class BankEntry:
+    """One domain: descriptor (None for a source entry without statistics), code, optimizer state."""
+    entry_id: int
+    stats: Optional[DomainStats]
+    codes: Codes
+    optimizer_state: Optional[dict] = None
+    created_at: int = -1  # test batch index at which the entry was stored (-1: source)
+    weight: float = 1.0  # how many stored domains it stands for (merges add up)
+
+
+@dataclass(frozen=True)
+class BankEvent:
+    """kind: source | shift | retrieve | drop | merge. batch: test batch index (-1 before the stream)."""
+    batch: int
+    kind: str
+    entry: Optional[int] = None
+    kl: Optional[float] = None
+    distances: dict = field(default_factory=dict)  # entry id → symmetric KL
+    weights: dict = field(default_factory=dict)  # entry id → retrieval weight
+    merged: tuple = ()
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """Codes to load into the model, from which entries and with which weights."""
+    codes: Codes
+    entry: int  # the nearest entry
+    distances: dict
+    weights: dict
+    optimizer_state: Optional[dict]
+
+
+class CodeBank:
+    """Entries + the domain tracker. `source_codes` is every spectral layer's pretrained `s` (entry 0);
+    `window`, `momentum`, `shift_threshold` configure the `DomainTracker`; `max_entries` counts entry 0."""
+
+    def __init__(self, source_codes: Codes, retrieval: str = "top1", shift_threshold: float = 0.05,
+                 momentum: float = 0.8, window: int = 64, temperature: float = 1.0,
+                 max_entries: Optional[int] = None, policy: str = "keep_all") -> None:
+        if retrieval not in ("top1", "mix", "none"):
+            raise ValueError(f"CodeBank: retrieval must be top1, mix or none, got {retrieval!r}")
+        if policy not in ("keep_all", "drop_oldest", "merge_nearest"):
+            raise ValueError(f"CodeBank: policy must be keep_all, drop_oldest or merge_nearest, got {policy!r}")
+        if (max_entries is None) != (policy == "keep_all") or (max_entries is not None and max_entries < 2):
+            raise ValueError(f"CodeBank: policy {policy!r} with max_entries={max_entries} (keep_all takes no bound; "
+                             "the others need max_entries >= 2)")
+        if not source_codes:
+            raise ValueError("CodeBank: the source code is empty (no spectral layers?)")
+        self.retrieval, self.temperature = retrieval, float(temperature)
+        self.max_entries, self.policy = max_entries, policy
+        self.tracker = DomainTracker(window, momentum, shift_threshold)
+        self._source_codes = {k: v.detach().clone() for k, v in source_codes.items()}
+        self._source_stats: Optional[DomainStats] = None
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to the source entry alone (with its statistics if recorded), an empty log and batch 0."""
+        self.entries = [BankEntry(0, self._source_stats, dict(self._source_codes))]
+        self.events: list[BankEvent] = []
+        if self._source_stats is not None:
+            self.events.append(BankEvent(-1, "source", 0))
+        self.tracker.reset()
+        self.batch = 0
+        self._next_id = 1
+        self._pending = False
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._source_codes.items()}
+
+    def set_source_stats(self, stats: DomainStats) -> None:
+        """Entry 0's descriptor (clean source images); the stream restarts."""
+        self._source_stats = DomainStats(stats.mean.clone(), stats.var.clone())
+        self.reset()
+
+    # ------------------------------------------------------------------ stream
+    def observe(self, tokens: Tensor, snapshot: Snapshot) -> Optional[Retrieval]:
+        """Process one test batch's patch tokens (B, T, C).
+
+        On a shift, `snapshot()` gives the (codes, optimizer state) adapted on the domain that
+        ended, stored with its descriptor. Returns a `Retrieval` on the first full window of a
+        new domain (retrieval enabled), else None.
+        """
+        batch, self.batch = self.batch, self.batch + 1
+        obs = self.tracker.observe(tokens)
+        if obs.shift:
+            codes, opt_state = snapshot()
+            entry = BankEntry(self._next_id, obs.ended, {k: v.detach().clone() for k, v in codes.items()},
+                              opt_state, created_at=batch)
+            self._next_id += 1
+            self.entries.append(entry)
+            self.events.append(BankEvent(batch, "shift", entry.entry_id, kl=obs.kl))
+            self._enforce_bound(batch)
+            self._pending = True
+        if self._pending and obs.stats is not None and self.retrieval != "none":
+            self._pending = False
+            result = self.retrieve(obs.stats)
+            if result is not None:
+                self.events.append(BankEvent(batch, "retrieve", result.entry, distances=result.distances,
+                                             weights=result.weights))
+            return result
+        return None
+
+    def distances(self, stats: DomainStats) -> dict[int, float]:
+        """Symmetric KL from `stats` to every entry that has a descriptor, by entry id."""
+        return {e.entry_id: symmetric_kl(e.stats, stats) for e in self.entries if e.stats is not None}
+
+    def retrieve(self, stats: DomainStats, mode: Optional[str] = None) -> Optional[Retrieval]:
+        """The code for a domain described by `stats` (mode defaults to the bank's)."""
+        mode = mode or self.retrieval
+        dist = self.distances(stats)
+        if not dist or mode == "none":
+            return None
+        by_id = {e.entry_id: e for e in self.entries}
+        ids = list(dist)
+        d = torch.tensor([dist[i] for i in ids], dtype=torch.float64)
+        nearest = ids[int(d.argmin())]
+        if mode == "top1":
+            codes = {k: v.clone() for k, v in by_id[nearest].codes.items()}
+            weights = {nearest: 1.0}
+        else:
+            w = torch.softmax(-d / self.temperature, dim=0)
+            weights = {i: float(wi) for i, wi in zip(ids, w)}
+            base = self.entries[0].codes
+            codes = {}
+            for name, s0 in base.items():
+                delta = sum(float(weights[i]) * (by_id[i].codes[name] - s0) for i in ids)
+                codes[name] = s0 + delta
+        return Retrieval(codes, nearest, dist, weights, by_id[nearest].optimizer_state)
+
+    # ------------------------------------------------------------------ bound
+    def _enforce_bound(self, batch: int) -> None:
+        while self.max_entries is not None and len(self.entries) > self.max_entries:
+            if self.policy == "drop_oldest":
+                dropped = self.entries.pop(1)
+                self.events.append(BankEvent(batch, "drop", dropped.entry_id))
+            else:
+                self._merge_nearest(batch)
+
+    def _merge_nearest(self, batch: int) -> None:
+        """The two closest non-source entries become one: moment-matched descriptor (weighted by
+        `weight`), the newer entry's code and optimizer state (in a recurring domain the newer code
+        was retrieved from the older one and adapted further)."""
+        cands = range(1, len(self.entries))
+        best = None
+        for a in cands:
+            for b in cands:
+                if a < b:
+                    d = symmetric_kl(self.entries[a].stats, self.entries[b].stats)
+                    if best is None or d < best[0]:
+                        best = (d, a, b)
+        _, a, b = best
+        old, new = self.entries[a], self.entries[b]
+        wa, wb = old.weight, new.weight
+        mean = (wa * old.stats.mean + wb * new.stats.mean) / (wa + wb)
+        second = (wa * (old.stats.var + old.stats.mean ** 2) + wb * (new.stats.var + new.stats.mean ** 2)) / (wa + wb)
+        new.stats = DomainStats(mean, second - mean ** 2)
+        new.weight = wa + wb
+        del self.entries[a]
+        self.events.append(BankEvent(batch, "merge", new.entry_id, kl=best[0], merged=(old.entry_id, new.entry_id)))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path) -> None:
+        """Write the entries to a safetensors file (JSON metadata, no pickle)."""
+        write_bank_file(path, [{"id": e.entry_id, "created_at": e.created_at, "weight": e.weight,
+                                "mean": None if e.stats is None else e.stats.mean,
+                                "var": None if e.stats is None else e.stats.var,
+                                "codes": e.codes, "optimizer_state": e.optimizer_state} for e in self.entries],
+                        self._next_id)
+
+    def load(self, path, channels: Optional[int] = None) -> None:
+        """Replace the entries with a file's (the stream restarts).
+
+        The file must fit this bank: same layers and shapes, the same source code (entry 0, i.e. the
+        same pretrained weights) and, when known, descriptors of `channels` channels. Raises
+        `BankFileError` for a corrupted, truncated or mismatched file; the bank is unchanged then.
+        """
+        raw, next_id = read_bank_file(path)
+        self._check_fits(raw, next_id, channels, path)
+        device = next(iter(self._source_codes.values())).device
+        self.entries = [self._entry_from_file(e, device) for e in raw]
+        self._source_stats = self.entries[0].stats
+        self._next_id = next_id
+        self.events, self.batch, self._pending = [], 0, False
+        self.tracker.reset()
+
+    def _check_fits(self, raw: list[dict], next_id: int, channels: Optional[int], path) -> None:
+        want = self.layer_shapes
+        found = {e["mean"].shape[0] for e in raw if e["mean"] is not None}
+        if channels is None and self._source_stats is not None:
+            channels = self._source_stats.mean.shape[0]
+        if len(found) > 1 or (channels is not None and found and found != {channels}):
+            raise BankFileError(f"{path}: descriptors have {sorted(found)} channels, this model's have {channels}")
+        for e in raw:
+            got = {k: tuple(v.shape) for k, v in e["codes"].items()}
+            if got != want:
+                diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+                raise BankFileError(f"{path}: entry {e['id']} does not match this model's spectral layers "
+                                    f"(differences, name → shape: {diff})")
+        source = raw[0]
+        same_source = source["id"] == 0 and all(
+            torch.allclose(source["codes"][k].to(device=v.device, dtype=v.dtype), v, rtol=1e-6, atol=1e-6)
+            for k, v in self._source_codes.items())
+        if not same_source:
+            raise BankFileError(f"{path}: entry 0 is not this model's pretrained code (a bank of other weights?)")
+        if len({e["id"] for e in raw}) != len(raw) or next_id <= max(e["id"] for e in raw):
+            raise BankFileError(f"{path}: entry ids are not unique or next_id is stale")
+
+    def _entry_from_file(self, e: dict, device: torch.device) -> BankEntry:
+        stats = None if e["mean"] is None else DomainStats(e["mean"].double().to(device), e["var"].double().to(device))
+        codes = {k: v.to(device=device, dtype=self._source_codes[k].dtype) for k, v in e["codes"].items()}
+        return BankEntry(e["id"], stats, codes, _to_device(e["optimizer_state"], device), e["created_at"], e["weight"])
+
+
+def _to_device(obj, device):
+    """Optimizer-state tensors are restored on the model's device (the optimizer moves them as needed)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device) if obj.dim() > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj

@@ -1,0 +1,156 @@
+"""Domain statistics for IMSE's code bank (DESIGN §5).
+
+A domain is described by the per-channel mean and unbiased variance, over images × tokens, of the
+patch-embedding output (after the position embedding and `norm_pre`, prefix tokens dropped). Two
+descriptors are compared by the symmetric KL divergence between diagonal Gaussians, averaged over
+channels. `DomainTracker` keeps the running (EMA) descriptor of the current domain and declares a
+shift when the current descriptor is too far from it.
+
+Batches of at least `window` images are described alone, as in the official code. Smaller batches
+(down to one image) are pooled with the most recent images into a sliding window of `window`
+images, so the descriptor, and with it the KL, keeps the statistical weight of a full batch; the
+running descriptor then moves once per `window` new images.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """Per-channel mean and unbiased variance of a domain's patch tokens (float64, shape (C,))."""
+    mean: Tensor
+    var: Tensor
+
+
+def symmetric_kl(a: DomainStats, b: DomainStats) -> float:
+    """KL(a‖b) + KL(b‖a) for diagonal Gaussians, averaged over channels (the log terms cancel)."""
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"symmetric_kl: descriptors have {a.mean.shape[0]} and {b.mean.shape[0]} channels")
+    d2 = (a.mean - b.mean.to(a.mean.device)) ** 2
+    va, vb = a.var, b.var.to(a.var.device)
+    return float(((va + d2) / (2 * vb) + (vb + d2) / (2 * va) - 1).mean())
+
+
+def ema(old: DomainStats, new: DomainStats, momentum: float) -> DomainStats:
+    """momentum · old + (1 − momentum) · new, channel-wise (the official update)."""
+    return DomainStats(momentum * old.mean + (1 - momentum) * new.mean.to(old.mean.device),
+                       momentum * old.var + (1 - momentum) * new.var.to(old.var.device))
+
+
+@torch.no_grad()
+def patch_embedding_tokens(model: nn.Module, x: Tensor) -> Tensor:
+    """(B, T, C) patch tokens of a timm ViT-style model: patch_embed → _pos_embed → norm_pre, prefix dropped."""
+    for attr in ("patch_embed", "_pos_embed", "norm_pre"):
+        if not hasattr(model, attr):
+            raise TypeError(f"patch_embedding_tokens: {type(model).__name__} has no `{attr}`; the code bank needs "
+                            "a timm VisionTransformer-like model (patch_embed, _pos_embed, norm_pre)")
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    return tokens[:, getattr(model, "num_prefix_tokens", 1):]
+
+
+def image_moments(tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image: token count (B,), mean (B, C) and sum of squared deviations M2 (B, C), all float64."""
+    if tokens.dim() != 3 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"expected patch tokens (B, T, C) with B, T >= 1, got shape {tuple(tokens.shape)}")
+    t = tokens.detach().float()
+    mean = t.mean(1)
+    m2 = ((t - mean.unsqueeze(1)) ** 2).sum(1)
+    count = torch.full((t.shape[0],), float(t.shape[1]), dtype=torch.float64, device=t.device)
+    return count, mean.double(), m2.double()
+
+
+def pooled_stats(count: Tensor, mean: Tensor, m2: Tensor) -> DomainStats:
+    """Combine per-image moments exactly (Chan et al.) into the stats of all their tokens together."""
+    n = count.sum()
+    if float(n) < 2:
+        raise ValueError("domain statistics need at least 2 tokens")
+    w = count.unsqueeze(1)
+    mu = (w * mean).sum(0) / n
+    total_m2 = m2.sum(0) + (w * (mean - mu) ** 2).sum(0)
+    return DomainStats(mu, total_m2 / (n - 1))
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one batch told the tracker.
+
+    stats  descriptor of the current window (None while it holds fewer than `window` images).
+    kl     symmetric KL between the running descriptor and `stats` (None when either is missing).
+    ended  the running descriptor of the domain that just ended, when this batch is a shift.
+    """
+    stats: Optional[DomainStats]
+    kl: Optional[float]
+    ended: Optional[DomainStats]
+
+    @property
+    def shift(self) -> bool:
+        return self.ended is not None
+
+
+class DomainTracker:
+    """Running descriptor of the current domain, sliding window of recent images, shift detection."""
+
+    def __init__(self, window: int = 64, momentum: float = 0.8, threshold: float = 0.05) -> None:
+        if int(window) < 1:
+            raise ValueError(f"DomainTracker: window must be >= 1, got {window}")
+        self.window, self.momentum, self.threshold = int(window), float(momentum), float(threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the running descriptor and the window (a new domain starts)."""
+        self.running: Optional[DomainStats] = None
+        self._moments: Optional[tuple[Tensor, Tensor, Tensor]] = None  # count, mean, M2 per image
+        self._fresh = 0  # images since the running descriptor last moved
+
+    def _push(self, moments: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Append a batch; keep the last max(window, batch) images."""
+        batch = moments[0].shape[0]
+        if self._moments is not None:
+            if self._moments[1].shape[1] != moments[1].shape[1]:
+                raise ValueError(f"patch tokens have {moments[1].shape[1]} channels, earlier ones had "
+                                 f"{self._moments[1].shape[1]}")
+            moments = tuple(torch.cat([old.to(new.device), new]) for old, new in zip(self._moments, moments))
+        keep = max(self.window, batch)
+        self._moments = tuple(t[-keep:] for t in moments)
+
+    def current(self) -> Optional[DomainStats]:
+        """Stats of the window once it holds at least `window` images, else None."""
+        if self._moments is None or self._moments[0].shape[0] < self.window:
+            return None
+        return pooled_stats(*self._moments)
+
+    @torch.no_grad()
+    def observe(self, tokens: Tensor, detect: bool = True) -> Observation:
+        """Add a batch of patch tokens (B, T, C); detect a shift; move the running descriptor.
+
+        On a shift the running descriptor and the window restart from this batch alone. A batch
+        with non-finite tokens is ignored.
+        """
+        moments = image_moments(tokens)
+        if not bool(torch.isfinite(moments[1]).all() and torch.isfinite(moments[2]).all()):
+            return Observation(None, None, None)  # a non-finite batch must not poison the running stats
+        batch = moments[0].shape[0]
+        self._push(moments)
+        self._fresh += batch
+        stats, kl, ended = self.current(), None, None
+        if detect and stats is not None and self.running is not None:
+            kl = symmetric_kl(self.running, stats)
+            if kl > self.threshold:
+                ended = self.running
+                self.reset()
+                self._push(moments)
+                self._fresh = batch
+                stats = self.current()
+        if stats is not None and self._fresh >= self.window:
+            self.running = stats if self.running is None else ema(self.running, stats, self.momentum)
+            self._fresh = 0
+        return Observation(stats, kl, ended)
+
+    def summary(self) -> Optional[DomainStats]:
+        """The running descriptor, or the window's stats over however many images it holds."""
+        if self.running is not None:
+            return self.running
+        return None if self._moments is None else pooled_stats(*self._moments)
