@@ -86,7 +86,8 @@ def _extensions():
                 sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
                 + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+                # -lineinfo: source lines in compute-sanitizer reports, no effect on the machine code
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]},
             )
         )
     _write_build_info(with_cuda)

@@ -1,0 +1,25 @@
+// The CUDA backend's torch-facing code (../spectral_ops.h) over CPU tensors, with the kernels run by
+// the emulator (emu_kernels.cpp). Registers the imse_ext schema again under the namespace imse_emu,
+// so that tests reach exactly the code paths of the CUDA ops without a GPU.
+// Built only by the tests (tests/test_cuda_build.py), never by setup.py.
+#include "../spectral_ops.h"
+#include "../../spectral_schema.h"
+
+namespace {
+
+struct EmulatedDevice {
+  static constexpr c10::DeviceType kType = c10::DeviceType::CPU;
+  static constexpr const char* kName = "CPU (emulated CUDA)";
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+  static void* stream(const at::Device&) { return nullptr; }
+};
+
+using EmuOps = imse_cuda_ops::Ops<EmulatedDevice>;
+
+}  // namespace
+
+TORCH_LIBRARY(imse_emu, m) { IMSE_DEFINE_SCHEMA(m); }
+
+TORCH_LIBRARY_IMPL(imse_emu, CPU, m) { IMSE_REGISTER_IMPLS(m, EmuOps); }

@@ -1,0 +1,324 @@
+"""CPU-side checks of the C++/CUDA backend (csrc/cuda, issue 4).
+
+1. The build: the compiled `imse_kernels._C_cuda` holds machine code for sm_80 and sm_90 and registers
+   the five `imse_ext` primitives for the CUDA dispatch key (skipped only when torch has no CUDA build
+   or nvcc is absent).
+2. The kernels themselves, on the CPU: csrc/cuda/spectral_kernels.cu and the torch-facing code
+   csrc/cuda/spectral_ops.h are compiled with the host compiler against csrc/cuda/emu/cuda_emu.h, a
+   small CUDA emulator (blocks of real threads meeting at __syncthreads, NaN-filled shared memory,
+   WMMA with its alignment rules checked), and registered as `torch.ops.imse_emu.*` for CPU tensors.
+   They are compared with the torch backend (float64 oracle) for every dtype, TF32 on/off, fused and
+   unfused forward, both tile configurations, odd shapes; and run once under AddressSanitizer.
+   None of this replaces running on a GPU (tests/test_cuda_gpu.py); it checks indexing, bounds,
+   tiling, reductions, synchronisation order and the launcher logic.
+"""
+import importlib
+import importlib.util
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cuda_memcheck_case as case
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_SRC = ROOT / "csrc" / "cuda"
+OPS = ("factorized_forward", "recompose", "factorized_backward", "factorized_input_grad", "recomposed_backward")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. The build
+
+def _cuda_home() -> str:
+    return os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+
+
+def _nvcc() -> str | None:
+    path = os.path.join(_cuda_home(), "bin", "nvcc")
+    return path if os.path.exists(path) else None
+
+
+def _cuda_build_expected():
+    if torch.version.cuda is None:
+        pytest.skip("torch has no CUDA build: the CUDA extension is not built")
+    if _nvcc() is None:
+        pytest.skip(f"nvcc absent (looked for {_cuda_home()}/bin/nvcc): the CUDA extension is not built")
+    if os.environ.get("IMSE_CUDA", "auto").strip().lower() in ("0", "false", "no", "off") or \
+            os.environ.get("IMSE_NO_EXTENSION", "0").strip().lower() in ("1", "true", "yes", "on"):
+        pytest.skip("the CUDA extension was disabled for this build (IMSE_CUDA=0 or IMSE_NO_EXTENSION=1)")
+
+
+def _cuda_library() -> Path:
+    spec = importlib.util.find_spec("imse_kernels._C_cuda")
+    assert spec is not None and spec.origin, (
+        "torch has CUDA and nvcc is present, but imse_kernels._C_cuda was not built: "
+        "run `pip install .` (or `python setup.py build_ext --inplace`)")
+    return Path(spec.origin)
+
+
+def _cuobjdump() -> str | None:
+    candidates = [os.path.join(_cuda_home(), "bin", "cuobjdump"), shutil.which("cuobjdump")]
+    try:  # Triton wheels carry one
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def _fatbin_archs(path: Path) -> tuple[set[int], set[int]]:
+    """(SM versions of the embedded cubins, of the embedded PTX), read from the .nv_fatbin section."""
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, "expected a 64-bit ELF shared library"
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = sections[shstrndx][4]
+    fatbin = None
+    for name, _type, _flags, _addr, off, size in sections:
+        if data[strtab + name:data.index(b"\0", strtab + name)] == b".nv_fatbin":
+            fatbin = data[off:off + size]
+    assert fatbin is not None, f"{path.name} has no .nv_fatbin section: no device code was linked in"
+    elfs, ptx = set(), set()
+    pos = 0
+    while pos + 16 <= len(fatbin):
+        magic, _version, header, size = struct.unpack_from("<IHHQ", fatbin, pos)
+        if magic != 0xBA55ED50:
+            pos += 8  # fatbins are 8-byte aligned inside the section
+            continue
+        entry, end = pos + header, pos + header + size
+        while entry < end:
+            kind, _ver, entry_header, payload = struct.unpack_from("<HHIQ", fatbin, entry)
+            arch = struct.unpack_from("<I", fatbin, entry + 28)[0]
+            (elfs if kind == 2 else ptx).add(arch)
+            entry += entry_header + payload
+        pos = end
+    return elfs, ptx
+
+
+def test_cuda_library_holds_sm80_and_sm90_code():
+    _cuda_build_expected()
+    lib = _cuda_library()
+    elfs, ptx = _fatbin_archs(lib)
+    assert {80, 90} <= elfs, f"{lib.name}: cubins for sm_{sorted(elfs)} only; expected sm_80 and sm_90"
+    tool = _cuobjdump()
+    if tool is not None:  # the NVIDIA tool agrees with the section walk
+        out = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
+        for sm in ("sm_80", "sm_90"):
+            assert f".{sm}.cubin" in out, f"cuobjdump --list-elf shows no {sm} cubin:\n{out}"
+        syms = subprocess.run([tool, "--dump-elf-symbols", str(lib)], capture_output=True, text=True).stdout
+        for kernel in ("gemm_tc_kernel", "gemm_simt_kernel", "fused_kernel", "reduce_kernel"):
+            assert kernel in syms, f"kernel {kernel} missing from the device code"
+
+
+def test_cuda_ops_registered_for_cuda_key():
+    _cuda_build_expected()
+    _cuda_library()
+    import imse_kernels  # noqa: F401  (defines the schema through _C)
+
+    importlib.import_module("imse_kernels._C_cuda")
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"imse_ext::{op}", "CUDA"), f"imse_ext::{op} has no CUDA kernel"
+    schema = str(torch.ops.imse_ext.factorized_forward.default._schema)
+    assert schema.startswith("imse_ext::factorized_forward(Tensor x, Tensor U, Tensor s, Tensor Vh, Tensor? bias, bool save_h)"), schema
+
+
+def test_cuda_backend_availability_is_explained():
+    from imse_kernels.backends import unavailable_reason
+    from imse_kernels.backends.cuda_backend import CudaBackend
+
+    backend = CudaBackend()
+    assert backend.supports(torch.device("cuda")) and backend.supports(torch.device("cuda", 1))
+    assert not backend.supports(torch.device("cpu"))
+    reason = unavailable_reason("cuda")
+    if torch.cuda.is_available() and reason is None:
+        return
+    assert reason, "the cuda backend is unavailable here and must say why"
+    if torch.version.cuda is None:
+        assert "without CUDA" in reason
+    elif not torch.cuda.is_available() and importlib.util.find_spec("imse_kernels._C_cuda") is not None:
+        assert "no CUDA device" in reason, reason
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The kernels, emulated on the CPU
+
+def _have_compiler():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no host C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    _have_compiler()
+    case.build_emulator("imse_cuda_emu")
+    return torch.ops.imse_emu
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_emulated_primitives_match_torch_backend(emu, dtype):
+    case.sweep(emu, CPU, case.SMALL_SHAPES, [dtype], quick=True, own_oracle=True)
+
+
+def test_emulated_tf32_and_exact_fp32(emu):
+    x, U, s, Vh, b, grad = case.make_inputs(33, 40, 24, 20, torch.float32, CPU)
+    with case.tf32(False):
+        exact, _ = emu.factorized_forward(x, U, s, Vh, b, False)
+    with case.tf32(True):
+        fast, _ = emu.factorized_forward(x, U, s, Vh, b, False)
+        case.check_primitives(emu, 33, 40, 24, 20, torch.float32, CPU)
+    ref = exact.double()
+    assert case.rel_err(exact, x.double() @ (Vh.double().t() * s.double()) @ U.double().t() + b.double()) < 1e-6
+    assert 1e-6 < case.rel_err(fast, ref) < case.TF32_TOL, "TF32 flag had no effect (or too much)"
+
+
+@pytest.mark.parametrize("tile", ["small", "big"])
+def test_emulated_fused_forward_many_blocks(emu, tile):
+    # Fused kernel with several row blocks, several output tiles and r spanning two chunks.
+    with case.env(IMSE_CUDA_FUSED="1", IMSE_CUDA_TILE=tile):
+        case.check_primitives(emu, 140, 48, 136, 136, torch.bfloat16, CPU, bias=True)
+        case.check_primitives(emu, 65, 24, 20, 130, torch.float16, CPU, bias=False)
+
+
+def test_emulated_auto_choices_follow_device_size(emu):
+    # IMSE_EMU_SMS sets the emulated multiprocessor count: 1 makes every auto choice take the
+    # "large problem" branch (big tiles, fused forward), 1000 the small one.
+    for sms in ("1", "1000"):
+        with case.env(IMSE_EMU_SMS=sms, IMSE_CUDA_FUSED=None, IMSE_CUDA_TILE=None):
+            case.check_primitives(emu, 70, 40, 48, 24, torch.bfloat16, CPU)
+
+
+def test_emulated_determinism(emu):
+    case.check_determinism(emu, 70, 40, 48, 24, torch.bfloat16, CPU)
+    case.check_determinism(emu, 70, 40, 48, 24, torch.float32, CPU)
+
+
+def test_emulated_empty_and_degenerate_shapes(emu):
+    for n, d_in, d_out, r in [(0, 8, 8, 4), (4, 0, 6, 3), (4, 5, 6, 0)]:
+        x, U, s, Vh, b, grad = case.make_inputs(n, d_in, d_out, r, torch.float32, CPU)
+        y, h = emu.factorized_forward(x, U, s, Vh, b, True)
+        torch.testing.assert_close(y, (x @ Vh.t() * s) @ U.t() + b, atol=1e-5, rtol=1e-5)
+        dx, ds = emu.factorized_backward(grad, h, U, s, Vh, True)
+        assert dx.shape == (n, d_in) and ds.shape == (r,)
+        torch.testing.assert_close(ds, ((grad @ U) * h).sum(0), atol=1e-5, rtol=1e-5)
+        dxr, dsr = emu.recomposed_backward(grad, x, U, s, Vh, emu.recompose(U, s, Vh), True)
+        torch.testing.assert_close(dsr, ds, atol=1e-5, rtol=1e-5)
+
+
+def test_emulated_input_checks(emu):
+    x, U, s, Vh, b, grad = case.make_inputs(6, 8, 5, 4, torch.float32, CPU)
+    with pytest.raises(RuntimeError, match=r"factorized_forward: x has shape \[6, 7\] but Vh"):
+        emu.factorized_forward(x[:, :7], U, s, Vh, b, True)
+    with pytest.raises(RuntimeError, match="U has dtype BFloat16 but x/grad has Float"):
+        emu.factorized_forward(x, U.bfloat16(), s, Vh, b, True)
+    with pytest.raises(RuntimeError, match="s must be float32 or float64"):
+        emu.recompose(U, s.half(), Vh)
+    with pytest.raises(RuntimeError, match="rank mismatch"):
+        emu.recompose(U, s, Vh[:3])
+    with pytest.raises(RuntimeError, match="bias has shape"):
+        emu.factorized_forward(x, U, s, Vh, b[:4], True)
+    with pytest.raises(RuntimeError, match="x must be 2-D"):
+        emu.factorized_forward(x[None], U, s, Vh, b, True)
+    with pytest.raises(RuntimeError, match="takes float16, bfloat16, float32 or float64"):
+        emu.factorized_forward(x.int(), U.int(), s, Vh.int(), None, True)
+    with pytest.raises(RuntimeError, match=r"h has shape \[6, 3\], expected \(N, r\) = \(6, 4\)"):
+        emu.factorized_backward(grad, torch.zeros(6, 3), U, s, Vh, True)
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        emu.factorized_input_grad(grad[:, :4], U, s, Vh)
+    # Non-contiguous inputs are made contiguous, not misread.
+    xt = torch.randn(8, 6).t()
+    y, _ = emu.factorized_forward(xt, U, s, Vh, b, False)
+    torch.testing.assert_close(y, (xt @ Vh.t() * s) @ U.t() + b, atol=1e-5, rtol=1e-5)
+
+
+def _emulated_cuda_backend():
+    """The CudaBackend with its ops swapped for the emulated ones, so that spectral_linear (autograd,
+    planner, both routes) runs through the CUDA backend's code on CPU tensors."""
+    from imse_kernels.backends.cuda_backend import CudaBackend
+
+    class EmulatedCudaBackend(CudaBackend):
+        def unavailable_reason(self):
+            return None
+
+        def supports(self, device):
+            return device.type == "cpu"
+
+        @property
+        def _ops(self):
+            return torch.ops.imse_emu
+
+    return EmulatedCudaBackend()
+
+
+@pytest.fixture
+def emulated_backend(emu, monkeypatch):
+    import imse_kernels.backends as backends
+
+    monkeypatch.setitem(backends._instances, "cuda", _emulated_cuda_backend())
+    return backends
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 12, 3), (4, 4, 4, 4, 4)])  # route F (small r), route R (square)
+def test_emulated_spectral_linear_gradcheck(emulated_backend, shape):
+    from imse_kernels import spectral_linear
+    from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED, plan
+
+    b_, t_, d_in, d_out, r = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(b_, t_, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    U = torch.randn(d_out, r, dtype=torch.float64, generator=g)
+    Vh = torch.randn(r, d_in, dtype=torch.float64, generator=g)
+    s = torch.rand(r, dtype=torch.float64, generator=g).requires_grad_()
+    bias = torch.randn(d_out, dtype=torch.float64, generator=g)
+    route = plan(b_ * t_, d_in, d_out, r, True, True, False).route
+    assert route == (FACTORIZED if r < min(d_in, d_out) else RECOMPOSED), "pick shapes that reach both routes"
+    with emulated_backend.use_backend("cuda"):
+        assert emulated_backend.resolve_backend(x.device).name == "cuda"
+        assert torch.autograd.gradcheck(lambda x_, s_: spectral_linear(x_, U, s_, Vh, bias), (x, s))
+        y = spectral_linear(x, U, s, Vh, bias)
+    torch.testing.assert_close(y, (x @ Vh.t() * s) @ U.t() + bias)
+
+
+def _sanitizer_runtime(name: str) -> str:
+    lib = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    if not lib or not os.path.isabs(lib) or not os.path.exists(lib):
+        pytest.skip(f"{name} is not available to the host compiler")
+    return lib
+
+
+@pytest.mark.slow
+def test_emulated_kernels_race_free_under_thread_sanitizer(tmp_path):
+    # The torch-free self test (csrc/cuda/emu/emu_selftest.cpp) with ThreadSanitizer: a shared-memory
+    # read not ordered after its write by __syncthreads (a missing barrier) is reported as a race.
+    _sanitizer_runtime("libtsan.so")
+    exe = tmp_path / "emu_selftest_tsan"
+    emu_dir = CUDA_SRC / "emu"
+    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-Wno-unknown-pragmas",
+                    str(emu_dir / "emu_selftest.cpp"), str(emu_dir / "emu_kernels.cpp"), "-o", str(exe), "-lpthread"],
+                   check=True, capture_output=True, text=True)
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66"))
+    assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, \
+        f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "0 failures" in proc.stdout
+
+
+@pytest.mark.slow
+def test_emulated_kernels_under_address_sanitizer():
+    libasan = _sanitizer_runtime("libasan.so")
+    _have_compiler()
+    env = dict(os.environ, LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:exitcode=23")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_memcheck_case.py"), "--emu-build",
+                           "imse_cuda_emu_asan", "--asan", "--quick"],
+                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
+    assert proc.returncode == 0, f"AddressSanitizer run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "cases passed" in proc.stdout

@@ -1,0 +1,192 @@
+"""GPU tests of the C++/CUDA backend (csrc/cuda, issue 4); skipped without a CUDA device.
+
+Every primitive against the torch backend (float64 oracle and the same dtype), in fp32 (exact and
+TF32), fp64, bf16 and fp16, at odd shapes, N = 1, truncated rank, no bias and ViT-B/16 shapes
+(batch 1 and 64); fused and unfused forward; both tile configurations; ds bitwise deterministic
+across runs; the public op end to end (autograd, both routes, frozen s, 3-D input); streams and
+input checks. The emulated CPU runs of the same kernels are in tests/test_cuda_build.py.
+"""
+import pytest
+import torch
+
+import cuda_memcheck_case as case
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+# ViT-B/16 layers: (d_in, d_out), full rank r = min(d_in, d_out).
+VIT_LAYERS = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    import imse_kernels  # noqa: F401  (loads _C and, through the backend, _C_cuda)
+    from imse_kernels.backends import unavailable_reason
+
+    reason = unavailable_reason("cuda")
+    assert reason is None, f"a CUDA device is present but the cuda backend is unavailable: {reason}"
+    assert torch.cuda.get_device_capability()[0] >= 8, "these kernels need sm_80 or newer"
+    return torch.ops.imse_ext
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_small_shapes_every_variant(ops, dtype):
+    case.sweep(ops, CUDA, case.SMALL_SHAPES, [dtype], quick=False, own_oracle=True)
+
+
+@pytest.mark.parametrize("layer", list(VIT_LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_vit_b_batch1(ops, layer, dtype):
+    d_in, d_out = VIT_LAYERS[layer]
+    for use_tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+        with case.tf32(use_tf32):
+            case.check_primitives(ops, 197, d_in, d_out, min(d_in, d_out), dtype, CUDA, own_oracle=True)
+
+
+@pytest.mark.parametrize("layer", ["fc1", "proj", "fc2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vit_b_batch64(ops, layer, dtype):
+    # N = 64 · 197 tokens: big tiles and, for bf16, the fused forward (enough row blocks).
+    d_in, d_out = VIT_LAYERS[layer]
+    case.check_primitives(ops, 64 * 197, d_in, d_out, min(d_in, d_out), dtype, CUDA, own_oracle=True)
+
+
+def test_vit_b_truncated_rank_no_bias(ops):
+    case.check_primitives(ops, 197, 768, 3072, 100, torch.bfloat16, CUDA, bias=False, own_oracle=True)
+    case.check_primitives(ops, 1, 3072, 768, 300, torch.float32, CUDA, bias=False, own_oracle=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_forward_matches_two_gemm_forward(ops, dtype):
+    x, U, s, Vh, b, grad = case.make_inputs(4 * 197, 768, 3072, 768, dtype, CUDA)
+    with case.env(IMSE_CUDA_FUSED="1"):
+        y_fused, _ = ops.factorized_forward(x, U, s, Vh, b, False)
+        dx_fused = ops.factorized_input_grad(grad, U, s, Vh)
+    with case.env(IMSE_CUDA_FUSED="0"):
+        y_plain, _ = ops.factorized_forward(x, U, s, Vh, b, False)
+        dx_plain = ops.factorized_input_grad(grad, U, s, Vh)
+    tol = case.TOL[dtype]
+    assert case.rel_err(y_fused, y_plain) < tol and case.rel_err(dx_fused, dx_plain) < tol
+    y64 = (x.double() @ Vh.double().t() * s.double()) @ U.double().t() + b.double()
+    assert case.rel_err(y_fused, y64) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ds_deterministic(ops, dtype):
+    case.check_determinism(ops, 64 * 197, 768, 3072, 768, dtype, CUDA, repeats=3)
+    case.check_determinism(ops, 197, 3072, 768, 768, dtype, CUDA, repeats=3)
+
+
+def test_tf32_follows_torch_flag(ops):
+    x, U, s, Vh, b, _ = case.make_inputs(256, 512, 384, 256, torch.float32, CUDA)
+    ref = (x.double() @ Vh.double().t() * s.double()) @ U.double().t() + b.double()
+    with case.tf32(False):
+        exact, _ = ops.factorized_forward(x, U, s, Vh, b, True)
+    with case.tf32(True):
+        fast, _ = ops.factorized_forward(x, U, s, Vh, b, True)
+    assert case.rel_err(exact, ref) < 1e-5
+    assert case.rel_err(fast, ref) < case.TF32_TOL
+
+
+def test_current_stream_is_used(ops):
+    x, U, s, Vh, b, grad = case.make_inputs(300, 200, 180, 150, torch.bfloat16, CUDA)
+    y0, h0 = ops.factorized_forward(x, U, s, Vh, b, True)
+    dx0, ds0 = ops.factorized_backward(grad, h0, U, s, Vh, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y1, h1 = ops.factorized_forward(x, U, s, Vh, b, True)
+        dx1, ds1 = ops.factorized_backward(grad, h1, U, s, Vh, True)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(y0, y1) and torch.equal(dx0, dx1) and torch.equal(ds0, ds1)
+
+
+def test_input_checks_on_cuda(ops):
+    x, U, s, Vh, b, grad = case.make_inputs(6, 8, 5, 4, torch.float32, CUDA)
+    with pytest.raises(RuntimeError, match="U must be a CUDA tensor"):
+        ops.factorized_forward(x, U.cpu(), s, Vh, b, True)
+    with pytest.raises(RuntimeError, match="s must be a CUDA tensor"):
+        ops.recompose(U, s.cpu(), Vh)
+    with pytest.raises(RuntimeError, match="Vh has dtype Half but x/grad has Float"):
+        ops.factorized_forward(x, U, s, Vh.half(), b, True)
+    with pytest.raises(RuntimeError, match=r"grad has shape \[6, 4\]"):
+        ops.factorized_backward(grad[:, :4], x[:, :4], U, s, Vh, True)
+
+
+def test_memcheck_case_script_runs(ops):
+    assert case.main(["--quick"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The public op on the cuda backend
+
+def _reference_grads(x, U, s, Vh, bias, g):
+    x64 = x.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    y = (x64 @ Vh.double().t() * s64) @ U.double().t()
+    if bias is not None:
+        y = y + bias.double()
+    y.backward(g.double())
+    return y.detach(), x64.grad, s64.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# route F (rectangular), route R (square, N > 2·d), batch 1 with truncated rank
+@pytest.mark.parametrize("shape", [(2, 197, 768, 3072, 768), (16, 197, 768, 768, 768), (1, 1, 64, 48, 20)])
+def test_spectral_linear_end_to_end(ops, dtype, shape):
+    from imse_kernels import spectral_linear, use_backend
+
+    b_, t_, d_in, d_out, r = shape
+    x, U, s, Vh, bias, _ = case.make_inputs(b_ * t_, d_in, d_out, r, dtype, CUDA)
+    x = x.reshape(b_, t_, d_in).requires_grad_()
+    s = s.clone().requires_grad_()
+    g = torch.randn(b_, t_, d_out, device=CUDA, dtype=dtype)
+    with use_backend("cuda"):
+        y = spectral_linear(x, U, s, Vh, bias)
+        y.backward(g)
+    y64, dx64, ds64 = _reference_grads(x, U, s, Vh, bias, g)
+    tol = case.tol_for(dtype)
+    assert case.rel_err(y, y64) < tol
+    assert case.rel_err(x.grad, dx64) < tol
+    assert case.rel_err(s.grad, ds64) < tol
+    assert s.grad.dtype == torch.float32
+
+
+def test_spectral_linear_frozen_s_and_no_grad(ops):
+    from imse_kernels import spectral_linear, use_backend
+
+    x, U, s, Vh, bias, _ = case.make_inputs(197, 768, 3072, 768, torch.bfloat16, CUDA)
+    x.requires_grad_()
+    g = torch.randn(197, 3072, device=CUDA, dtype=torch.bfloat16)
+    with use_backend("cuda"):
+        y = spectral_linear(x, U, s, Vh, bias)  # s frozen: dx only
+        y.backward(g)
+        with torch.no_grad():
+            y_ng = spectral_linear(x, U, s, Vh, None)
+    y64, dx64, _ = _reference_grads(x, U, s, Vh, bias, g)
+    assert case.rel_err(y, y64) < case.TOL[torch.bfloat16]
+    assert case.rel_err(x.grad, dx64) < case.TOL[torch.bfloat16]
+    assert case.rel_err(y_ng, y64 - bias.double()) < case.TOL[torch.bfloat16]
+
+
+def test_spectral_linear_gradcheck_float64(ops):
+    from imse_kernels import spectral_linear, use_backend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for (n, d_in, d_out, r) in [(5, 7, 12, 3), (16, 4, 4, 4)]:
+        x = torch.randn(n, d_in, dtype=torch.float64, device=CUDA, generator=g, requires_grad=True)
+        U = torch.randn(d_out, r, dtype=torch.float64, device=CUDA, generator=g)
+        Vh = torch.randn(r, d_in, dtype=torch.float64, device=CUDA, generator=g)
+        s = torch.rand(r, dtype=torch.float64, device=CUDA, generator=g).requires_grad_()
+        bias = torch.randn(d_out, dtype=torch.float64, device=CUDA, generator=g)
+        with use_backend("cuda"):
+            assert torch.autograd.gradcheck(lambda x_, s_: spectral_linear(x_, U, s_, Vh, bias), (x, s))
+
+
+def test_cuda_backend_available_on_gpu(ops):
+    from imse_kernels.backends import available_backends, get_backend
+
+    assert "cuda" in available_backends()
+    backend = get_backend("cuda")
+    assert backend.supports(CUDA) and not backend.supports(torch.device("cpu"))
