@@ -17,8 +17,8 @@ from .torch_backend import TorchBackend
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 _MODULES = {"cpu": ("cpu_backend", "CpuBackend"), "triton": ("triton_backend", "TritonBackend"), "cuda": ("cuda_backend", "CudaBackend")}
-# auto's preference per device type, fastest first.
-_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+# auto's preference per device type: Triton is the GPU default (it times its variants against cuBLAS per shape).
+_AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 _instances: dict[str, SpectralBackend] = {"torch": TorchBackend()}
 _import_errors: dict[str, str] = {}
