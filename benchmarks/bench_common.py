@@ -1,0 +1,421 @@
+"""Shared pieces of the benchmarks: environment record, interleaved timing, memory probes, output files.
+
+Timing method (both levels): every provider of one case is built and warmed up first, then `rounds`
+rounds run the providers one after another in a rotated order, each a block of `number` calls
+(`number` calibrated so one block lasts about `min_block_s`). Medians and quartiles are taken over the
+rounds; ratios are medians of the per-round ratios (paired measurements, taken side by side), which
+cancels slow drifts of a shared, noisy machine. CPU blocks are timed with `torch.utils.benchmark.Timer`
+(with torch's current thread count, not Timer's default of one), CUDA blocks with `torch.cuda.Event`s.
+"""
+import contextlib
+import csv
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+def ensure_repo_on_path() -> None:
+    """Benchmark the working tree's package (the C++ extension is built in place there)."""
+    if (REPO / "imse_kernels" / "__init__.py").exists() and str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+ensure_repo_on_path()
+
+import torch  # noqa: E402
+import torch.utils.benchmark as tbench  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_tag(device: str) -> str:
+    """A file-name-safe name for the machine: GPU name on CUDA, CPU model and core count on CPU."""
+    if device == "cuda":
+        name = "cuda-" + torch.cuda.get_device_name(0)
+    else:
+        name = f"cpu-{cpu_model()}-{os.cpu_count()}c"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def env_info(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import timm
+
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    import imse_kernels
+
+    info = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "timm": timm_version,
+        "imse_kernels": imse_kernels.__version__,
+        "backends": imse_kernels.backend_status(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "device": device,
+    }
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_capability=f"{p.major}.{p.minor}")
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+class BlockTimer:
+    """Seconds per call of `fn`, over a block of `number` calls."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def __call__(self, fn: Callable[[], object], number: int) -> float:
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(number):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / number
+        timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return timer.timeit(number).mean
+
+
+@dataclass
+class Timing:
+    times: list = field(default_factory=list)  # seconds per call, one per round
+    number: int = 1
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.times)
+
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.times) < 2:
+            m = self.median()
+            return m, m
+        q = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def min(self) -> float:
+        return min(self.times) if self.times else math.nan
+
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        lo, hi = self.quartiles()
+        m = self.median()
+        return (hi - lo) / m if m and m == m else math.nan
+
+
+def measure_interleaved(fns: dict, device: str, rounds: int, min_block_s: float, warmup: int,
+                        min_rounds: int = 3, max_case_s: float = math.inf, max_number: int = 1000,
+                        log: Optional[Callable[[str], None]] = None) -> dict:
+    """Time every callable in `fns` (name -> fn) side by side; returns name -> Timing.
+
+    Each provider is called `warmup` times (at least once; the last call, timed, calibrates the block
+    size). Then up to `rounds` rounds, stopping after `min_rounds` once `max_case_s` seconds have been
+    spent in rounds. A provider that raises during warm-up is recorded with its error and left out.
+    """
+    block = BlockTimer(device)
+    out = {name: Timing() for name in fns}
+    for name, fn in fns.items():
+        try:
+            for _ in range(max(0, warmup - 1)):
+                fn()
+            t = block(fn, 1)
+            out[name].number = max(1, min(max_number, math.ceil(min_block_s / max(t, 1e-9))))
+        except Exception as exc:  # a provider may be unsupported for a dtype or shape
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            out[name].error = f"{type(exc).__name__}: {msg}"[:300]
+            if log:
+                log(f"    {name}: {out[name].error}")
+    live = [n for n in fns if out[n].error is None]
+    start = time.perf_counter()
+    for r in range(rounds):
+        if r >= min_rounds and time.perf_counter() - start > max_case_s:
+            break
+        k = r % max(1, len(live))
+        for name in live[k:] + live[:k]:
+            out[name].times.append(block(fns[name], out[name].number))
+    return out
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a/b (time ratio measured side by side); nan when either is missing."""
+    if not (a.ok and b.ok):
+        return math.nan
+    return statistics.median(x / y for x, y in zip(a.times, b.times))
+
+
+def min_ratio(a: Timing, b: Timing) -> float:
+    """Ratio of the fastest rounds: the least contended estimate on a shared machine."""
+    if not (a.ok and b.ok):
+        return math.nan
+    return a.min() / b.min()
+
+
+def load1() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+class _Packed:
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t):
+        self.t = t
+
+
+class SavedTensorTracker:
+    """Peak bytes of tensors held for backward (autograd's saved tensors), any device.
+
+    Counts each storage once while at least one saved reference to it is alive; storages in
+    `exclude` (the model's parameters and buffers) are not counted. This is the activation memory
+    a training step holds, measured exactly, independent of allocators.
+    """
+
+    def __init__(self, exclude=()) -> None:
+        # a callable is re-evaluated at every pack (tensors created during the call, e.g. a weight cache)
+        self._exclude_fn = exclude if callable(exclude) else None
+        self.exclude = set() if callable(exclude) else {self._ptr(t) for t in exclude if t is not None}
+        self.live: dict[int, list] = {}
+        self.current = 0
+        self.peak = 0
+
+    @staticmethod
+    def _ptr(t) -> int:
+        try:
+            return t.untyped_storage().data_ptr()
+        except Exception:
+            return id(t)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[ptr]
+
+    def pack(self, t):
+        box = _Packed(t)
+        ptr = self._ptr(t)
+        if self._exclude_fn is not None:
+            self.exclude = {self._ptr(e) for e in self._exclude_fn() if e is not None}
+        if ptr in self.exclude or ptr == 0:
+            return box
+        if ptr in self.live:
+            self.live[ptr][1] += 1
+        else:
+            try:
+                nbytes = t.untyped_storage().nbytes()
+            except Exception:
+                nbytes = t.numel() * t.element_size()
+            self.live[ptr] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        weakref.finalize(box, self._release, ptr)
+        return box
+
+    @staticmethod
+    def unpack(box):
+        return box.t
+
+    @contextlib.contextmanager
+    def track(self):
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield self
+
+
+def saved_peak_bytes(fn: Callable[[], object], exclude=()) -> int:
+    tracker = SavedTensorTracker(exclude)
+    with tracker.track():
+        fn()
+    gc.collect()
+    return tracker.peak
+
+
+def _proc_status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def device_peak_bytes(fn: Callable[[], object], device: str) -> tuple[Optional[int], str]:
+    """Extra memory at the peak of one call of `fn`, and how it was measured.
+
+    CUDA: torch.cuda.max_memory_allocated above the allocation before the call (exact, allocator level).
+    CPU (Linux): the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)
+    above the resident set before the call: indicative only, since glibc may serve the call from memory
+    it already holds, or keep pages after frees.
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, "cuda.max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None, "unavailable"
+    base = _proc_status_kib("VmRSS")
+    fn()
+    peak = _proc_status_kib("VmHWM")
+    if base is None or peak is None:
+        return None, "unavailable"
+    return max(0, peak - base) * 1024, "rss_hwm_delta"
+
+
+# --------------------------------------------------------------------------------------------
+# Records and files
+
+@dataclass
+class Record:
+    level: str                 # "layer" | "model"
+    case: str                  # e.g. "vit_s.qkv" or "vit_small_patch16_224"
+    batch: int
+    tokens: int                # N = batch * 197 (layer level) / tokens per forward (model level)
+    mode: str                  # layer: fwd|fwdbwd|frozen|infer ; model: step|infer
+    dtype: str
+    provider: str
+    median_ms: float = math.nan
+    min_ms: float = math.nan
+    q1_ms: float = math.nan
+    q3_ms: float = math.nan
+    rounds: int = 0
+    number: int = 0
+    ratio_vs_baseline: float = math.nan    # time / baseline time (nn.Linear, or the reference step)
+    baseline: str = ""
+    speedup_vs_reference: float = math.nan  # reference time / time
+    ratio_vs_baseline_min: float = math.nan     # the same two ratios from the fastest rounds
+    speedup_vs_reference_min: float = math.nan
+    items_per_s: float = math.nan           # images/s (model level)
+    saved_mb: float = math.nan               # peak bytes held for backward
+    peak_mb: float = math.nan                # device peak (see peak_method)
+    peak_method: str = ""
+    load1: float = math.nan                  # 1-min load average when the case ended (machine contention)
+    extra: str = ""
+    error: str = ""
+
+    def row(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = None if math.isnan(v) else round(v, 6)
+        return d
+
+
+def write_outputs(out_dir: Path, stem: str, env: dict, config: dict, records: list, text: str) -> list:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.row() for r in records]
+    paths = []
+    p = out_dir / f"{stem}.json"
+    p.write_text(json.dumps({"env": env, "config": config, "results": rows}, indent=1) + "\n")
+    paths.append(p)
+    p = out_dir / f"{stem}.csv"
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Record.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(rows)
+    paths.append(p)
+    p = out_dir / f"{stem}.txt"
+    p.write_text(text)
+    paths.append(p)
+    return paths
+
+
+def fmt(v: float, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if v >= 1000:
+        return f"{v:.0f}"
+    if v >= 100:
+        return f"{v:.1f}"
+    if v >= 10:
+        return f"{v:.2f}"
+    return f"{v:.{digits}f}"
+
+
+def render_table(headers: list, rows: list, left: int = 1) -> str:
+    """Fixed-width text table; the first `left` columns are left-aligned, the others right-aligned."""
+    cols = len(headers)
+    widths = [max([len(str(headers[i]))] + [len(str(r[i])) for r in rows]) for i in range(cols)]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,275 @@
+"""Layer level: one ViT linear layer, every provider side by side.
+
+Modes
+  fwd     forward with s trainable and x requiring grad (what a training forward costs, saves included)
+  fwdbwd  forward + backward, s trainable, dx needed (a layer inside a network being adapted)
+  frozen  forward + backward with s frozen, dx only (IMSE's last blocks); baseline: nn.Linear frozen
+  infer   torch.no_grad, s frozen (the recomposed weight is cached by FusedSpectralLinear)
+
+Providers
+  linear         nn.Linear, weight gradient (full fine-tuning; bias frozen like the spectral layer's)
+  linear_frozen  nn.Linear, frozen weight (input gradient only)
+  reference      F.linear(x, U @ torch.diag(s) @ Vh, b), recomposed every call (the reference code)
+  naive          ((x @ Vh.T) * s) @ U.T + b in eager mode
+  naive_compile  the same under torch.compile(dynamic=True)
+  fused_<b>      FusedSpectralLinear under imse_kernels.use_backend(<b>), for every available backend, and auto
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+from bench_common import (Record, SavedTensorTracker, Timing, device_peak_bytes, load1, measure_interleaved, min_ratio,
+                          paired_ratio)
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imse_kernels
+from imse_kernels import FusedSpectralLinear, use_backend
+
+TOKENS = 197  # 14 x 14 patches + CLS at 224 px, patch 16
+
+SHAPES = {
+    "vit_s": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
+    "vit_b": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)},
+}
+MODES = ("fwd", "fwdbwd", "frozen", "infer")
+BASE_PROVIDERS = ("linear", "linear_frozen", "reference", "naive", "naive_compile")
+BASELINE = {"fwd": "linear", "fwdbwd": "linear", "frozen": "linear_frozen", "infer": "linear"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fused_providers(device: str = "cpu") -> list:
+    """fused_<b> for every available backend that runs on `device`, then fused_auto.
+
+    On CPU the triton backend only exists through TRITON_INTERPRET=1 (an interpreter, for tests):
+    it is left out of the default list (name it in --providers to time it anyway).
+    """
+    from imse_kernels.backends import get_backend
+
+    dev = torch.device(device)
+    names = [b for b in imse_kernels.available_backends() if get_backend(b).supports(dev)]
+    if dev.type == "cpu":
+        names = [b for b in names if b != "triton"]
+    return [f"fused_{b}" for b in names] + ["fused_auto"]
+
+
+ROUTE_PROVIDERS = ("fused_auto_F", "fused_auto_R")  # auto backend, route pinned (planner.force_route); opt-in
+
+
+def known_providers() -> list:
+    """Every provider name that can be asked for by name."""
+    return (list(BASE_PROVIDERS) + [f"fused_{b}" for b in imse_kernels.available_backends()] + ["fused_auto"]
+            + list(ROUTE_PROVIDERS))
+
+
+def flop_model(case: "Case") -> tuple:
+    """(route the FLOP model picks, its FLOPs / the baseline's FLOPs) for the measured call of `case`.
+
+    Baseline FLOPs: nn.Linear forward 2·N·d_in·d_out, + 2·N·d_in·d_out for dx, + the same for dW.
+    Spectral: imse_kernels.ops.planner.step_flops (forward only in mode fwd: the route the planner
+    picks for the whole step, counted up to its output).
+    """
+    from imse_kernels.ops.planner import step_flops
+
+    n, d_in, d_out = case.tokens, case.d_in, case.d_out
+    r = min(d_in, d_out)
+    dense = 2 * n * d_in * d_out
+    need_ds = case.mode in ("fwd", "fwdbwd")
+    need_dx = case.mode != "infer"
+    has_weight = case.mode in ("frozen", "infer")
+    f, R = step_flops(n, d_in, d_out, r, need_ds, need_dx, has_weight)
+    route = "F" if f <= R else "R"
+    if case.mode == "fwd":
+        cost = 2 * n * r * (d_in + d_out) if route == "F" else 2 * r * d_in * d_out + dense
+        return route, cost / dense
+    base = dense * {"fwdbwd": 3, "frozen": 2, "infer": 1}[case.mode]
+    return route, min(f, R) / base
+
+
+def all_providers(device: str = "cpu") -> list:
+    return list(BASE_PROVIDERS) + fused_providers(device)
+
+
+def providers_for_mode(mode: str, wanted: list) -> list:
+    skip = {"infer": {"linear_frozen"}, "frozen": {"linear"}}.get(mode, set())
+    return [p for p in wanted if p not in skip]
+
+
+def naive_expr(x, U, s, Vh, b):
+    return ((x @ Vh.t()) * s.to(x.dtype)) @ U.t() + b
+
+
+def reference_expr(x, U, s, Vh, b):
+    return F.linear(x, U @ torch.diag(s.to(U.dtype)) @ Vh, b)
+
+
+_compiled = {}
+
+
+def compiled_naive():
+    if "naive" not in _compiled:
+        _compiled["naive"] = torch.compile(naive_expr, dynamic=True)
+    return _compiled["naive"]
+
+
+@dataclass
+class Case:
+    net: str
+    layer: str
+    batch: int
+    mode: str
+    dtype: str
+
+    @property
+    def d_in(self) -> int:
+        return SHAPES[self.net][self.layer][0]
+
+    @property
+    def d_out(self) -> int:
+        return SHAPES[self.net][self.layer][1]
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * TOKENS
+
+    @property
+    def name(self) -> str:
+        return f"{self.net}.{self.layer}"
+
+
+def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x: torch.Tensor, g: torch.Tensor):
+    """Returns (fn, exclude) where fn runs one call of `provider` in `case.mode`; exclude lists the
+    layer's own parameters/buffers (not counted as saved activations)."""
+    mode = case.mode
+    train_s = mode in ("fwd", "fwdbwd")
+    backward = mode in ("fwdbwd", "frozen")
+    grad_mode = mode != "infer"
+
+    if provider in ("linear", "linear_frozen"):
+        layer = nn.Linear(case.d_in, case.d_out, device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            layer.bias.copy_(linear.bias)
+        layer.bias.requires_grad_(False)
+        layer.weight.requires_grad_(provider == "linear" and grad_mode)
+        inputs = [x] + ([layer.weight] if layer.weight.requires_grad else [])
+        call = layer
+        exclude = [layer.weight, layer.bias]
+    elif provider in ("reference", "naive", "naive_compile"):
+        base = fused["_factors"]
+        U, Vh, b = base.U, base.Vh, base.bias
+        s = base.s.detach().clone().requires_grad_(train_s)
+        if provider == "naive_compile":
+            # 2-D input: a 3-D batch of 1 would specialise the compiled graph on that size
+            compiled = compiled_naive()
+            call = lambda inp: compiled(inp.view(-1, inp.shape[-1]), U, s, Vh, b).view(*inp.shape[:-1], -1)  # noqa: E731
+        else:
+            expr = reference_expr if provider == "reference" else naive_expr
+            call = lambda inp: expr(inp, U, s, Vh, b)  # noqa: E731
+        inputs = [x] + ([s] if train_s else [])
+        exclude = [U, Vh, b, s]
+    elif provider.startswith("fused_"):
+        backend, _, pinned = provider[len("fused_"):].partition("_")
+        layer = fused[provider]
+        layer.s.requires_grad_(train_s)
+        inputs = [x] + ([layer.s] if train_s else [])
+        # the cached recomposed weight is persistent (like a weight), not an activation
+        exclude = lambda layer=layer: (layer.U, layer.Vh, layer.s, layer.bias, layer._weight_cache._weight)  # noqa: E731
+
+        if pinned:
+            from imse_kernels.ops.planner import force_route
+
+            route = {"F": "factorized", "R": "recomposed"}[pinned]
+
+            def call(inp, layer=layer, backend=backend, route=route):
+                with use_backend(backend), force_route(route):
+                    return layer(inp)
+        else:
+            def call(inp, layer=layer, backend=backend):
+                with use_backend(backend):
+                    return layer(inp)
+    else:
+        raise ValueError(f"unknown provider {provider!r}")
+
+    if mode == "infer":
+        def fn():
+            with torch.no_grad():
+                return call(x)
+    elif backward:
+        def fn():
+            y = call(x)
+            return torch.autograd.grad(y, inputs, g)
+    else:
+        def fn():
+            return call(x)
+    return fn, exclude
+
+
+def build_case(case: Case, device: str, providers: list, seed: int = 0):
+    """Builds the inputs and every provider's callable for one case."""
+    dtype = DTYPES[case.dtype]
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(case.d_in, case.d_out)
+    with torch.no_grad():  # a pretrained-like spectrum: random weights have a flat one, which is fine for timing
+        linear.weight.copy_(torch.randn(case.d_out, case.d_in, generator=gen) / math.sqrt(case.d_in))
+        linear.bias.copy_(torch.randn(case.d_out, generator=gen) * 0.02)
+    linear = linear.to(device=device, dtype=dtype)
+    x = torch.randn(case.batch, TOKENS, case.d_in, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(case.mode != "infer")
+    g = torch.randn(case.batch, TOKENS, case.d_out, generator=gen).to(device=device, dtype=dtype)
+    base = FusedSpectralLinear.from_linear(linear)  # U, Vh in dtype; s fp32
+    base.s.requires_grad_(False)
+    fused = {"_factors": base}
+    for p in providers:
+        if p.startswith("fused_"):
+            fused[p] = copy.deepcopy(base)
+    fns, excludes = {}, {}
+    for p in providers:
+        fns[p], excludes[p] = _make_callable(p, case, linear, fused, x, g)
+    return fns, excludes
+
+
+def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s: float, warmup: int,
+             min_rounds: int = 3, max_case_s: float = math.inf, memory: bool = True, log=print) -> list:
+    providers = providers_for_mode(case.mode, providers)
+    fns, excludes = build_case(case, device, providers)
+    saved, errors = {}, {}
+    if memory and case.mode != "infer":
+        # the first warm-up call of each provider doubles as the saved-tensor probe
+        for p in providers:
+            tracker = SavedTensorTracker(excludes[p])
+            try:
+                with tracker.track():
+                    fns[p]()  # fwd: the graph dies with the output; the peak is what the forward saved
+                saved[p] = tracker.peak / 2**20
+            except Exception as exc:
+                errors[p] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+                log(f"    {p}: {errors[p]}")
+        warmup = max(1, warmup - 1)
+    live = {p: f for p, f in fns.items() if p not in errors}
+    timings = measure_interleaved(live, device, rounds, min_block_s, warmup, min_rounds=min_rounds,
+                                  max_case_s=max_case_s, log=log)
+    load = load1()
+    ref = timings.get("reference")
+    baseline = BASELINE[case.mode]
+    base_t = timings.get(baseline)
+    records = []
+    for p in providers:
+        t = timings.get(p) or Timing(error=errors.get(p))
+        lo, hi = t.quartiles()
+        rec = Record(level="layer", case=case.name, batch=case.batch, tokens=case.tokens, mode=case.mode,
+                     dtype=case.dtype, provider=p, median_ms=t.median() * 1e3, min_ms=t.min() * 1e3,
+                     q1_ms=lo * 1e3, q3_ms=hi * 1e3, rounds=len(t.times), number=t.number, baseline=baseline,
+                     ratio_vs_baseline=paired_ratio(t, base_t) if base_t else math.nan,
+                     speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
+                     ratio_vs_baseline_min=min_ratio(t, base_t) if base_t else math.nan,
+                     speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
+                     saved_mb=saved.get(p, math.nan), load1=load, extra=f"{case.d_in}->{case.d_out}",
+                     error=t.error or "")
+        if memory and t.ok and device == "cuda":
+            peak, method = device_peak_bytes(fns[p], device)
+            rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
+        records.append(rec)
+    return records

@@ -1,0 +1,301 @@
+"""Model level: one adaptation step of a timm ViT, every method side by side.
+
+Providers (each on its own deep copy of one random-init model; nothing is downloaded)
+  imse             imse_kernels.tta.IMSE (FusedSpectralLinear, its own SAM/losses), retrieval "none"
+                   by default (the reference step has no code bank; --imse-retrieval changes it)
+  imse_harness     the step below written out by hand, on FusedSpectralLinear layers (last 3 blocks' s frozen)
+  imse_reference   the same hand-written step the reference way: `ReferenceSVDLinear` recomposes
+                   U @ torch.diag(s) @ Vh every call, every s gets a gradient (only blocks 0..depth-4 are
+                   optimized), and the diversity statistics come from an extra GEMM x̂ @ Vhᵀ per probed layer
+  tent             imse_kernels.tta.Tent (LayerNorm affine, entropy, Adam) on the nn.Linear model
+  source           plain inference (no_grad) on the nn.Linear model
+  source_spectral  plain inference on the spectralized model (s frozen: cached W', one GEMM per layer)
+
+The hand-written step (DESIGN §5): forward → L = mean_{H<E0} H − λ·L_div → backward → SAM ascent
+(ρ·g/‖g‖) → forward on the same batch (first pass's reliable set, filtered again) → L → backward →
+restore → Adam. Random-init ViTs are nearly uniform on random images, which would make every sample
+"unreliable"; the head is therefore rescaled so that about half the samples pass the entropy filter.
+"""
+import copy
+import math
+
+from bench_common import (Record, SavedTensorTracker, device_peak_bytes, load1, measure_interleaved, min_ratio,
+                          paired_ratio)
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import imse_kernels
+from imse_kernels import FusedSpectralLinear, spectralize
+
+MODEL_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+               "vit_base": "vit_base_patch16_224"}
+PROVIDERS = ("imse", "imse_harness", "imse_reference", "tent", "source", "source_spectral")
+REFERENCE = "imse_reference"
+LAYER_PATTERNS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def tta_available() -> bool:
+    try:
+        from imse_kernels.tta import IMSE, IMSEConfig, Source, Tent  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# The reference formulation
+
+class ReferenceSVDLinear(nn.Module):
+    """The reference code's SVD layer: W = U @ diag(s) @ Vh recomposed on every call, then F.linear."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        with torch.no_grad():
+            U, s, Vh = torch.linalg.svd(linear.weight.detach().double(), full_matrices=False)
+        self.register_buffer("U", U.to(linear.weight.dtype))
+        self.register_buffer("Vh", Vh.to(linear.weight.dtype))
+        self.s = nn.Parameter(s.float())
+        self.register_buffer("bias", linear.bias.detach().clone() if linear.bias is not None else None)
+
+    def forward(self, x):
+        W = self.U @ torch.diag(self.s.to(self.U.dtype)) @ self.Vh
+        return F.linear(x, W, self.bias)
+
+
+def reference_spectralize(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [n for n, m in model.named_modules()
+               if type(m) is nn.Linear and ".blocks." in f".{n}" and n.endswith(LAYER_PATTERNS)]
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ReferenceSVDLinear(model.get_submodule(name)))
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-written IMSE step (shared by imse_harness and imse_reference)
+
+def _entropy(logits):
+    z = logits.float()
+    return -(z.softmax(1) * z.log_softmax(1)).sum(1)
+
+
+class HandIMSE:
+    """One SAM step of IMSE written out in plain PyTorch, on whatever spectral layer type the model has."""
+
+    def __init__(self, model: nn.Module, layer_type, all_s_grad: bool, lr=7e-3, rho=0.05, margin=0.4,
+                 lam=50.0, ratio=1.0, div_blocks=3) -> None:
+        self.model, self.rho, self.margin, self.lam, self.ratio, self.div_blocks = model, rho, margin, lam, ratio, div_blocks
+        depth = len(model.blocks)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
+        block = {n: int(n.split("blocks.")[1].split(".")[0]) for n in layers}
+        self.params = [m.s for n, m in layers.items() if block[n] < depth - 3]
+        for n, m in layers.items():
+            m.s.requires_grad_(all_s_grad or block[n] < depth - 3)
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
+        self.stats = []
+        self.capture = False
+        for n, m in layers.items():
+            if block[n] >= depth - div_blocks:
+                m.register_forward_pre_hook(self._hook)
+        model.train()
+
+    def _hook(self, module, args):
+        if self.capture and torch.is_grad_enabled():
+            x = args[0].reshape(-1, args[0].shape[-1])
+            a = F.normalize(x, dim=-1) @ module.Vh.t().to(x.dtype)  # the extra GEMM
+            std = a.float().std(0)  # unbiased
+            k = min(math.floor(std.shape[0] * self.ratio), std.shape[0] - 1)
+            self.stats.append(std.topk(k, largest=False).values.mean())
+
+    def _loss(self, logits, keep=None):
+        ent = _entropy(logits)
+        if keep is not None:
+            ent = ent[keep]
+        mask = ent.detach() < self.margin * math.log(logits.shape[1])
+        sel = ent[mask]
+        loss = sel.mean() if sel.numel() else sel.sum()
+        if self.stats:
+            loss = loss - self.lam * sum(self.stats) / self.div_blocks
+        self.stats = []
+        return loss, mask
+
+    @torch.enable_grad()
+    def __call__(self, x):
+        self.model.zero_grad(set_to_none=True)
+        self.capture = True
+        try:
+            logits = self.model(x)
+            loss, mask = self._loss(logits)
+            loss.backward()
+            with torch.no_grad():
+                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]))
+                scale = self.rho / (norm + 1e-12)
+                eps = []
+                for p in self.params:
+                    e = p.grad * scale if p.grad is not None else torch.zeros_like(p)
+                    p.add_(e)
+                    eps.append(e)
+            self.model.zero_grad(set_to_none=True)
+            loss2, _ = self._loss(self.model(x), keep=mask)
+            loss2.backward()
+            with torch.no_grad():
+                for p, e in zip(self.params, eps):
+                    p.sub_(e)
+            self.opt.step()
+            self.model.zero_grad(set_to_none=True)
+        finally:
+            self.capture = False
+        return logits.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Model and providers
+
+def make_model(name: str, device: str, depth=None, img_size=None, seed: int = 0, calib_batch: int = 8) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = {"depth": depth} if depth else {}
+    if img_size:
+        kwargs["img_size"] = img_size
+    model = timm.create_model(MODEL_NAMES.get(name, name), pretrained=False, num_classes=1000, **kwargs)
+    model = model.to(device).eval()
+    # rescale the head so that about half the samples are "reliable" (entropy < 0.4 ln C)
+    x = torch.randn(calib_batch, 3, *image_size(model), device=device)
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        e0 = 0.4 * math.log(model.num_classes)
+        lo, hi = 1.0, 1e4
+        for _ in range(40):
+            mid = math.sqrt(lo * hi)
+            ent = _entropy(F.linear(feats, model.head.weight * mid, model.head.bias * mid)).median().item()
+            lo, hi = (mid, hi) if ent > e0 else (lo, mid)
+        model.head.weight.mul_(lo)
+        model.head.bias.mul_(lo)
+    return model
+
+
+def image_size(model) -> tuple:
+    return tuple(model.patch_embed.img_size)
+
+
+def tokens_per_image(model) -> int:
+    return model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+
+
+def build_providers(base: nn.Module, providers: list, device: str, imse_retrieval: str = "none"):
+    """Returns name -> (adapter callable, model it runs on, training?)."""
+    out = {}
+    for p in providers:
+        m = copy.deepcopy(base)
+        if p == "imse":
+            from imse_kernels.tta import IMSE, IMSEConfig
+
+            out[p] = (IMSE(m, IMSEConfig(retrieval=imse_retrieval)), m)
+        elif p == "imse_harness":
+            spectralize(m)
+            out[p] = (HandIMSE(m, FusedSpectralLinear, all_s_grad=False), m)
+        elif p == "imse_reference":
+            reference_spectralize(m)
+            out[p] = (HandIMSE(m, ReferenceSVDLinear, all_s_grad=True), m)
+        elif p == "tent":
+            try:
+                from imse_kernels.tta import Tent
+            except ImportError:
+                Tent = None
+            out[p] = (Tent(m, lr=1e-3) if Tent else _HandTent(m), m)
+        elif p == "source":
+            m.eval().requires_grad_(False)
+            out[p] = (_inference(m), m)
+        elif p == "source_spectral":
+            spectralize(m)
+            m.eval()
+            out[p] = (_inference(m), m)
+        else:
+            raise ValueError(f"unknown model-level provider {p!r}")
+    return out
+
+
+def _inference(model):
+    @torch.no_grad()
+    def run(x):
+        return model(x)
+    return run
+
+
+class _HandTent:
+    """Fallback when imse_kernels.tta is missing: LayerNorm affine, mean entropy, Adam."""
+
+    def __init__(self, model, lr=1e-3):
+        self.model = model.train().requires_grad_(False)
+        self.params = [p for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+
+    @torch.enable_grad()
+    def __call__(self, x):
+        logits = self.model(x)
+        _entropy(logits).mean().backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return logits.detach()
+
+
+def run_model_case(name: str, batch: int, device: str, precision: str, providers: list, built: dict,
+                   rounds: int, warmup: int, min_rounds: int, max_case_s: float, min_block_s: float = 0.0,
+                   memory: bool = True, log=print) -> list:
+    any_model = next(iter(built.values()))[1]
+    tokens = tokens_per_image(any_model)
+    x = torch.randn(batch, 3, *image_size(any_model), device=device)
+    amp = precision in ("bf16", "fp16") and device == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def wrap(adapter):
+        if amp:
+            def fn():
+                with torch.autocast("cuda", dtype=amp_dtype):
+                    return adapter(x)
+            return fn
+        return lambda: adapter(x)
+
+    fns = {p: wrap(built[p][0]) for p in providers}
+    timings = measure_interleaved(fns, device, rounds, min_block_s, warmup, min_rounds=min_rounds, max_case_s=max_case_s, log=log)
+    load = load1()
+    ref = timings.get(REFERENCE)
+    records = []
+    for p in providers:
+        t = timings[p]
+        lo, hi = t.quartiles()
+        med = t.median()
+        rec = Record(level="model", case=name, batch=batch, tokens=batch * tokens,
+                     mode="infer" if p.startswith("source") else "step", dtype=precision,
+                     provider=p, median_ms=med * 1e3, min_ms=t.min() * 1e3, q1_ms=lo * 1e3, q3_ms=hi * 1e3,
+                     rounds=len(t.times), number=t.number, baseline=REFERENCE,
+                     ratio_vs_baseline=paired_ratio(t, ref) if ref else math.nan,
+                     speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
+                     ratio_vs_baseline_min=min_ratio(t, ref) if ref else math.nan,
+                     speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
+                     items_per_s=batch / med if med == med and med > 0 else math.nan, load1=load,
+                     error=t.error or "")
+        if memory and t.ok:
+            model = built[p][1]
+            exclude = list(model.parameters()) + list(model.buffers())
+            # cached recomposed weights (frozen-s layers) persist like weights; not activations
+            exclude += [m._weight_cache._weight for m in model.modules()
+                        if isinstance(m, FusedSpectralLinear) and m._weight_cache._weight is not None]
+            tracker = SavedTensorTracker(exclude)
+            with tracker.track():
+                fns[p]()
+            rec.saved_mb = tracker.peak / 2**20
+            peak, method = device_peak_bytes(fns[p], device)
+            rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
+        records.append(rec)
+    return records
+
+
+def backend_note() -> str:
+    return ",".join(imse_kernels.available_backends())

@@ -1,0 +1,74 @@
+"""The compared methods, built fresh on a private copy of the model so every method sees the same weights."""
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from torch import nn
+
+#: name -> what it is (the CLI's --method choices).
+METHODS = {
+    "source": "the unadapted model",
+    "tent": "Tent: entropy minimisation of LayerNorm affine parameters",
+    "imse": "IMSE, top-1 code retrieval",
+    "imse-mix": "IMSE, mixture code retrieval (softmax(-KL/T))",
+    "imse-nodiv": "IMSE top-1 with diversity weight 0 (entropy only; ablation)",
+}
+DEFAULT_METHODS = ("source", "tent", "imse", "imse-mix", "imse-nodiv")
+
+
+@dataclass
+class MethodOptions:
+    """Hyper-parameters the CLI exposes; None keeps the adapter's own default."""
+
+    tent_lr: Optional[float] = None
+    tent_optimizer: Optional[str] = None
+    imse_lr: Optional[float] = None
+    imse_overrides: dict = field(default_factory=dict)
+
+
+def parse_methods(spec) -> list[str]:
+    """'all' or a comma-separated list of METHODS keys (order kept, duplicates dropped)."""
+    if spec in (None, "all"):
+        return list(DEFAULT_METHODS)
+    names = [m.strip().lower() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise ValueError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)} or all")
+    return list(dict.fromkeys(names))
+
+
+def imse_config(name: str, opts: MethodOptions):
+    """The IMSEConfig of an IMSE variant."""
+    from ..tta import IMSEConfig
+
+    kw = dict(opts.imse_overrides)
+    if opts.imse_lr is not None:
+        kw["lr"] = opts.imse_lr
+    if name == "imse-mix":
+        kw["retrieval"] = "mix"
+    elif name == "imse-nodiv":
+        kw["diversity_weight"] = 0.0
+    return IMSEConfig(**kw)
+
+
+def build_method(name: str, model: nn.Module, opts: MethodOptions, source_batches: Optional[Iterable] = None):
+    """A fresh adapter for `name` on a deep copy of `model`. IMSE variants record the source statistics of the
+    code bank's entry 0 from `source_batches` (clean images) when given."""
+    from ..tta import IMSE, Source, Tent
+
+    m = copy.deepcopy(model)
+    if name == "source":
+        return Source(m)
+    if name == "tent":
+        kw = {}
+        if opts.tent_lr is not None:
+            kw["lr"] = opts.tent_lr
+        if opts.tent_optimizer is not None:
+            kw["optimizer"] = opts.tent_optimizer
+        return Tent(m, **kw)
+    if name in ("imse", "imse-mix", "imse-nodiv"):
+        adapter = IMSE(m, imse_config(name, opts))
+        if source_batches is not None:
+            adapter.source_statistics(source_batches)
+        return adapter
+    raise ValueError(f"unknown method {name!r}")

@@ -1,0 +1,245 @@
+"""Models for the evaluation: the embedded digits ViT (trained once, cached) and timm models from local files.
+
+Input normalisation always comes from the model's timm data config and is folded into the model, so every
+method receives images in [0, 1]: exactly into the patch-embedding convolution where that is exact (a ViT's
+patch embedding has no padding), otherwise as a leading `Normalize` module.
+"""
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import cache_dir
+from .digits import IMG_SIZE, NUM_CLASSES, Split
+
+
+# ------------------------------------------------------------------------------------------ normalisation
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, for models whose first layer cannot absorb it."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def data_config(model: nn.Module) -> dict:
+    """timm's resolved data config (input_size, mean, std, interpolation, crop_pct) for `model`."""
+    import timm.data
+
+    return timm.data.resolve_model_data_config(model)
+
+
+@torch.no_grad()
+def fold_normalization(model: nn.Module, mean, std) -> nn.Module:
+    """Return a model that takes [0, 1] images: mean/std folded into `patch_embed.proj` when exact, else wrapped."""
+    mean = torch.as_tensor(mean, dtype=torch.float64)
+    std = torch.as_tensor(std, dtype=torch.float64)
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    exact = (isinstance(proj, nn.Conv2d) and proj.padding in ((0, 0), 0, "valid") and proj.groups == 1
+             and proj.in_channels == mean.numel())
+    if not exact:
+        return nn.Sequential(Normalize(mean.float(), std.float()), model)
+    w = proj.weight.double()  # conv((x - m) / s) = conv_{W/s}(x) - sum(W * m / s)
+    shift = (w * (mean / std).view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+    proj.weight.copy_((w / std.view(1, -1, 1, 1)).to(proj.weight.dtype))
+    if proj.bias is None:
+        proj.bias = nn.Parameter(torch.zeros(proj.out_channels, dtype=proj.weight.dtype, device=proj.weight.device),
+                                 requires_grad=False)
+    proj.bias.copy_((proj.bias.double() - shift).to(proj.bias.dtype))
+    return model
+
+
+# ------------------------------------------------------------------------------------- timm + checkpoint
+
+
+def load_timm_model(name: str, checkpoint: Optional[str], num_classes: Optional[int] = None) -> tuple[nn.Module, dict]:
+    """A timm model with weights from a local file (never downloaded); returns (model taking [0, 1] images, data config).
+
+    The file may be safetensors, a torch checkpoint (loaded with weights_only=True), or whatever timm's loader
+    for that architecture accepts (e.g. .npz for the original ViTs).
+    """
+    import timm
+
+    if not checkpoint:
+        raise FileNotFoundError(f"--model {name} needs --checkpoint FILE (a local weights file); nothing is downloaded")
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path} (give --checkpoint the path of a local weights file)")
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}")
+    # pretrained=True with a local file: timm's own loader (weights_only torch.load / safetensors, key filters,
+    # position-embedding resizing); no hub id, no URL, so nothing is ever downloaded.
+    kwargs = {"pretrained": True,
+              "pretrained_cfg_overlay": {"file": str(path), "source": "", "hf_hub_id": None, "url": None}}
+    if num_classes is not None:  # the file's head has this size: tell timm so it does not drop the head
+        kwargs["num_classes"] = num_classes
+        kwargs["pretrained_cfg_overlay"]["num_classes"] = num_classes
+    model = timm.create_model(name, **kwargs)
+    cfg = data_config(model)
+    return fold_normalization(model.eval(), cfg["mean"], cfg["std"]).eval(), cfg
+
+
+# ------------------------------------------------------------------------------------- embedded digits ViT
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """Architecture and training recipe of the embedded model; its hash names the cache file."""
+
+    img_size: int = IMG_SIZE
+    patch_size: int = 8
+    embed_dim: int = 128
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    max_shift: int = 3
+    seed: int = 0
+    n_test: int = 512
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: The data config of the embedded model: its inputs are normalised with these before the patch embedding.
+EMBEDDED_MEAN = (0.5, 0.5, 0.5)
+EMBEDDED_STD = (0.5, 0.5, 0.5)
+
+
+def build_embedded(cfg: EmbeddedConfig) -> nn.Module:
+    """The untrained timm VisionTransformer of the embedded default (inputs normalised by its data config)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=3, num_classes=NUM_CLASSES,
+                              embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                              mlp_ratio=cfg.mlp_ratio)
+    model.pretrained_cfg = {"input_size": (3, cfg.img_size, cfg.img_size), "mean": EMBEDDED_MEAN, "std": EMBEDDED_STD,
+                            "interpolation": "bilinear", "crop_pct": 1.0, "num_classes": NUM_CLASSES}
+    return model
+
+
+def _augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translations by up to `max_shift` pixels (zero fill): the only augmentation, no corruption."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy.view(n, 1, 1) + torch.arange(h).view(1, h, 1)).expand(n, h, w)
+    cols = (dx.view(n, 1, 1) + torch.arange(w).view(1, 1, w)).expand(n, h, w)
+    return padded.permute(0, 2, 3, 1)[torch.arange(n).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` (taking [0, 1] images) on a split."""
+    model.eval()
+    correct = 0
+    for i in range(0, len(split), batch_size):
+        correct += (model(split.images[i:i + batch_size]).argmax(1) == split.labels[i:i + batch_size]).sum().item()
+    return correct / len(split)
+
+
+def train_embedded(cfg: EmbeddedConfig, train: Split, progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+    """Train the embedded ViT on clean images (AdamW, warm-up + cosine, label smoothing); deterministic for cfg.seed.
+
+    Runs on one CPU thread, so the weights do not depend on the thread count (reduction order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg, train, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: EmbeddedConfig, train: Split, progress) -> nn.Module:
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = fold_normalization(build_embedded(cfg), EMBEDDED_MEAN, EMBEDDED_STD)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    n = len(train)
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    for step in range(cfg.steps):
+        if pos + cfg.batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        x = _augment(train.images[idx], cfg.max_shift, gen)
+        loss = F.cross_entropy(model(x), train.labels[idx], label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step, loss.item())
+    return model.eval()
+
+
+def load_or_train_embedded(cfg: EmbeddedConfig, train: Split, test: Split, cache: Optional[str] = None,
+                           log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """The trained embedded model from the cache (safetensors), training and caching it on first use.
+
+    Returns (model taking [0, 1] images, info with the cache path, clean test accuracy and training time).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir(cache) / f"digits_vit_{cfg.key()}.safetensors"
+    model = fold_normalization(build_embedded(cfg), EMBEDDED_MEAN, EMBEDDED_STD)
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        meta = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else {}
+        info = {"cache": str(path), "trained_now": False, **meta}
+        return model.eval(), info
+    log(f"training the embedded ViT once ({cfg.steps} steps on {len(train)} clean digits); cached at {path}")
+    t0 = time.perf_counter()
+    bar = _bar(cfg.steps, "train")
+    model = train_embedded(cfg, train, progress=lambda s, l: bar(s, f"loss {l:.3f}"))
+    seconds = time.perf_counter() - t0
+    meta = {"clean_test_accuracy": accuracy(model, test), "train_seconds": round(seconds, 1), "config": asdict(cfg)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return model.eval(), {"cache": str(path), "trained_now": True, **meta}
+
+
+def _bar(total: int, desc: str) -> Callable[[int, str], None]:
+    from .progress import Progress
+
+    p = Progress(total, desc)
+
+    def update(step: int, text: str) -> None:
+        p.update(1, text)
+        if step + 1 >= total:
+            p.close()
+
+    return update
