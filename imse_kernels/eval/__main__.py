@@ -191,14 +191,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             del adapter
 
     boundaries = true_boundaries(results[0].batches, stream.segments)
-    window = 64
+    from ..tta import IMSEConfig
+
+    window = IMSEConfig().stats_window  # a shift shows once the detector's window holds new-domain images
     tolerance = max(1, math.ceil(window / args.batch_size))
     detection = {r.method: (shift_detection(r.shift_batches, boundaries, tolerance)
                             if r.shift_batches is not None else None) for r in results}
     meta = {
         "data": args.data, "setting": args.setting, "severity": severity, "corruptions": corruptions,
         "rounds": args.rounds if args.setting == "recurring" else None, "batch_size": args.batch_size,
-        "seed": args.seed, "amp": args.amp, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "backend": args.backend or os.environ.get("IMSE_BACKEND", "auto"),
+        "seed": args.seed, "amp": args.amp, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "backend": args.backend or os.environ.get("IMSE_BACKEND", "auto"),
         "device": str(device), "threads": torch.get_num_threads(), "methods": methods,
         "tent_lr": opts.tent_lr, "imse_lr": opts.imse_lr, "torch": torch.__version__, **info,
         "true_boundaries": boundaries,

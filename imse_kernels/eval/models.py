@@ -114,6 +114,7 @@ class EmbeddedConfig:
     max_shift: int = 3
     seed: int = 0
     n_test: int = 512
+    recipe: int = 2  # bump when the training code changes, so stale caches are not reused
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
