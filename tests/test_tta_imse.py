@@ -197,7 +197,7 @@ def test_repeated_steps_do_not_grow_memory():
     n0 = _live_tensors()
     for _ in range(2):
         adapter(x)
-    assert _live_tensors() == n0
+    assert _live_tensors() <= n0  # other tests' garbage may be freed meanwhile; growth is the defect
     assert adapter.probe._moments == [] and len(adapter.events) == 0
 
 
