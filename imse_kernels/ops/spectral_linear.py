@@ -4,6 +4,7 @@ Two `torch.library` custom ops (forward and backward) carry one autograd formula
 (planner.py) is chosen in Python before the op, so fake implementations know every shape and
 `torch.compile(fullgraph=True)` sees no graph break. The backend is resolved inside the ops.
 """
+import math
 from typing import Optional
 
 import torch
@@ -176,18 +177,24 @@ def spectral_linear(
             f"spectral_linear: x, U, Vh and bias must share a dtype (outside autocast); got x {x.dtype}, "
             f"U {U.dtype}, Vh {Vh.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
         )
-    x, U, Vh = x.to(dtype), U.to(dtype), Vh.to(dtype)
-    bias = bias.to(dtype) if bias is not None else None
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if U.dtype != dtype:
+        U, Vh = U.to(dtype), Vh.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
 
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    n, d_in = math.prod(lead), x.shape[-1]
     d_out, r = U.shape
     grad_on = torch.is_grad_enabled()
     need_ds = grad_on and s.requires_grad
     need_dx = grad_on and x.requires_grad
     use_cache = weight_cache is not None and not need_ds and not torch.compiler.is_compiling()
-    route = plan(x2.shape[0], x2.shape[1], d_out, r, need_ds, need_dx, has_weight=use_cache,
-                 device=x2.device, dtype=dtype).route
-    weight = weight_cache.get(U, s, Vh) if (use_cache and route == RECOMPOSED) else None
-    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, weight, route, need_ds, need_dx)
+    route = plan(n, d_in, d_out, r, need_ds, need_dx, has_weight=use_cache, device=x.device, dtype=dtype).route
+    if use_cache and route == RECOMPOSED:
+        # Frozen s with a cached W': exactly a frozen nn.Linear (autograd gives dx = g·W'), no op overhead.
+        return torch.nn.functional.linear(x, weight_cache.get(U, s, Vh), bias)
+    x2 = x.reshape(n, d_in).contiguous()
+    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, None, route, need_ds, need_dx)
     return y.reshape(*lead, d_out)
