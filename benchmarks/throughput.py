@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of FusedSpectralLinear side by side with nn.Linear and the reference formulation.
 
-    python benchmarks/throughput.py                 # full CPU run (~10-15 min on 2 quiet cores)
+    python benchmarks/throughput.py                 # full CPU run (~15-20 min on 2 quiet cores)
     python benchmarks/throughput.py --quick         # smoke run (seconds; checks the script, not numbers)
     python benchmarks/throughput.py --device cuda   # GPU: fp32/bf16 layers, ViT-B model step
     python benchmarks/throughput.py --level layer --nets vit_b --layers proj --batches 1 --modes fwdbwd
@@ -82,6 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--tag", default=None, help="file name tag (default: the machine)")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
+    ap.add_argument("--merge", action="store_true", help="merge into the existing results file: rows of the cases "
+                    "measured now replace the same cases there (a rerun of noisy cases); the rest is kept")
     ap.add_argument("--report", default=None, metavar="JSON", help="re-render the tables of a saved run (no measuring); "
                     "rewrites its .txt unless --no-save")
     args = ap.parse_args(argv)
@@ -316,15 +318,8 @@ def header_line(env: dict, device: str, tag: str) -> str:
 
 def report(args) -> int:
     """Re-render the tables of a saved JSON (after a change to the report, without measuring again)."""
-    import json
-
-    from bench_common import Record
-
     path = Path(args.report)
-    data = json.loads(path.read_text())
-    fields = Record.__dataclass_fields__
-    records = [Record(**{k: (math.nan if v is None and fields[k].type in (float, "float") else v)
-                         for k, v in row.items() if k in fields}) for row in data["results"]]
+    data, records = _load_records(path)
     env, device = data["env"], data["env"].get("device", "cpu")
     tag = path.stem.replace("throughput_", "")
     text = render(header_line(env, device, tag), [r for r in records if r.level == "layer"],
@@ -334,6 +329,44 @@ def report(args) -> int:
         path.with_suffix(".txt").write_text(text + "\n")
         print(f"wrote {path.with_suffix('.txt')}")
     return 0
+
+
+def _load_records(path: Path):
+    import json
+
+    from bench_common import Record
+
+    data = json.loads(path.read_text())
+    fields = Record.__dataclass_fields__
+    records = [Record(**{k: (math.nan if v is None and fields[k].type in (float, "float") else v)
+                         for k, v in row.items() if k in fields}) for row in data["results"]]
+    return data, records
+
+
+def merge_records(path: Path, new: list, env: dict, config: dict, device: str):
+    """Replace the rows of `path` whose case (level, case, batch, mode, dtype) was measured again."""
+    data, old = _load_records(path)
+    key = lambda r: (r.level, r.case, r.batch, r.mode, r.dtype)  # noqa: E731
+    fresh = {key(r) for r in new}
+    merged, pending = [], {k: [r for r in new if key(r) == k] for k in dict.fromkeys(key(r) for r in new)}
+    for r in old:
+        k = key(r)
+        if k in fresh:
+            merged += pending.pop(k, [])
+        else:
+            merged.append(r)
+    for rs in pending.values():
+        merged += rs
+    first_env = data["env"]
+    first_env.setdefault("reruns", []).append({"timestamp": env["timestamp"], "git_commit": env["git_commit"],
+                                               "git_dirty": env["git_dirty"], "cases": len(fresh),
+                                               "argv": sys.argv[1:]})
+    cfg = data.get("config", {})
+    text = render(header_line(first_env, device, path.stem.replace("throughput_", "")),
+                  [r for r in merged if r.level == "layer"], [r for r in merged if r.level == "model"], device,
+                  f"merged: {len(fresh)} cases re-measured {env['timestamp']} (commit {str(env['git_commit'])[:10]}) "
+                  f"replace those of the first run; see env.reruns in the JSON")
+    return merged, first_env, cfg, text
 
 
 def main(argv=None) -> int:
@@ -412,6 +445,9 @@ def main(argv=None) -> int:
         out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
         stem = f"throughput_{args.tag or machine_tag(device)}" + ("_quick" if args.quick else "")
         config = {k: v for k, v in vars(args).items()}
+        if args.merge and (out_dir / f"{stem}.json").exists():
+            records, env, config, text = merge_records(out_dir / f"{stem}.json", records, env, config, device)
+            print("\n" + text, flush=True)
         paths = write_outputs(out_dir, stem, env, config, records, text + "\n")
         if args.plot:
             plot(records, out_dir / f"{stem}.png")

@@ -34,8 +34,9 @@ at::Tensor scale_rows(const at::Tensor& Vh, const at::Tensor& s) {
 }
 
 // ds[k] = sum_n h[n,k] * t[n,k]  (h, t: N x r, contiguous), accumulated in acc_t.
+// With `scale`, t is then overwritten by t * scale in the same pass (dx = (t * s) Vh needs it).
 template <typename scalar_t, typename acc_t>
-void colsum_product_kernel(const scalar_t* h, const scalar_t* t, int64_t N, int64_t r, acc_t* out) {
+void colsum_product_kernel(const scalar_t* h, scalar_t* t, int64_t N, int64_t r, acc_t* out, const acc_t* scale) {
   const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
   std::vector<acc_t> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * r), acc_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
@@ -44,9 +45,12 @@ void colsum_product_kernel(const scalar_t* h, const scalar_t* t, int64_t N, int6
       const int64_t n_end = std::min(N, (c + 1) * kRowChunk);
       for (int64_t n = c * kRowChunk; n < n_end; ++n) {
         const scalar_t* hn = h + n * r;
-        const scalar_t* tn = t + n * r;
+        scalar_t* tn = t + n * r;
         for (int64_t k = 0; k < r; ++k) {
           p[k] += static_cast<acc_t>(hn[k]) * static_cast<acc_t>(tn[k]);
+        }
+        if (scale != nullptr) {
+          for (int64_t k = 0; k < r; ++k) tn[k] = static_cast<scalar_t>(static_cast<acc_t>(tn[k]) * scale[k]);
         }
       }
     }
@@ -74,19 +78,25 @@ void rowdot_kernel(const m_t* M, const v_t* V, int64_t r, int64_t d, acc_t* out)
   });
 }
 
-at::Tensor colsum_product(const at::Tensor& h_in, const at::Tensor& t_in, at::ScalarType out_dtype) {
+// ds = column sums of h * t; when `scale_t` is given, t (contiguous, owned by the caller) is also
+// scaled in place by it in the same pass.
+at::Tensor colsum_product(const at::Tensor& h_in, at::Tensor& t, at::ScalarType out_dtype,
+                          const std::optional<at::Tensor>& scale_t) {
+  TORCH_CHECK(t.is_contiguous(), "imse_ext: internal: t must be contiguous");
   auto h = h_in.contiguous();
-  auto t = t_in.contiguous();
   const int64_t N = h.size(0), r = h.size(1);
   auto acc = acc_type(h.scalar_type());
   auto ds = at::empty({r}, h.options().dtype(acc));
+  auto scale = scale_t.has_value() ? std::optional<at::Tensor>(scale_t->to(acc).contiguous()) : std::nullopt;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imse_colsum_product", [&] {
     if (acc == at::kDouble) {
-      colsum_product_kernel<scalar_t, double>(h.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), N, r,
-                                              ds.mutable_data_ptr<double>());
+      colsum_product_kernel<scalar_t, double>(h.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(), N, r,
+                                              ds.mutable_data_ptr<double>(),
+                                              scale ? scale->const_data_ptr<double>() : nullptr);
     } else {
-      colsum_product_kernel<scalar_t, float>(h.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(), N, r,
-                                             ds.mutable_data_ptr<float>());
+      colsum_product_kernel<scalar_t, float>(h.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(), N, r,
+                                             ds.mutable_data_ptr<float>(),
+                                             scale ? scale->const_data_ptr<float>() : nullptr);
     }
   });
   return ds.to(out_dtype);
@@ -122,8 +132,11 @@ std::tuple<at::Tensor, at::Tensor> factorized_forward(const at::Tensor& x, const
               "imse_ext.factorized_forward: shape mismatch x ", x.sizes(), " U ", U.sizes(), " s ", s.sizes(), " Vh ",
               Vh.sizes());
   auto h = at::mm(x, Vh.t());
-  auto Us = scale_columns(U, s);
-  auto y = bias.has_value() && bias->defined() ? at::addmm(*bias, h, Us.t()) : at::mm(h, Us.t());
+  // s scales whichever of h (N x r) and U (d_out x r) is smaller; h itself is saved unscaled.
+  const bool scale_h = x.size(0) < U.size(0);
+  auto lhs = scale_h ? scale_columns(h, s) : h;
+  auto rhs = scale_h ? U : scale_columns(U, s);
+  auto y = bias.has_value() && bias->defined() ? at::addmm(*bias, lhs, rhs.t()) : at::mm(lhs, rhs.t());
   return {y, save_h ? h : at::empty({0}, x.options())};
 }
 
@@ -138,9 +151,11 @@ std::tuple<at::Tensor, at::Tensor> factorized_backward(const at::Tensor& grad, c
                                                        bool need_dx) {
   check_2d(grad, "grad");
   check_2d(h, "h");
-  auto t = at::mm(grad, U);
-  auto ds = colsum_product(h, t, s.scalar_type());
-  auto dx = need_dx ? at::mm(t, scale_rows(Vh, s)) : at::empty({0}, grad.options());
+  auto t = at::mm(grad, U).contiguous();
+  // dx = (t * s) Vh: s scales t in the ds pass when t (N x r) is smaller than Vh (r x d_in).
+  const bool scale_t = need_dx && grad.size(0) < Vh.size(1);
+  auto ds = colsum_product(h, t, s.scalar_type(), scale_t ? std::optional<at::Tensor>(s) : std::nullopt);
+  auto dx = need_dx ? at::mm(t, scale_t ? Vh : scale_rows(Vh, s)) : at::empty({0}, grad.options());
   return {dx, ds};
 }
 
