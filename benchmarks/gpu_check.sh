@@ -75,12 +75,9 @@ fi
 stage tests_gpu 120 "$OUT/tests_gpu.log" env TRITON_INTERPRET=0 "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider
 
 # ---------------------------------------------------------------------------- 3. CUDA sanitizer
-# >>> CUDA SANITIZER COMMANDS GO HERE (provided by the CUDA-kernels engineer) <<<
-# Write into "$OUT/sanitizer.log" through `stage`, e.g.
-#   stage memcheck 60 "$OUT/sanitizer.log" env TRITON_INTERPRET=0 compute-sanitizer --tool memcheck \
-#         --error-exitcode 1 "$PY" -m pytest -m gpu tests/<cuda test file> -q -x -p no:cacheprovider
-#   stage racecheck 60 "$OUT/sanitizer.log" ...
-# >>> END OF CUDA SANITIZER SLOT <<<
+# compute-sanitizer on a small CUDA case (tests/cuda_memcheck_case.py finds the repo itself).
+stage cuda_memcheck 120 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
+stage cuda_racecheck 150 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
 [ -f "$OUT/sanitizer.log" ] || echo "no sanitizer commands configured yet (see the slot in benchmarks/gpu_check.sh)" > "$OUT/sanitizer.log"
 
 # ---------------------------------------------------------------------------- 4. benchmark
