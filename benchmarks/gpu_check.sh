@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent machine without network (Python 3.12, torch 2.11.0+cu130,
-# triton 3.6, nvcc 13.0, ninja, timm preinstalled): build, GPU tests, CUDA sanitizer, benchmark,
+# triton 3.6, nvcc 13.0, ninja, timm preinstalled): build, GPU tests, benchmark, CUDA sanitizer,
 # full test suite. Run from the repository root in ONE device call, e.g.
 #
 #     bash benchmarks/gpu_check.sh                  # timeout_s=600 on the device tool
@@ -10,9 +10,9 @@
 #   summary.log          environment, backends, one line per stage (rc, seconds), the bars
 #   build.log            pip install -e . (CUDA extension, sm_90)
 #   tests_gpu.log        TRITON_INTERPRET=0 pytest -m gpu tests
-#   sanitizer.log        compute-sanitizer runs (slot below; filled in by the CUDA-kernels work)
 #   throughput.log       benchmarks/throughput.py --device cuda (terminal table at the end)
 #   bench_results.tar.gz throughput_<gpu>.{json,csv,txt,png}: copy into benchmarks/results/
+#   sanitizer.log        compute-sanitizer memcheck and racecheck on tests/cuda_memcheck_case.py
 #   tests_full.log       the whole test suite
 # Stages never stop the script; each has a time cap, and the whole run keeps under
 # GPU_CHECK_BUDGET_S (default 560 s) so that the files come back even when a stage hangs.
@@ -74,13 +74,8 @@ fi
 # ---------------------------------------------------------------------------- 2. GPU tests
 stage tests_gpu 120 "$OUT/tests_gpu.log" env TRITON_INTERPRET=0 "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider
 
-# ---------------------------------------------------------------------------- 3. CUDA sanitizer
-# compute-sanitizer on a small CUDA case (tests/cuda_memcheck_case.py finds the repo itself).
-stage cuda_memcheck 120 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
-stage cuda_racecheck 150 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
-[ -f "$OUT/sanitizer.log" ] || echo "no sanitizer commands configured yet (see the slot in benchmarks/gpu_check.sh)" > "$OUT/sanitizer.log"
-
-# ---------------------------------------------------------------------------- 4. benchmark
+# ---------------------------------------------------------------------------- 3. benchmark (before the sanitizers: the lease is short, and throughput.py writes
+#    what it has measured when the stage's cap stops it)
 # Layer level: ViT-B/16 layers, batch 1 and 64, fp32 and bf16, all modes, every available backend.
 # naive_compile is left out here: its Inductor compiles (one per mode and dtype) would take minutes of
 # the lease; add it back with BENCH_ARGS="--skip-providers=" when there is time. Model level: ViT-B/16
@@ -88,7 +83,7 @@ stage cuda_racecheck 150 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck
 BENCH_DIR="$OUT/bench"
 mkdir -p "$BENCH_DIR"
 # shellcheck disable=SC2086
-stage throughput 240 "$OUT/throughput.log" env TRITON_INTERPRET=0 "$PY" benchmarks/throughput.py --device cuda \
+stage throughput 300 "$OUT/throughput.log" env TRITON_INTERPRET=0 "$PY" benchmarks/throughput.py --device cuda \
   --skip-providers naive_compile --max-case-s 1.5 --rounds 9 --out-dir "$BENCH_DIR" --plot ${BENCH_ARGS:-}
 if ls "$BENCH_DIR"/* >/dev/null 2>&1; then
   tar -C "$BENCH_DIR" -czf "$OUT/bench_results.tar.gz" . && rm -rf "$BENCH_DIR"
@@ -96,6 +91,12 @@ else
   rmdir "$BENCH_DIR" 2>/dev/null
 fi
 sed -n '/^Bars/,/^total/p' "$OUT/throughput.log" >> "$SUMMARY" 2>/dev/null
+
+# ---------------------------------------------------------------------------- 4. CUDA sanitizer
+# compute-sanitizer on a small CUDA case (tests/cuda_memcheck_case.py finds the repo itself).
+stage cuda_memcheck 120 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
+stage cuda_racecheck 150 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
+[ -f "$OUT/sanitizer.log" ] || echo "no sanitizer commands configured yet (see the slot in benchmarks/gpu_check.sh)" > "$OUT/sanitizer.log"
 
 # ---------------------------------------------------------------------------- 5. full test suite
 if [ "${SKIP_FULL:-0}" != "1" ]; then

@@ -24,6 +24,7 @@ Results: benchmarks/results/throughput_<machine>[_quick].{json,csv,txt} (+ .png 
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -381,9 +382,51 @@ def main(argv=None) -> int:
     header = header_line(env, device, machine_tag(device))
     print(header, flush=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    records, layer_records, model_records = [], [], []
+    layer_records, model_records = [], []
     memory = not args.no_memory
+    # a TERM (e.g. `timeout` in gpu_check.sh) stops measuring; what was measured is still written
+    signal.signal(signal.SIGTERM, _on_term)
+    interrupted = None
+    try:
+        _measure(args, device, layer_records, model_records, memory, log)
+    except (_Interrupted, KeyboardInterrupt) as exc:
+        interrupted = type(exc).__name__
+        log(f"interrupted ({interrupted}): writing the {len(layer_records) + len(model_records)} results measured so far")
+    records = layer_records + model_records
 
+    footer = f"total {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.1f}"
+    if interrupted:
+        footer += f"; INTERRUPTED ({interrupted}): partial results"
+    text = render(header, layer_records, model_records, device, footer)
+    print("\n" + text, flush=True)
+
+    if not args.no_save:
+        out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
+        stem = f"throughput_{args.tag or machine_tag(device)}" + ("_quick" if args.quick else "")
+        config = {k: v for k, v in vars(args).items()}
+        config["interrupted"] = interrupted
+        if args.merge and (out_dir / f"{stem}.json").exists():
+            records, env, config, text = merge_records(out_dir / f"{stem}.json", records, env, config, device)
+            print("\n" + text, flush=True)
+        paths = write_outputs(out_dir, stem, env, config, records, text + "\n")
+        if args.plot:
+            plot(records, out_dir / f"{stem}.png")
+        print("wrote " + ", ".join(str(p) for p in paths))
+    elif args.plot:
+        print("--plot with --no-save: nothing written")
+    return 0 if not interrupted else 3
+
+
+class _Interrupted(BaseException):  # not an Exception: provider error handlers must not swallow it
+    pass
+
+
+def _on_term(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM kills
+    raise _Interrupted()
+
+
+def _measure(args, device, layer_records, model_records, memory, log) -> None:
     if "layer" in args.level:
         wanted = csv_list(args.providers) if args.providers else LB.all_providers(device)
         if args.quick and not args.providers:
@@ -392,7 +435,7 @@ def main(argv=None) -> int:
         unknown = [p for p in wanted if p not in LB.known_providers()]
         if unknown:
             print(f"unknown or unavailable layer providers {unknown}; available: {LB.known_providers()}")
-            return 2
+            raise SystemExit(2)
         providers = [p for p in wanted if p not in skip]
         cases = [LB.Case(n, lay, b, m, dt) for dt in args.dtypes for n in args.nets for b in args.batches
                  for lay in args.layers for m in args.modes]
@@ -406,7 +449,6 @@ def main(argv=None) -> int:
                 + " ".join(f"{short(r.provider)}={fmt(r.median_ms)}" for r in recs)
                 + (f"  auto/base={fmt(auto.ratio_vs_baseline, 2)} ref/auto={fmt(auto.speedup_vs_reference, 2)}" if auto else "")
                 + f"  ({time.perf_counter() - t0:.1f}s)")
-        records += layer_records
 
     if "model" in args.level:
         import model_bench as MB
@@ -435,26 +477,6 @@ def main(argv=None) -> int:
                     log(f"[model] {label} b{b} {prec}: " + " ".join(
                         f"{r.provider}={fmt(r.median_ms)}ms" for r in recs) + f"  ({time.perf_counter() - t0:.1f}s)")
             del built, base
-        records += model_records
-
-    text = render(header, layer_records, model_records, device,
-                  f"total {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
-    print("\n" + text, flush=True)
-
-    if not args.no_save:
-        out_dir = Path(args.out_dir) if args.out_dir else RESULTS_DIR
-        stem = f"throughput_{args.tag or machine_tag(device)}" + ("_quick" if args.quick else "")
-        config = {k: v for k, v in vars(args).items()}
-        if args.merge and (out_dir / f"{stem}.json").exists():
-            records, env, config, text = merge_records(out_dir / f"{stem}.json", records, env, config, device)
-            print("\n" + text, flush=True)
-        paths = write_outputs(out_dir, stem, env, config, records, text + "\n")
-        if args.plot:
-            plot(records, out_dir / f"{stem}.png")
-        print("wrote " + ", ".join(str(p) for p in paths))
-    elif args.plot:
-        print("--plot with --no-save: nothing written")
-    return 0
 
 
 if __name__ == "__main__":
