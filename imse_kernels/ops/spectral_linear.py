@@ -26,28 +26,27 @@ def _empty_like(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("imse::spectral_linear_fwd", mutates_args=())
 def _forward_op(
-    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor], weight: Optional[Tensor],
+    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
     route: int, need_ds: bool, need_dx: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y, aux): aux is h (route F, when ds is needed), the recomposed W (route R, when a
-    backward follows and no W was given) or an empty tensor."""
+    backward follows) or an empty tensor."""
     backend = resolve_backend(x.device)
     with torch.autocast(x.device.type, enabled=False):
         if route == FACTORIZED:
             y, h = backend.factorized_forward(x, U, s, Vh, bias, need_ds)
             return y, (h if need_ds else _empty_like(x))
-        W = weight if weight is not None else backend.recompose(U, s, Vh)
+        W = backend.recompose(U, s, Vh)
         y = backend.dense_forward(x, W, bias)
-        keep = weight is None and (need_ds or need_dx)
-        return y, (W if keep else _empty_like(x))
+        return y, (W if (need_ds or need_dx) else _empty_like(x))
 
 
 @_forward_op.register_fake
-def _(x, U, s, Vh, bias, weight, route, need_ds, need_dx):
+def _(x, U, s, Vh, bias, route, need_ds, need_dx):
     y = x.new_empty((x.shape[0], U.shape[0]))
     if route == FACTORIZED and need_ds:
         return y, x.new_empty((x.shape[0], U.shape[1]))
-    if route == RECOMPOSED and weight is None and (need_ds or need_dx):
+    if route == RECOMPOSED and (need_ds or need_dx):
         return y, x.new_empty((U.shape[0], Vh.shape[1]))
     return y, x.new_empty(_EMPTY)
 
@@ -90,7 +89,7 @@ def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
 # Autograd: one formula for every backend
 
 def _setup_context(ctx, inputs, output):
-    x, U, s, Vh, bias, weight, route, need_ds, need_dx = inputs
+    x, U, s, Vh, bias, route, need_ds, need_dx = inputs
     _, aux = output
     ctx.mark_non_differentiable(aux)
     ctx.route, ctx.need_ds, ctx.need_dx = route, need_ds, need_dx
@@ -98,7 +97,7 @@ def _setup_context(ctx, inputs, output):
     if route == FACTORIZED:
         saved, W = (aux if need_ds else None), None
     else:
-        saved, W = (x if need_ds else None), (weight if weight is not None else aux)
+        saved, W = (x if need_ds else None), aux
     ctx.save_for_backward(saved, U, s, Vh, W)
 
 
@@ -113,7 +112,7 @@ def _backward(ctx, grad_y, _grad_aux):
         ds = ds if need_ds else None
     if ctx.bias_grad:
         db = grad_y.sum(0)
-    return dx, None, ds, None, db, None, None, None, None
+    return dx, None, ds, None, db, None, None, None
 
 
 torch.library.register_autograd("imse::spectral_linear_fwd", _backward, setup_context=_setup_context)
@@ -196,5 +195,5 @@ def spectral_linear(
         # Frozen s with a cached W': exactly a frozen nn.Linear (autograd gives dx = g·W'), no op overhead.
         return torch.nn.functional.linear(x, weight_cache.get(U, s, Vh), bias)
     x2 = x.reshape(n, d_in).contiguous()
-    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, None, route, need_ds, need_dx)
+    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, route, need_ds, need_dx)
     return y.reshape(*lead, d_out)
