@@ -106,3 +106,34 @@ def test_training_step_changes_only_s():
 def test_extra_repr():
     text = repr(FusedSpectralLinear.from_linear(nn.Linear(20, 30), rank=7))
     assert "in_features=20" in text and "out_features=30" in text and "rank=7" in text
+
+
+@pytest.mark.parametrize("d_in,d_out,rank,train_s", [(48, 16, None, False), (48, 16, None, True),
+                                                     (16, 40, None, False), (24, 24, 9, False)])
+def test_factor_tap_sees_h_and_leaves_the_layer_unchanged(d_in, d_out, rank, train_s):
+    torch.manual_seed(0)
+    layer = FusedSpectralLinear.from_linear(nn.Linear(d_in, d_out).double(), rank=rank)
+    layer.s.requires_grad_(train_s)
+    x = torch.randn(2, 5, d_in, dtype=torch.float64, requires_grad=True)
+    y0 = layer(x)
+    g0 = torch.autograd.grad(y0.square().sum(), [x] + ([layer.s] if train_s else []))
+    seen = []
+    layer.factor_tap = lambda rows, h: seen.append((rows, h))
+    y1 = layer(x)
+    g1 = torch.autograd.grad(y1.square().sum(), [x] + ([layer.s] if train_s else []))
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    rows, h = seen[0]
+    assert rows.shape == (10, d_in)
+    r = layer.rank
+    if not train_s and r < d_in:  # the factorized form is cheaper than W' plus the tap's own GEMM
+        torch.testing.assert_close(h, rows @ layer.Vh.t(), rtol=1e-12, atol=1e-12)
+        assert h.requires_grad
+    else:
+        assert h is None
+    with torch.no_grad():
+        layer(x)  # without gradients the tap is not called
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="in_features"):
+        layer(torch.randn(3, d_in + 1, dtype=torch.float64))

@@ -114,3 +114,17 @@ def test_degenerate_expert_gives_finite_gradient():
     loss = layer_diversity(expert_alignment_moments(x, Vh), 1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_moments_from_a_given_projection_match_the_gemm_path():
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    Vh = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))[0][:10].contiguous()
+    rows = x.reshape(-1, 24)
+    direct = layer_diversity(expert_alignment_moments(rows, Vh), 1.0)
+    given = layer_diversity(expert_alignment_moments(rows, Vh, h=F.linear(rows, Vh)), 1.0)
+    torch.testing.assert_close(given, direct, rtol=1e-12, atol=1e-14)
+    g_direct, = torch.autograd.grad(direct, x)
+    g_given, = torch.autograd.grad(given, x)
+    torch.testing.assert_close(g_given, g_direct, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="is not x·Vhᵀ"):
+        expert_alignment_moments(rows, Vh, h=torch.zeros(21, 9, dtype=torch.float64))

@@ -1,8 +1,9 @@
 """`FusedSpectralLinear`: a drop-in `nn.Linear` whose weight is U·diag(s)·Vh with only s trained."""
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.spectral_linear import spectral_linear
@@ -22,6 +23,10 @@ class FusedSpectralLinear(nn.Module):
     Buffers `U` (d_out × r) and `Vh` (r × d_in) in the layer dtype; `s` (r,) is a float32 Parameter
     (its optimizer state stays float32 under autocast); `bias` is a frozen buffer unless
     `trainable_bias=True`. Build one from a pretrained layer with `from_linear`.
+
+    `factor_tap`, when set, sees every forward under autograd as tap(x_rows, h): h = x·Vhᵀ
+    (differentiable in x) where this forward computes it anyway, else None. IMSE's diversity
+    probe uses it to take its statistics from h instead of a second GEMM.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: Optional[int] = None, bias: bool = True,
@@ -43,6 +48,10 @@ class FusedSpectralLinear(nn.Module):
         else:
             self.bias = None
         self._weight_cache = RecomposedWeightCache()
+        self.factor_tap: Optional[Callable[[Tensor, Optional[Tensor]], None]] = None
+        # With s frozen and W' cached, one GEMM with W' beats the two factor GEMMs unless the rank is
+        # small: d_in·d_out < r·(d_in + d_out), for any number of tokens.
+        self._frozen_is_dense = in_features * out_features < rank * (in_features + out_features)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,7 +112,37 @@ class FusedSpectralLinear(nn.Module):
         return linear
 
     def forward(self, x: Tensor) -> Tensor:
-        return spectral_linear(x, self.U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
+        frozen = not (self.s.requires_grad and torch.is_grad_enabled())
+        if self.factor_tap is not None and torch.is_grad_enabled():
+            return self._tapped_forward(x, frozen)
+        return self._forward(x, frozen)
+
+    def _forward(self, x: Tensor, frozen: bool) -> Tensor:
+        U = self.U
+        if (frozen and self._frozen_is_dense and x.dtype == U.dtype and not torch.is_autocast_enabled(x.device.type)
+                and not torch.compiler.is_compiling()):
+            # Frozen s: exactly a frozen nn.Linear with the cached W' (the planner's choice, without its cost).
+            self._check_features(x)
+            return F.linear(x, self._weight_cache.get(U, self.s, self.Vh), self.bias)
+        return spectral_linear(x, U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
+
+    def _check_features(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"FusedSpectralLinear: x has shape {tuple(x.shape)}, expected last dim "
+                             f"in_features={self.in_features}")
+
+    def _tapped_forward(self, x: Tensor, frozen: bool) -> Tensor:
+        """With s frozen and r < d_in, the factorized form in plain autograd ops costs N·r·(d_in + d_out)
+        each way, less than W' plus a separate N·d_in·r GEMM for the tap; otherwise the tap gets None."""
+        self._check_features(x)
+        rows = x.reshape(-1, self.in_features)
+        if not (frozen and self.rank < self.in_features):
+            self.factor_tap(rows, None)
+            return self._forward(x, frozen)
+        h = F.linear(rows, self.Vh)
+        self.factor_tap(rows, h)
+        y = F.linear(h * self.s.detach().to(h.dtype), self.U, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

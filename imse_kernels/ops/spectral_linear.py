@@ -4,6 +4,7 @@ Two `torch.library` custom ops (forward and backward) carry one autograd formula
 (planner.py) is chosen in Python before the op, so fake implementations know every shape and
 `torch.compile(fullgraph=True)` sees no graph break. The backend is resolved inside the ops.
 """
+import contextlib
 import math
 from typing import Optional
 
@@ -21,24 +22,33 @@ def _empty_like(x: Tensor) -> Tensor:
     return x.new_empty(_EMPTY)
 
 
+def _no_autocast(device_type: str):
+    """Autocast off inside the kernels; a no-op context when it is already off (the common case)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------
 # Forward op
 
-@torch.library.custom_op("imse::spectral_linear_fwd", mutates_args=())
-def _forward_op(
+def _forward_impl(
     x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
     route: int, need_ds: bool, need_dx: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y, aux): aux is h (route F, when ds is needed), the recomposed W (route R, when a
     backward follows) or an empty tensor."""
     backend = resolve_backend(x.device)
-    with torch.autocast(x.device.type, enabled=False):
+    with _no_autocast(x.device.type):
         if route == FACTORIZED:
             y, h = backend.factorized_forward(x, U, s, Vh, bias, need_ds)
             return y, (h if need_ds else _empty_like(x))
         W = backend.recompose(U, s, Vh)
         y = backend.dense_forward(x, W, bias)
         return y, (W if (need_ds or need_dx) else _empty_like(x))
+
+
+_forward_op = torch.library.custom_op("imse::spectral_linear_fwd", _forward_impl, mutates_args=())
 
 
 @_forward_op.register_fake
@@ -54,8 +64,7 @@ def _(x, U, s, Vh, bias, route, need_ds, need_dx):
 # --------------------------------------------------------------------------------------------
 # Backward op
 
-@torch.library.custom_op("imse::spectral_linear_bwd", mutates_args=())
-def _backward_op(
+def _backward_impl(
     grad: Tensor, saved: Optional[Tensor], U: Tensor, s: Tensor, Vh: Tensor, weight: Optional[Tensor],
     route: int, need_ds: bool, need_dx: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -64,7 +73,7 @@ def _backward_op(
     backend = resolve_backend(grad.device)
     grad = grad.contiguous()
     dx = ds = None
-    with torch.autocast(grad.device.type, enabled=False):
+    with _no_autocast(grad.device.type):
         if route == FACTORIZED:
             if need_ds:
                 dx, ds = backend.factorized_backward(grad, saved, U, s, Vh, need_dx)
@@ -78,6 +87,9 @@ def _backward_op(
     return (dx if dx is not None else _empty_like(grad)), (ds if ds is not None else s.new_empty(_EMPTY))
 
 
+_backward_op = torch.library.custom_op("imse::spectral_linear_bwd", _backward_impl, mutates_args=())
+
+
 @_backward_op.register_fake
 def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
     dx = grad.new_empty((grad.shape[0], Vh.shape[1]) if need_dx else _EMPTY)
@@ -86,12 +98,11 @@ def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd: one formula for every backend
+# Autograd: one formula for every backend, reached two ways. Under torch.compile the custom ops
+# above carry it (fake impls, no graph break); in eager mode an autograd.Function runs the same
+# implementations without the custom-op dispatch, which costs about 0.1 ms a call.
 
-def _setup_context(ctx, inputs, output):
-    x, U, s, Vh, bias, route, need_ds, need_dx = inputs
-    _, aux = output
-    ctx.mark_non_differentiable(aux)
+def _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx) -> None:
     ctx.route, ctx.need_ds, ctx.need_dx = route, need_ds, need_dx
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
     if route == FACTORIZED:
@@ -101,21 +112,52 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(saved, U, s, Vh, W)
 
 
-def _backward(ctx, grad_y, _grad_aux):
+def _grads(ctx, grad_y, backward_fn) -> tuple:
+    """(dx, ds, dbias) for the inputs that need them; backward_fn is the op or its implementation."""
+    dx = ds = db = None
+    if grad_y is None:
+        return dx, ds, db
     saved, U, s, Vh, W = ctx.saved_tensors
     need_ds = ctx.need_ds and ctx.needs_input_grad[2]
     need_dx = ctx.need_dx and ctx.needs_input_grad[0]
-    dx = ds = db = None
     if need_ds or need_dx:
-        dx, ds = _backward_op(grad_y, saved, U, s, Vh, W, ctx.route, need_ds, need_dx)
+        dx, ds = backward_fn(grad_y, saved, U, s, Vh, W, ctx.route, need_ds, need_dx)
         dx = dx if need_dx else None
         ds = ds if need_ds else None
     if ctx.bias_grad:
         db = grad_y.sum(0)
+    return dx, ds, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, U, s, Vh, bias, route, need_ds, need_dx = inputs
+    _, aux = output
+    ctx.mark_non_differentiable(aux)
+    ctx.set_materialize_grads(False)  # aux gets no gradient; do not allocate zeros for it
+    _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx)
+
+
+def _backward(ctx, grad_y, _grad_aux):
+    dx, ds, db = _grads(ctx, grad_y, _backward_op)
     return dx, None, ds, None, db, None, None, None
 
 
 torch.library.register_autograd("imse::spectral_linear_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerSpectralLinear(torch.autograd.Function):
+    """The eager path: `_forward_impl`/`_backward_impl` with the formula above."""
+
+    @staticmethod
+    def forward(ctx, x, U, s, Vh, bias, route, need_ds, need_dx):
+        y, aux = _forward_impl(x, U, s, Vh, bias, route, need_ds, need_dx)
+        _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        dx, ds, db = _grads(ctx, grad_y, _backward_impl)
+        return dx, None, ds, None, db, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +236,10 @@ def spectral_linear(
     if use_cache and route == RECOMPOSED:
         # Frozen s with a cached W': exactly a frozen nn.Linear (autograd gives dx = g·W'), no op overhead.
         return torch.nn.functional.linear(x, weight_cache.get(U, s, Vh), bias)
-    x2 = x.reshape(n, d_in).contiguous()
-    y, _ = _forward_op(x2, U.contiguous(), s.contiguous(), Vh.contiguous(), bias, route, need_ds, need_dx)
+    args = (x.reshape(n, d_in).contiguous(), U.contiguous(), s.contiguous(), Vh.contiguous(), bias,
+            route, need_ds, need_dx)
+    if torch.compiler.is_compiling():
+        y, _ = _forward_op(*args)
+    else:
+        y = _EagerSpectralLinear.apply(*args)
     return y.reshape(*lead, d_out)

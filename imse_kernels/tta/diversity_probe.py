@@ -1,20 +1,20 @@
-"""Forward pre-hooks that collect the diversity loss's per-expert statistics during a forward.
+"""Taps that collect the diversity loss's per-expert statistics during a forward.
 
-Each probed `FusedSpectralLinear` hands its input tokens and Vh to `moments_fn` (by default
-`expert_alignment_moments`, a separate GEMM that stays differentiable in x); a backend that computes
-the same moments inside its fused forward can be passed instead. Hooks do nothing unless a
-`capture()` block is active and gradients are enabled, so the model behaves normally otherwise.
+Inside `capture()` each probed `FusedSpectralLinear` hands its input rows (and h = x·Vhᵀ where its
+forward computes h anyway) to `moments_fn` (by default `expert_alignment_moments`, which does its
+own GEMM when h is None); everything stays differentiable in x. Outside `capture()`, or without
+gradients, the layers run as usual.
 """
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterator, Optional
 
-import torch
 from torch import Tensor
 
 from ..layers import FusedSpectralLinear
 from ..ops.expert_stats import ExpertMoments, expert_alignment_moments
 
-MomentsFn = Callable[[Tensor, Tensor], ExpertMoments]
+MomentsFn = Callable[..., ExpertMoments]  # moments_fn(x_rows, Vh, h=None)
 
 
 class DiversityProbe:
@@ -24,24 +24,24 @@ class DiversityProbe:
         if bad:
             raise TypeError(f"DiversityProbe: not FusedSpectralLinear layers: {bad}")
         self.names = list(layers)
+        self.layers = list(layers.values())
         self.moments_fn = moments_fn
-        self._active = False
         self._moments: list[ExpertMoments] = []
-        self._handles = [m.register_forward_pre_hook(self._hook) for m in layers.values()]
 
-    def _hook(self, module: FusedSpectralLinear, args: tuple) -> None:
-        if self._active and torch.is_grad_enabled():
-            self._moments.append(self.moments_fn(args[0], module.Vh))
+    def _tap(self, module: FusedSpectralLinear, x: Tensor, h: Optional[Tensor]) -> None:
+        self._moments.append(self.moments_fn(x, module.Vh, h=h))
 
     @contextmanager
     def capture(self) -> Iterator[None]:
         """Collect moments from the forwards run inside the block (earlier ones are dropped)."""
         self._moments = []
-        self._active = True
+        for m in self.layers:
+            m.factor_tap = partial(self._tap, m)
         try:
             yield
         finally:
-            self._active = False
+            for m in self.layers:
+                m.factor_tap = None
 
     def take(self) -> list[ExpertMoments]:
         """The collected moments, one per probed layer call; the probe lets go of them (and their graph)."""
@@ -49,6 +49,7 @@ class DiversityProbe:
         return moments
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        """Detach from the layers (a capture block in progress ends its taps on exit as usual)."""
+        for m in self.layers:
+            m.factor_tap = None
+        self.layers = []
