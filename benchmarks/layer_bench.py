@@ -186,6 +186,8 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
             def call(inp, layer=layer, backend=backend, route=route):
                 with use_backend(backend), force_route(route):
                     return layer(inp)
+        elif backend == "auto":
+            call = layer  # the default: no selection context around the call
         else:
             def call(inp, layer=layer, backend=backend):
                 with use_backend(backend):
