@@ -3,6 +3,7 @@
 Two `torch.library` custom ops (forward and backward) carry one autograd formula; the route
 (planner.py) is chosen in Python before the op, so fake implementations know every shape and
 `torch.compile(fullgraph=True)` sees no graph break. The backend is resolved inside the ops.
+Eager calls run the same implementations and formula through an autograd.Function instead.
 """
 import contextlib
 import math
