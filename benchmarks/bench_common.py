@@ -367,6 +367,7 @@ class Record:
     peak_mb: float = math.nan                # device peak (see peak_method)
     peak_method: str = ""
     load1: float = math.nan                  # 1-min load average when the case ended (machine contention)
+    gflop: float = math.nan                  # GEMM + convolution GFLOP of one call (model level; attention excluded)
     extra: str = ""
     error: str = ""
 

@@ -281,6 +281,8 @@ def run_model_case(name: str, batch: int, device: str, precision: str, providers
                      speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
                      items_per_s=batch / med if med == med and med > 0 else math.nan, load1=load,
                      error=t.error or "")
+        if t.ok:
+            rec.gflop = count_gflop(fns[p])
         if memory and t.ok:
             model = built[p][1]
             exclude = list(model.parameters()) + list(model.buffers())
@@ -295,6 +297,17 @@ def run_model_case(name: str, batch: int, device: str, precision: str, providers
             rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
         records.append(rec)
     return records
+
+
+def count_gflop(fn) -> float:
+    """GEMM and convolution GFLOP of one call, counted by `FlopCounterMode` on the torch backend (the
+    compiled kernels are opaque to it). Attention (fused SDPA) is not counted; it is the same in every
+    provider. The ratio of two providers' counts bounds their speed ratio when both run GEMMs equally fast."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with imse_kernels.use_backend("torch"), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def backend_note() -> str:

@@ -163,17 +163,25 @@ def layer_table(records: list, providers: list) -> str:
     return "\n".join(out)
 
 
+def _flop_ratio(records: list, r) -> float:
+    ref = next((x for x in records if x.case == r.case and x.batch == r.batch and x.dtype == r.dtype
+                and x.provider == "imse_reference"), None)
+    return ref.gflop / r.gflop if ref is not None and r.gflop > 0 else math.nan
+
+
 def model_table(records: list) -> str:
     rows = []
     for r in records:
         rows.append([r.case, r.batch, r.dtype, r.provider, r.mode,
                      "err" if r.error else fmt(r.median_ms), f"{fmt(r.q1_ms)}-{fmt(r.q3_ms)}", fmt(r.items_per_s, 2),
-                     fmt(r.speedup_vs_reference, 2), fmt(r.speedup_vs_reference_min, 2), fmt(r.saved_mb, 1),
-                     fmt(r.peak_mb, 1), r.rounds, fmt(r.load1, 1)])
+                     fmt(r.speedup_vs_reference, 2), fmt(r.speedup_vs_reference_min, 2), fmt(r.gflop, 1),
+                     fmt(_flop_ratio(records, r), 2), fmt(r.saved_mb, 1), fmt(r.peak_mb, 1), r.rounds, fmt(r.load1, 1)])
     headers = ["model", "batch", "prec", "provider", "mode", "median ms", "q1-q3", "img/s", "ref/x", "(min)",
-               "savedMB", "peakMB", "rounds", "load"]
+               "GFLOP", "flop ref/x", "savedMB", "peakMB", "rounds", "load"]
     method = next((r.peak_method for r in records if r.peak_method), "")
     note = ("ref/x: speedup over the reference-style step (imse_reference), medians of per-round ratios; (min): fastest rounds. "
+            "GFLOP: GEMM + convolution FLOPs of one call (attention excluded); flop ref/x: the reference's count over this one, "
+            "the speedup if only GEMM work counted. "
             f"savedMB: peak of tensors held for backward over one call; peakMB: {method}")
     return "Model level: one call = one adaptation step (SAM: two forward+backward) or one inference\n" + \
         render_table(headers, rows, left=5) + "\n" + note + "\n" + "\n".join(
