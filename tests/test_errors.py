@@ -76,3 +76,19 @@ def test_backend_that_cannot_run_on_device():
     from imse_kernels.backends import get_backend
 
     assert not get_backend("cpu").supports(torch.device("meta"))
+
+
+@pytest.mark.parametrize("route", ["factorized", "recomposed"])
+def test_second_derivatives_raise_instead_of_being_wrong(route):
+    from imse_kernels.ops import force_route
+
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    U, Vh = torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    s = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    with force_route(route):
+        y = spectral_linear(x, U, s, Vh)
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+    with pytest.raises(RuntimeError):  # the gradient's graph does not reach s: no silent partial answer
+        torch.autograd.grad(gx.sum(), s)

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..backends import resolve_backend
 from .planner import FACTORIZED, RECOMPOSED, plan
@@ -156,6 +157,7 @@ class _EagerSpectralLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward: differentiating the gradients raises, as the custom op does
     def backward(ctx, grad_y):
         dx, ds, db = _grads(ctx, grad_y, _backward_impl)
         return dx, None, ds, None, db, None, None, None
