@@ -43,6 +43,7 @@ def test_throughput_quick(tmp_path):
         assert p in model and not model[p]["error"], model.get(p)
         assert model[p]["items_per_s"] > 0
     assert model["imse_reference"]["speedup_vs_reference"] == pytest.approx(1.0)
+    assert 0 < model["imse_harness"]["gflop"] < model["imse_reference"]["gflop"]  # recomposing costs GEMM work
     assert (stem.with_suffix(".csv")).read_text().startswith("level,case,batch")
 
 
@@ -50,3 +51,14 @@ def test_throughput_rejects_bad_flags(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--modes", "sideways", "--no-save"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "sideways" in proc.stderr
+
+
+def test_step_profile_runs():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--model", "vit_tiny", "--depth", "4",
+         "--img-size", "64", "--batch", "2", "--reps", "1", "--providers", "imse_harness,tent"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"imse_harness", "tent"} and all(v > 0 for vals in rows.values() for v in vals)
