@@ -41,6 +41,8 @@ ensure_repo_on_path()
 import torch  # noqa: E402
 import torch.utils.benchmark as tbench  # noqa: E402
 
+from imse_kernels.eval.metrics import proc_status_kib  # noqa: E402
+
 
 # --------------------------------------------------------------------------------------------
 # Environment
@@ -299,17 +301,6 @@ def saved_peak_bytes(fn: Callable[[], object], exclude=()) -> int:
     return tracker.peak
 
 
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def device_peak_bytes(fn: Callable[[], object], device: str) -> tuple[Optional[int], str]:
     """Extra memory at the peak of one call of `fn`, and how it was measured.
 
@@ -331,9 +322,9 @@ def device_peak_bytes(fn: Callable[[], object], device: str) -> tuple[Optional[i
             f.write("5")
     except OSError:
         return None, "unavailable"
-    base = _proc_status_kib("VmRSS")
+    base = proc_status_kib("VmRSS")
     fn()
-    peak = _proc_status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     if base is None or peak is None:
         return None, "unavailable"
     return max(0, peak - base) * 1024, "rss_hwm_delta"

@@ -52,20 +52,19 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @contextlib.contextmanager
 def env(**values: Optional[str]):
     """Temporarily set (or, with None, unset) environment variables read by the kernels' launcher."""
+    def apply(settings):
+        for k, v in settings.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(old)
 
 
 @contextlib.contextmanager

@@ -208,6 +208,39 @@ __device__ __forceinline__ void epilogue(const GemmArgs<T>& p, Acc* Cs, int m0, 
   }
 }
 
+// The K loop of the GEMM kernels: A and B tiles go global → registers → shared memory (two stages,
+// scale_k applied on the way in) while `mma(a_stage, b_stage)` consumes the other stage. It ends
+// with a barrier, so the caller may reuse the shared memory afterwards.
+template <bool A_KMAJ, bool B_NMAJ, int BK, class TA, class TB, typename T, class MmaFn>
+__device__ __forceinline__ void gemm_mainloop(const GemmArgs<T>& p, int m0, int n0, T* As, T* Bs, MmaFn&& mma) {
+  TA la;
+  TB lb;
+  auto load = [&](int k0) {
+    if (A_KMAJ) la.load(p.A + m0 * p.lda + k0, p.lda, p.M - m0, p.K - k0, p.vec_a);
+    else la.load(p.A + k0 * p.lda + m0, p.lda, p.K - k0, p.M - m0, p.vec_a);
+    if (B_NMAJ) lb.load(p.B + k0 * p.ldb + n0, p.ldb, p.K - k0, p.N - n0, p.vec_b);
+    else lb.load(p.B + n0 * p.ldb + k0, p.ldb, p.N - n0, p.K - k0, p.vec_b);
+  };
+  auto store = [&](int k0, int stage) {
+    const auto* sk = p.scale_k != nullptr ? p.scale_k + k0 : nullptr;
+    la.template store<!A_KMAJ>(As + stage * TA::ELEMS, sk, p.K - k0);
+    lb.template store<false>(Bs + stage * TB::ELEMS, nullptr, 0);
+  };
+
+  const int ntiles = (p.K + BK - 1) / BK;
+  if (ntiles > 0) {
+    load(0);
+    store(0, 0);
+  }
+  __syncthreads();
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + 1 < ntiles) load((t + 1) * BK);
+    mma(As + (t & 1) * TA::ELEMS, Bs + (t & 1) * TB::ELEMS);
+    if (t + 1 < ntiles) store((t + 1) * BK, (t + 1) & 1);
+    __syncthreads();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor-core GEMM
 
@@ -290,32 +323,9 @@ __global__ void __launch_bounds__(C::NT, sizeof(T) == 2 ? 2048 / C::NT / 4 : 1) 
 #pragma unroll
     for (int j = 0; j < C::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  TA la;
-  TB lb;
-  auto load = [&](int k0) {
-    if (A_KMAJ) la.load(p.A + m0 * p.lda + k0, p.lda, p.M - m0, p.K - k0, p.vec_a);
-    else la.load(p.A + k0 * p.lda + m0, p.lda, p.K - k0, p.M - m0, p.vec_a);
-    if (B_NMAJ) lb.load(p.B + k0 * p.ldb + n0, p.ldb, p.K - k0, p.N - n0, p.vec_b);
-    else lb.load(p.B + n0 * p.ldb + k0, p.ldb, p.N - n0, p.K - k0, p.vec_b);
-  };
-  auto store = [&](int k0, int stage) {
-    const float* sk = p.scale_k != nullptr ? p.scale_k + k0 : nullptr;
-    la.template store<!A_KMAJ>(As + stage * TA::ELEMS, sk, p.K - k0);
-    lb.template store<false>(Bs + stage * TB::ELEMS, nullptr, 0);
-  };
-
-  const int ntiles = (p.K + C::BK - 1) / C::BK;
-  if (ntiles > 0) {
-    load(0);
-    store(0, 0);
-  }
-  __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) load((t + 1) * C::BK);
-    tc_tile_mma<T, A_KMAJ, B_NMAJ, C, TA, TB>(As + (t & 1) * TA::ELEMS, Bs + (t & 1) * TB::ELEMS, wm, wn, acc);
-    if (t + 1 < ntiles) store((t + 1) * C::BK, (t + 1) & 1);
-    __syncthreads();
-  }
+  gemm_mainloop<A_KMAJ, B_NMAJ, C::BK, TA, TB>(p, m0, n0, As, Bs, [&](const T* a, const T* b) {
+    tc_tile_mma<T, A_KMAJ, B_NMAJ, C, TA, TB>(a, b, wm, wn, acc);
+  });
 #pragma unroll
   for (int i = 0; i < C::FM; ++i)
 #pragma unroll
@@ -368,30 +378,7 @@ __global__ void __launch_bounds__(SimtCfg::NT) gemm_simt_kernel(GemmArgs<T> p) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0;
 
-  TA la;
-  TB lb;
-  auto load = [&](int k0) {
-    if (A_KMAJ) la.load(p.A + m0 * p.lda + k0, p.lda, p.M - m0, p.K - k0, p.vec_a);
-    else la.load(p.A + k0 * p.lda + m0, p.lda, p.K - k0, p.M - m0, p.vec_a);
-    if (B_NMAJ) lb.load(p.B + k0 * p.ldb + n0, p.ldb, p.K - k0, p.N - n0, p.vec_b);
-    else lb.load(p.B + n0 * p.ldb + k0, p.ldb, p.N - n0, p.K - k0, p.vec_b);
-  };
-  auto store = [&](int k0, int stage) {
-    const acc_t* sk = p.scale_k != nullptr ? p.scale_k + k0 : nullptr;
-    la.template store<!A_KMAJ>(As + stage * TA::ELEMS, sk, p.K - k0);
-    lb.template store<false>(Bs + stage * TB::ELEMS, nullptr, 0);
-  };
-
-  const int ntiles = (p.K + C::BK - 1) / C::BK;
-  if (ntiles > 0) {
-    load(0);
-    store(0, 0);
-  }
-  __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) load((t + 1) * C::BK);
-    const T* a = As + (t & 1) * TA::ELEMS;
-    const T* b = Bs + (t & 1) * TB::ELEMS;
+  gemm_mainloop<A_KMAJ, B_NMAJ, C::BK, TA, TB>(p, m0, n0, As, Bs, [&](const T* a, const T* b) {
 #pragma unroll
     for (int kk = 0; kk < C::BK; ++kk) {
       acc_t av[4], bv[4];
@@ -410,9 +397,7 @@ __global__ void __launch_bounds__(SimtCfg::NT) gemm_simt_kernel(GemmArgs<T> p) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
     }
-    if (t + 1 < ntiles) store((t + 1) * C::BK, (t + 1) & 1);
-    __syncthreads();
-  }
+  });
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll

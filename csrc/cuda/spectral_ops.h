@@ -221,26 +221,34 @@ struct Ops {
     return W;
   }
 
-  static void check_grad(const at::Tensor& grad, const at::Tensor& U, const char* op) {
+  // The backward ops' common checks: grad (N, d_out) in a compute dtype, then U, s, Vh against it.
+  static void check_grad(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh,
+                         const char* op) {
+    TORCH_CHECK(grad.defined(), op, ": grad is undefined");
     check_tensor(grad, op, "grad", 2, grad.device());
     check_compute_dtype(grad, op, "grad");
     TORCH_CHECK(U.dim() == 2 && grad.size(1) == U.size(0), op, ": grad has shape ", grad.sizes(), " but U has shape ",
                 U.sizes(), " (d_out = U.shape[0])");
+    check_factors(U, s, Vh, op, grad.scalar_type(), grad.device());
+  }
+
+  // A 2-D operand (h, x or W) in the compute dtype with the shape `dims` = (rows, cols).
+  static void check_operand(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+                            const at::Device& device, const char* dims, int64_t rows, int64_t cols) {
+    check_tensor(t, op, name, 2, device);
+    check_dtype(t, op, name, dtype);
+    TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, op, ": ", name, " has shape ", t.sizes(), ", expected ", dims,
+                " = (", rows, ", ", cols, ")");
   }
 
   static std::tuple<at::Tensor, at::Tensor> factorized_backward(const at::Tensor& grad_in, const at::Tensor& h_in,
                                                                 const at::Tensor& U_in, const at::Tensor& s_in,
                                                                 const at::Tensor& Vh_in, bool need_dx) {
     const char* op = "imse_ext.factorized_backward";
-    TORCH_CHECK(grad_in.defined(), op, ": grad is undefined");
+    check_grad(grad_in, U_in, s_in, Vh_in, op);
     const auto device = grad_in.device();
-    check_grad(grad_in, U_in, op);
     const auto dtype = grad_in.scalar_type();
-    check_factors(U_in, s_in, Vh_in, op, dtype, device);
-    check_tensor(h_in, op, "h", 2, device);
-    check_dtype(h_in, op, "h", dtype);
-    TORCH_CHECK(h_in.size(0) == grad_in.size(0) && h_in.size(1) == U_in.size(1), op, ": h has shape ", h_in.sizes(),
-                ", expected (N, r) = (", grad_in.size(0), ", ", U_in.size(1), ")");
+    check_operand(h_in, op, "h", dtype, device, "(N, r)", grad_in.size(0), U_in.size(1));
     typename Dev::Guard guard(device);
     void* stream = Dev::stream(device);
     const auto grad = grad_in.contiguous(), h = h_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
@@ -281,11 +289,9 @@ struct Ops {
   static at::Tensor factorized_input_grad(const at::Tensor& grad_in, const at::Tensor& U_in, const at::Tensor& s_in,
                                           const at::Tensor& Vh_in) {
     const char* op = "imse_ext.factorized_input_grad";
-    TORCH_CHECK(grad_in.defined(), op, ": grad is undefined");
+    check_grad(grad_in, U_in, s_in, Vh_in, op);
     const auto device = grad_in.device();
-    check_grad(grad_in, U_in, op);
     const auto dtype = grad_in.scalar_type();
-    check_factors(U_in, s_in, Vh_in, op, dtype, device);
     typename Dev::Guard guard(device);
     void* stream = Dev::stream(device);
     const auto grad = grad_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
@@ -305,20 +311,12 @@ struct Ops {
                                                                 const at::Tensor& Vh_in, const at::Tensor& W_in,
                                                                 bool need_dx) {
     const char* op = "imse_ext.recomposed_backward";
-    TORCH_CHECK(grad_in.defined(), op, ": grad is undefined");
+    check_grad(grad_in, U_in, s_in, Vh_in, op);
     const auto device = grad_in.device();
-    check_grad(grad_in, U_in, op);
     const auto dtype = grad_in.scalar_type();
-    check_factors(U_in, s_in, Vh_in, op, dtype, device);
-    check_tensor(x_in, op, "x", 2, device);
-    check_dtype(x_in, op, "x", dtype);
-    TORCH_CHECK(x_in.size(0) == grad_in.size(0) && x_in.size(1) == Vh_in.size(1), op, ": x has shape ", x_in.sizes(),
-                ", expected (N, d_in) = (", grad_in.size(0), ", ", Vh_in.size(1), ")");
+    check_operand(x_in, op, "x", dtype, device, "(N, d_in)", grad_in.size(0), Vh_in.size(1));
     if (need_dx) {
-      check_tensor(W_in, op, "W", 2, device);
-      check_dtype(W_in, op, "W", dtype);
-      TORCH_CHECK(W_in.size(0) == U_in.size(0) && W_in.size(1) == Vh_in.size(1), op, ": W has shape ", W_in.sizes(),
-                  ", expected (d_out, d_in) = (", U_in.size(0), ", ", Vh_in.size(1), ")");
+      check_operand(W_in, op, "W", dtype, device, "(d_out, d_in)", U_in.size(0), Vh_in.size(1));
     }
     typename Dev::Guard guard(device);
     void* stream = Dev::stream(device);

@@ -32,7 +32,8 @@ def shift_detection(detected: Sequence[int], boundaries: Sequence[int], toleranc
     }
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
+def proc_status_kib(field: str) -> Optional[int]:
+    """A kiB field of /proc/self/status (VmRSS, VmHWM, ...); None where /proc is unavailable."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -63,7 +64,7 @@ class PeakMemory:
                     f.write("5")  # resets VmHWM to the current RSS
             except OSError:
                 pass
-            rss = _proc_status_kib("VmRSS")
+            rss = proc_status_kib("VmRSS")
             self.start_mib = (rss or 0) / 1024
         return self
 
@@ -74,7 +75,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        hwm = _proc_status_kib("VmHWM")
+        hwm = proc_status_kib("VmHWM")
         if hwm is None:
             import resource
 
