@@ -29,19 +29,40 @@ from typing import Callable, Optional
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
-
-def ensure_repo_on_path() -> None:
-    """Benchmark the working tree's package (the C++ extension is built in place there)."""
-    if (REPO / "imse_kernels" / "__init__.py").exists() and str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-
-
-ensure_repo_on_path()
-
+# The benchmarks measure the INSTALLED imse_kernels (`pip install .`, or `pip install -e .`), never a
+# source tree that happens to sit on sys.path: `python benchmarks/x.py` puts benchmarks/, not the repo,
+# on sys.path. `describe_install()` says what was measured at the top of every run.
 import torch  # noqa: E402
 import torch.utils.benchmark as tbench  # noqa: E402
 
+import imse_kernels  # noqa: E402
+from imse_kernels import _extension  # noqa: E402
 from imse_kernels.eval.metrics import proc_status_kib  # noqa: E402
+
+
+def describe_install() -> dict:
+    """Where imse_kernels was imported from, which backends run, and whether the compiled extension loaded."""
+    package = Path(imse_kernels.__file__).resolve().parent
+    return {
+        "package_path": str(package),
+        "editable_or_source_tree": (package.parent / "setup.py").exists(),
+        "extension_C": _extension.reason("_C") or "loaded",
+        "extension_C_cuda": _extension.reason("_C_cuda") or "loaded",
+        "backends_available": imse_kernels.available_backends(),
+    }
+
+
+def install_banner(info: dict) -> str:
+    """The lines every run starts with; loud when the compiled extension is missing."""
+    lines = [f"measuring imse_kernels {imse_kernels.__version__} from {info['package_path']}"
+             + (" (editable/source tree)" if info["editable_or_source_tree"] else " (installed copy)"),
+             f"  compiled CPU extension (_C): {info['extension_C']}; CUDA extension (_C_cuda): {info['extension_C_cuda']}",
+             f"  backends available: {', '.join(info['backends_available'])}"]
+    if info["extension_C"] != "loaded":
+        bar = "!" * 100
+        lines += [bar, "!! WARNING: the compiled C++ extension is NOT loaded: the numbers below measure the pure-PyTorch",
+                  "!! fallback, not the kernels. Install first: pip install .   (then run this script again)", bar]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +109,6 @@ def env_info(device: str) -> dict:
         timm_version = timm.__version__
     except ImportError:
         timm_version = None
-    import imse_kernels
-
     info = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
@@ -104,6 +123,7 @@ def env_info(device: str) -> dict:
         "timm": timm_version,
         "imse_kernels": imse_kernels.__version__,
         "backends": imse_kernels.backend_status(),
+        "install": describe_install(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "device": device,

@@ -4,7 +4,7 @@ import platform
 import torch
 
 import imse_kernels
-from imse_kernels.backends import backend_status, requested_backend, resolve_backend
+from imse_kernels.backends import backend_status, disabled_backends, requested_backend, serving_backend
 
 
 def main() -> None:
@@ -27,12 +27,14 @@ def main() -> None:
     print("backends:")
     for name, reason in backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+    for name, reason in disabled_backends().items():
+        print(f"  disabled for auto: {name}: {reason}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     sel = requested_backend()
     print(f"selection    {sel} (IMSE_BACKEND / use_backend)")
     for d in devices:
         try:
-            print(f"  {d.type}: {resolve_backend(d).name}")
+            print(f"  {d.type}: {serving_backend(d)}")
         except RuntimeError as exc:
             print(f"  {d.type}: {exc}")
 

@@ -1,6 +1,9 @@
 """The README's quickstart runs as written, and CI runs the README's test command verbatim."""
 import pathlib
 import re
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,7 +21,28 @@ def test_quickstart_runs():
     assert len(namespace["names"]) == 12 * 4  # vit_tiny: 12 blocks x (qkv, proj, fc1, fc2)
 
 
-def test_ci_runs_readme_test_command():
-    test_command = _blocks("bash")[1].strip()
+def test_ci_runs_readme_test_command_in_a_fresh_venv():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from readme_command import command
+    finally:
+        sys.path.pop(0)
+    test_command = command("test")
+    assert test_command == _blocks("bash")[1].strip()  # the second block at the top of the README
+    assert command("main") == _blocks("bash")[0].strip()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert test_command.replace("pip install", "python -m pip install").replace("&& pytest", "&& python -m pytest") in ci
+    assert "python -m venv" in ci or "python3 -m venv" in ci
+    assert "mktemp -d" in ci and 'source "$VENV/bin/activate"' in ci
+    assert '"$(python tools/readme_command.py test)"' in ci and 'bash -euo pipefail -c "$TEST_COMMAND"' in ci
+
+
+def test_readme_command_finds_the_block_under_its_heading():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from readme_command import command
+    finally:
+        sys.path.pop(0)
+    text = "intro\n```bash\nnot this\n```\n**Run the tests** (x):\n\n```bash\npytest -q\n```\n"
+    assert command("test", text) == "pytest -q"
+    with pytest.raises(SystemExit, match="Run the main job"):
+        command("main", text)

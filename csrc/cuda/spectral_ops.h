@@ -83,7 +83,17 @@ struct Ops {
 
   static at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-  static bool tf32_allowed() { return at::globalContext().allowTF32CuBLAS(); }
+  // TF32 exactly when torch's own fp32 matmuls may use it. allowTF32CuBLAS() reads the current precision
+  // API (torch.backends.cuda.matmul.fp32_precision) and raises when the legacy flag disagrees with it,
+  // i.e. when the two APIs were mixed; the current API is then the opposite of the legacy value.
+  static bool tf32_allowed() {
+    const bool legacy = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+    try {
+      return at::globalContext().allowTF32CuBLAS();
+    } catch (const c10::Error&) {
+      return !legacy;
+    }
+  }
 
   static imse_cuda::Gemm gemm_for(const at::Tensor& like) {
     imse_cuda::Gemm g;

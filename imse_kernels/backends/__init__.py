@@ -1,9 +1,10 @@
 """Backend registry and selection.
 
 `IMSE_BACKEND=auto|torch|cpu|triton|cuda` (environment) or `use_backend(name)` (context manager,
-takes precedence) choose the backend. `auto` picks the fastest one available for the tensor's
-device and falls back to `torch`; an explicitly requested backend that is unknown, unavailable or
-unable to run on the tensor's device raises.
+takes precedence, local to the thread and task) choose the backend. `auto` picks the fastest one
+available for the tensor's device; on a GPU its unverified backends are guarded and fall back to the
+next one (`fallback.FallbackChain`, docs/design.md section 5). An explicitly requested backend that
+is unknown, unavailable or unable to run on the tensor's device raises, and so do its own errors.
 """
 import contextlib
 import importlib
@@ -12,17 +13,23 @@ from typing import Iterator, Optional
 
 import torch
 
-from .base import SpectralBackend
+from ..overrides import Override
+from . import fallback
+from .base import FACTORIZED, RECOMPOSED, SpectralBackend
+from .fallback import disabled_backends
 from .torch_backend import TorchBackend
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
 _MODULES = {"cpu": ("cpu_backend", "CpuBackend"), "triton": ("triton_backend", "TritonBackend"), "cuda": ("cuda_backend", "CudaBackend")}
-# auto's preference per device type: Triton is the GPU default (it times its variants against cuBLAS per shape).
+# auto's preference per device type: the first usable one serves.
 _AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
+# Backends not yet verified on real hardware: under auto, checked at first use of each shape.
+GUARDED = frozenset({"triton", "cuda"})
 
 _instances: dict[str, SpectralBackend] = {"torch": TorchBackend()}
 _import_errors: dict[str, str] = {}
-_override: list[str] = []
+_override = Override("backend")
+_chains: dict[tuple, fallback.FallbackChain] = {}
 
 
 def _instance(name: str) -> Optional[SpectralBackend]:
@@ -30,8 +37,8 @@ def _instance(name: str) -> Optional[SpectralBackend]:
         module, cls = _MODULES[name]
         try:
             _instances[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
-        except ImportError as exc:
-            _import_errors[name] = f"cannot import: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a broken optional backend must not break the import
+            _import_errors[name] = f"cannot import: {type(exc).__name__}: {exc}"
     return _instances.get(name)
 
 
@@ -74,23 +81,47 @@ def get_backend(name: str) -> SpectralBackend:
 
 def requested_backend() -> str:
     """The backend name in force: the innermost `use_backend`, else $IMSE_BACKEND, else 'auto'."""
-    if _override:
-        return _override[-1]
+    name = _override.get()
+    if name is not None:
+        return name
     return _check_name(os.environ.get("IMSE_BACKEND", "auto") or "auto")
+
+
+def _usable(name: str) -> Optional[SpectralBackend]:
+    return _instances[name] if unavailable_reason(name) is None else None
+
+
+def _auto(device: torch.device) -> SpectralBackend:
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if GUARDED.isdisjoint(order):
+        for candidate in order:
+            backend = _usable(candidate)
+            if backend is not None and backend.supports(device):
+                return backend
+        return _instances["torch"]
+    chain = _chains.get(order)
+    if chain is None:
+        chain = _chains[order] = fallback.FallbackChain(order, _usable, GUARDED, _instances["torch"])
+    return chain
 
 
 def resolve_backend(device: torch.device) -> SpectralBackend:
     """The backend that runs a call on `device` under the current selection."""
     name = requested_backend()
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(candidate) is None and _instances[candidate].supports(device):
-                return _instances[candidate]
-        return _instances["torch"]
+        return _auto(device)
     backend = get_backend(name)
     if not backend.supports(device):
         raise RuntimeError(f"imse_kernels: backend {name!r} cannot run on device {device}")
     return backend
+
+
+def serving_backend(device: torch.device) -> str:
+    """The name of the backend that actually runs calls on `device` now (auto resolved, fallbacks applied)."""
+    backend = resolve_backend(device)
+    if isinstance(backend, fallback.FallbackChain):
+        backend = backend.serving(device)
+    return backend.name
 
 
 @contextlib.contextmanager
@@ -99,8 +130,10 @@ def use_backend(name: str) -> Iterator[None]:
     name = _check_name(name)
     if name != "auto":
         get_backend(name)  # fail at entry, not at the first op
-    _override.append(name)
-    try:
+    with _override.set(name):
         yield
-    finally:
-        _override.pop()
+
+
+__all__ = ["BACKEND_NAMES", "FACTORIZED", "RECOMPOSED", "SpectralBackend", "available_backends", "backend_status",
+           "disabled_backends", "get_backend", "requested_backend", "resolve_backend", "serving_backend",
+           "unavailable_reason", "use_backend"]

@@ -10,6 +10,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+# The two routes (docs/design.md, section 2): factorized x·Vhᵀ, scale, ·Uᵀ; or recomposed W' = (U ⊙ s)·Vh.
+FACTORIZED = 0
+RECOMPOSED = 1
+
 
 class SpectralBackend:
     name: str = "abstract"
@@ -40,6 +44,11 @@ class SpectralBackend:
     def recomposed_backward(self, grad: Tensor, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, W: Tensor, need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
         """G = gradᵀ·x; ds = rowsum((Uᵀ·G) ⊙ Vh); dx = grad·W when need_dx (else None)."""
         raise NotImplementedError
+
+    def measured_route(self, n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool,
+                       has_weight: bool, dtype: torch.dtype, device: torch.device) -> Optional[int]:
+        """FACTORIZED or RECOMPOSED from measurements, or None to let the planner's FLOP model decide."""
+        return None
 
     # Dense GEMMs of the recomposed route; every backend may keep these.
     def dense_forward(self, x: Tensor, W: Tensor, bias: Optional[Tensor]) -> Tensor:

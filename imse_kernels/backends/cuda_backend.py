@@ -3,7 +3,7 @@ TF32 or exact fp32, fp64; fused s scaling, bias and deterministic ds reductions.
 
 The ops are the `imse_ext` primitives (schema from the CPU extension `_C`), registered for the CUDA
 dispatch key by `imse_kernels._C_cuda`. fp32 inputs run through TF32 tensor cores exactly when
-torch allows TF32 for matmuls (`torch.backends.cuda.matmul.allow_tf32`), like cuBLAS would.
+torch allows TF32 for its own fp32 matmuls (`imse_kernels.precision.tf32_matmul_enabled`), like cuBLAS would.
 """
 from typing import Optional
 

@@ -23,7 +23,7 @@ from ..triton_kernels import configs, runtime, tuning
 from ..triton_kernels.chain import chain
 from ..triton_kernels.recomposed_ds import recomposed_ds
 from ..triton_kernels.scaled_matmul import scaled_matmul
-from .base import SpectralBackend
+from .base import FACTORIZED, RECOMPOSED, SpectralBackend
 from .torch_backend import TorchBackend
 
 _torch = TorchBackend()
@@ -221,10 +221,8 @@ class TritonBackend(SpectralBackend):
                        has_weight: bool, dtype: torch.dtype, device: torch.device) -> Optional[int]:
         """The faster route (FACTORIZED or RECOMPOSED) for this call, timed once per shape key on the GPU
         (forward plus the backward that will follow, on synthetic data) and cached; None where
-        timing is off (CPU/interpreter, IMSE_TRITON_TUNE=0, CUDA graph capture) or the dtype is not a
+        timing is off (the default; CPU/interpreter; CUDA graph capture) or the dtype is not a
         kernel dtype, so the planner falls back to its FLOP model."""
-        from ..ops.planner import FACTORIZED, RECOMPOSED
-
         if not tuning.enabled(device) or dtype not in runtime.KERNEL_DTYPES or torch.compiler.is_compiling():
             return None
         key = self._key("route", device, n, (d_in, d_out, r), dtype, need_ds, need_dx, has_weight)

@@ -1,4 +1,4 @@
-"""Route planner (DESIGN §2): factorized (F) or recomposed (R), chosen per call from the shapes.
+"""Route planner (docs/design.md, section 2): factorized (F) or recomposed (R), chosen per call from the shapes.
 
 F: h = x·Vhᵀ, y = (h ⊙ s)·Uᵀ.  h (N × r) is saved for the backward; since r ≤ d_in it is never
    larger than the x that `nn.Linear` saves.
@@ -11,8 +11,8 @@ from typing import Iterator, Optional
 
 import torch
 
-FACTORIZED = 0
-RECOMPOSED = 1
+from ..backends import FACTORIZED, RECOMPOSED, resolve_backend
+from ..overrides import Override
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,22 @@ def plan(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool, ha
          device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> Plan:
     """Choose the cheaper route; ties go to F (no d_out × d_in temporary).
 
-    Given a device, a backend that times routes (`measured_route`, the Triton backend on a GPU)
-    decides from measurements cached per shape; otherwise, and under torch.compile, the FLOP model.
+    On a GPU the backend may decide from measurements (`measured_route`: the Triton backend times
+    both routes once per shape when IMSE_TRITON_TUNE=1, and caches the result); otherwise, and under
+    torch.compile, the FLOP model decides.
     """
     f, R = step_flops(n, d_in, d_out, r, need_ds, need_dx, has_weight)
-    if _forced:
-        return Plan(_forced[-1], f, R)
+    forced = _forced.get()
+    if forced is not None:
+        return Plan(forced, f, R)
     if device is not None and device.type != "cpu" and not torch.compiler.is_compiling():
-        from ..backends import resolve_backend
-
-        measure = getattr(resolve_backend(device), "measured_route", None)
-        route = measure(n, d_in, d_out, r, need_ds, need_dx, has_weight, dtype, device) if measure else None
+        route = resolve_backend(device).measured_route(n, d_in, d_out, r, need_ds, need_dx, has_weight, dtype, device)
         if route is not None:
             return Plan(route, f, R)
     return Plan(FACTORIZED if f <= R else RECOMPOSED, f, R)
 
 
-_forced: list[int] = []
+_forced = Override("route")
 _ROUTES = {"factorized": FACTORIZED, "recomposed": RECOMPOSED}
 
 
@@ -67,8 +66,5 @@ def force_route(name: str) -> Iterator[None]:
     """Pin the route ('factorized' or 'recomposed') inside the block, for tests and benchmarks."""
     if name not in _ROUTES:
         raise ValueError(f"force_route: unknown route {name!r}; choose 'factorized' or 'recomposed'")
-    _forced.append(_ROUTES[name])
-    try:
+    with _forced.set(_ROUTES[name]):
         yield
-    finally:
-        _forced.pop()

@@ -11,6 +11,8 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
+from ..precision import tf32_matmul_enabled
+
 
 @triton.jit
 def _probe():
@@ -42,7 +44,7 @@ def cast_f32(dtype: torch.dtype) -> bool:
 
 def dot_precision(dtype: torch.dtype) -> str:
     """`tl.dot` input precision for fp32 operands: TF32 only where PyTorch's own matmuls may use it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and tf32_matmul_enabled():
         return "tf32"
     return "ieee"
 

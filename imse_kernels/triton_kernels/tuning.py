@@ -1,14 +1,19 @@
 """Per-shape choice among equivalent implementations, by measured time on the GPU, cached.
 
 A primitive offers candidates (variant × tile configuration, e.g. "fused/m64_n128_..." or
-"split/..." or "blas"), each a zero-argument callable writing fresh outputs. On a CUDA device the
-first call for a shape key times every candidate (`triton.testing.do_bench`) and remembers the
-fastest; later calls reuse it. The key buckets N to the next power of two, so a ViT batch of any
-size tunes once per layer shape. Results live in memory and, when `IMSE_TRITON_CACHE` names a
-file, in that JSON file too (read at first use, rewritten after each new choice).
+"split/..." or "blas"), each a zero-argument callable writing fresh outputs. Without timing the
+shape rule's `default` runs. Timing is opt-in (`IMSE_TRITON_TUNE=1`): it costs seconds per new
+shape, which must not land inside a user's first forward unasked. With it, the first call for a
+shape key times every candidate (`triton.testing.do_bench`) and remembers the fastest. The key
+buckets N to the next power of two, so a ViT batch of any size tunes once per layer shape. Choices
+persist in a JSON file, `IMSE_TRITON_CACHE` or `~/.cache/imse_kernels/triton_tuning.json`, read at
+first use and rewritten atomically after each new choice, so a later process times nothing.
 
-Timing is skipped, and `default` is used, in the interpreter, while a CUDA graph is being captured,
-and when `IMSE_TRITON_TUNE=0`.
+Why not `triton.autotune`: it times only configurations of one kernel, while a choice here is among
+different kernels and cuBLAS ("fused" chain, "split" GEMM + cuBLAS, "blas"), keyed by bucketed N,
+and it would time inside every new process and during CUDA graph capture.
+
+Timing is never done in the interpreter or while a CUDA graph is being captured.
 """
 import contextlib
 import json
@@ -18,6 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..overrides import Override
 from . import runtime
 
 _lock = threading.Lock()
@@ -33,13 +39,16 @@ def bucket(n: int) -> int:
 def enabled(device: torch.device) -> bool:
     if runtime.INTERPRETED or device.type != "cuda":
         return False
-    if os.environ.get("IMSE_TRITON_TUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if os.environ.get("IMSE_TRITON_TUNE", "0").strip().lower() not in ("1", "true", "yes", "on"):
         return False
     return not torch.cuda.is_current_stream_capturing()
 
 
 def _path() -> Optional[str]:
-    return os.environ.get("IMSE_TRITON_CACHE") or None
+    if os.environ.get("IMSE_TRITON_CACHE"):
+        return os.environ["IMSE_TRITON_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "imse_kernels", "triton_tuning.json")
 
 
 def _load() -> None:
@@ -65,9 +74,12 @@ def _save() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "w") as f:
             json.dump(_choices, f, indent=0, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def choices() -> dict[str, str]:
@@ -82,23 +94,21 @@ def clear() -> None:
         _choices.clear()
 
 
-_forced: list[str] = []
+_forced = Override("triton_variant")
 
 
 @contextlib.contextmanager
 def force(variant: str) -> Iterator[None]:
     """Run only candidates of `variant` ("fused", "split", "triton" or "blas") inside the block
     (tests and benchmarks); `IMSE_TRITON_VARIANT` does the same process-wide."""
-    _forced.append(variant)
-    try:
+    with _forced.set(variant):
         yield
-    finally:
-        _forced.pop()
 
 
 def forced() -> Optional[str]:
-    if _forced:
-        return _forced[-1]
+    variant = _forced.get()
+    if variant is not None:
+        return variant
     return os.environ.get("IMSE_TRITON_VARIANT", "").strip().lower() or None
 
 
@@ -129,14 +139,13 @@ def choose(key: str, device: torch.device, candidates: dict[str, Callable[[], ob
         return cached
     if not enabled(device) or len(candidates) == 1:
         return default
-    from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
 
     times = {}
     for name, fn in candidates.items():
         try:
             times[name] = do_bench(fn, warmup=5, rep=20)
-        except OutOfResources:  # a tile configuration too large for this GPU's shared memory
+        except Exception:  # noqa: BLE001 - too much shared memory, a compile error: not a candidate here
             continue
     best = min(times, key=times.get) if times else default
     with _lock:

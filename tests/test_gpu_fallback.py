@@ -1,0 +1,195 @@
+"""A failing GPU backend cannot take a model down: under `auto` it is checked at first use of a shape,
+and a kernel that raises or returns wrong values is disabled with one warning while the call completes
+on the next backend. The faults are injected on the CPU: the Triton backend runs there through
+TRITON_INTERPRET=1 (conftest), put at the head of auto's CPU chain as it heads the CUDA one."""
+import warnings
+
+import pytest
+import torch
+
+import imse_kernels as ik
+from imse_kernels import backends
+from imse_kernels.backends import fallback
+from imse_kernels.backends.base import SpectralBackend
+from imse_kernels.backends.torch_backend import TorchBackend
+from imse_kernels.precision import tf32_matmul_enabled
+
+from helpers import factors, oracle
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def gpu_like_chain(monkeypatch):
+    """auto on the CPU behaves as on a GPU: triton first and guarded, then cpu, then torch."""
+    if "triton" not in ik.available_backends():
+        pytest.skip("triton backend unavailable")
+    monkeypatch.setitem(backends._AUTO_ORDER, "cpu", ("triton", "cpu", "torch"))
+    monkeypatch.setattr(backends, "_chains", {})
+    monkeypatch.delenv("IMSE_BACKEND", raising=False)
+    fallback.reset()
+    yield backends._instances["triton"]
+    fallback.reset()
+
+
+def _call(n=7, d_in=24, d_out=20, r=12, grad=True):
+    U, s, Vh, b = factors(d_in, d_out, r)
+    x = torch.randn(n, d_in, requires_grad=grad)
+    s.requires_grad_(grad)
+    y = ik.spectral_linear(x, U, s, Vh, b)
+    return x, U, s, Vh, b, y
+
+
+def _expect_oracle(x, U, s, Vh, b, y):
+    torch.testing.assert_close(y.double(), oracle(x, U, s, Vh, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_healthy_guarded_backend_is_verified_once_and_then_runs_unguarded(gpu_like_chain, monkeypatch):
+    calls = {"reference": 0}
+    real = TorchBackend.factorized_forward
+
+    def counting(self, *args):
+        calls["reference"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(TorchBackend, "factorized_forward", counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            with torch.no_grad():
+                x, U, s, Vh, b, y = _call(grad=False)
+            _expect_oracle(x, U, s, Vh, b, y)
+    assert calls["reference"] == 1  # the one-time result check, then the kernel alone
+    assert fallback.disabled_backends() == {}
+    assert backends.serving_backend(torch.device("cpu")) == "triton"
+
+
+@pytest.mark.parametrize("fault", ["raises", "out_of_resources", "wrong_values", "non_finite"])
+def test_a_failing_forward_kernel_falls_back_with_the_right_result(gpu_like_chain, monkeypatch, fault):
+    def broken(self, x, U, s, Vh, bias, save_h):
+        if fault == "raises":
+            raise RuntimeError("simulated launch failure")
+        if fault == "out_of_resources":
+            from triton.runtime.errors import OutOfResources
+            raise OutOfResources(300000, 232448, "shared memory")
+        y, h = TorchBackend.factorized_forward(self, x, U, s, Vh, bias, save_h)
+        return (y * 1.01 if fault == "wrong_values" else y.fill_(float("nan"))), h
+
+    monkeypatch.setattr(type(gpu_like_chain), "factorized_forward", broken)
+    with pytest.warns(RuntimeWarning, match="triton backend is disabled for 'auto'") as record:
+        x, U, s, Vh, b, y = _call()
+    _expect_oracle(x, U, s, Vh, b, y)
+    assert len([w for w in record if "disabled" in str(w.message)]) == 1
+    assert "triton" in fallback.disabled_backends()
+    assert backends.serving_backend(torch.device("cpu")) == "cpu"
+    y.sum().backward()  # the backward runs on the backend that serves now
+    torch.testing.assert_close(s.grad.double(), ((x.detach().double() @ Vh.double().t())
+                                                 * (torch.ones(7, 20, dtype=torch.float64) @ U.double())).sum(0), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls are quiet
+        _expect_oracle(*_call())
+
+
+def test_a_failing_backward_kernel_falls_back_and_the_gradients_are_right(gpu_like_chain, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("simulated illegal instruction")
+
+    monkeypatch.setattr(type(gpu_like_chain), "factorized_backward", broken)
+    x, U, s, Vh, b, y = _call()
+    g = torch.randn_like(y)
+    with pytest.warns(RuntimeWarning, match="factorized_backward"):
+        y.backward(g)
+    h, t = x.detach().double() @ Vh.double().t(), g.double() @ U.double()
+    torch.testing.assert_close(s.grad.double(), (h * t).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), (t * s.detach().double()) @ Vh.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_explicitly_requested_backend_still_raises(gpu_like_chain, monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(type(gpu_like_chain), "factorized_forward", broken)
+    with ik.use_backend("triton"), pytest.raises(RuntimeError, match="simulated launch failure"):
+        _call()
+    assert fallback.disabled_backends() == {}
+
+
+class _Fake(SpectralBackend):
+    def __init__(self, name, fault):
+        self.name, self.fault, self.calls = name, fault, 0
+
+    def supports(self, device):
+        return True
+
+    def recompose(self, U, s, Vh):
+        self.calls += 1
+        if self.fault == "raises":
+            raise RuntimeError(f"{self.name} broke")
+        return TorchBackend().recompose(U, s, Vh) * (1.0 if self.fault is None else 1.5)
+
+
+def test_the_chain_walks_triton_then_cuda_then_torch():
+    fallback.reset()
+    fakes = {"triton": _Fake("triton", "raises"), "cuda": _Fake("cuda", "wrong"), "torch": TorchBackend()}
+    chain = fallback.FallbackChain(("triton", "cuda", "torch"), fakes.get, frozenset({"triton", "cuda"}), fakes["torch"])
+    U, s, Vh, _ = factors(9, 11, 5, bias=False)
+    with pytest.warns(RuntimeWarning) as record:
+        W = chain.recompose(U, s, Vh)
+    torch.testing.assert_close(W, TorchBackend().recompose(U, s, Vh))
+    assert set(fallback.disabled_backends()) == {"triton", "cuda"}
+    assert "triton broke" in fallback.disabled_backends()["triton"]
+    assert "off by" in fallback.disabled_backends()["cuda"]
+    assert len(record) == 2 and chain.serving(U.device).name == "torch"
+    chain.recompose(U, s, Vh)
+    assert fakes["triton"].calls == 1 and fakes["cuda"].calls == 1  # disabled backends are not tried again
+    fallback.reset()
+
+
+def test_check_result_catches_wrong_shapes_missing_outputs_and_values():
+    a = torch.randn(4, 3)
+    fallback.check_result((a, None), (a.clone(), None), torch.float32)
+    for bad, match in (((a[:2], None), "shape"), ((a, a), "unexpected"), ((None, None), "missing"),
+                       ((a + 1, None), "off by")):
+        with pytest.raises(fallback.BackendCheckError, match=match):
+            fallback.check_result(bad, (a, None), torch.float32)
+
+
+@pytest.fixture
+def restore_precision():
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision)
+    yield
+    matmul.fp32_precision, torch.backends.fp32_precision = saved[0], saved[1]
+
+
+def test_tf32_is_read_through_the_current_precision_api(restore_precision):
+    matmul = torch.backends.cuda.matmul
+    matmul.fp32_precision = "tf32"
+    assert tf32_matmul_enabled()
+    with pytest.raises(RuntimeError):
+        matmul.allow_tf32  # noqa: B018 - what the legacy read does on this torch once the new API is set
+    matmul.fp32_precision = "ieee"
+    assert not tf32_matmul_enabled()
+    torch.backends.fp32_precision, matmul.fp32_precision = "tf32", "none"  # "none" inherits the global setting
+    assert tf32_matmul_enabled()
+
+
+def test_tf32_falls_back_to_the_legacy_flag_on_an_older_torch(monkeypatch):
+    class LegacyMatmul:  # a torch without fp32_precision
+        allow_tf32 = True
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", LegacyMatmul())
+    assert tf32_matmul_enabled()
+    LegacyMatmul.allow_tf32 = False
+    assert not tf32_matmul_enabled()
+
+
+def test_route_timing_is_opt_in(monkeypatch):
+    from imse_kernels.triton_kernels import tuning
+
+    monkeypatch.delenv("IMSE_TRITON_TUNE", raising=False)
+    monkeypatch.setattr(tuning.runtime, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not tuning.enabled(torch.device("cuda"))
+    monkeypatch.setenv("IMSE_TRITON_TUNE", "1")
+    assert tuning.enabled(torch.device("cuda"))
