@@ -1,4 +1,4 @@
-"""`IMSE`: test-time adaptation of the singular values of a spectralized ViT (DESIGN §5).
+"""`IMSE`: test-time adaptation of the singular values of a spectralized ViT (docs/design.md §6).
 
 Per batch, the tent way (`logits = adapter(x)` predicts and adapts):
   1. code bank: patch-embedding statistics → shift detection → on a new domain, retrieve a code;
@@ -125,11 +125,14 @@ class IMSE:
         return stats
 
     def save_bank(self, path) -> None:
-        """Write the code bank to a safetensors file."""
+        """Write the code bank to a safetensors file, atomically (a failed save keeps the old file)."""
         self.bank.save(path)
 
     def load_bank(self, path) -> None:
-        """Replace the code bank with a file's; it must come from this model (same layers, same source code)."""
+        """Replace the code bank with a file's; it must come from this model (same layers, same source code).
+
+        On any failure (`BankFileError`, `FileNotFoundError`, ...) the adapter is unchanged: bank, `s`,
+        optimizer and counters are as they were."""
         self.bank.load(path, channels=getattr(self.model, "embed_dim", None))
 
     # ------------------------------------------------------------------ internals
