@@ -11,7 +11,7 @@ Providers (each on its own deep copy of one random-init model; nothing is downlo
   source           plain inference (no_grad) on the nn.Linear model
   source_spectral  plain inference on the spectralized model (s frozen: cached W', one GEMM per layer)
 
-The hand-written step (DESIGN §5): forward → L = mean_{H<E0} H − λ·L_div → backward → SAM ascent
+The hand-written step (docs/design.md §6): forward → L = mean_{H<E0} H − λ·L_div → backward → SAM ascent
 (ρ·g/‖g‖) → forward on the same batch (first pass's reliable set, filtered again) → L → backward →
 restore → Adam. Random-init ViTs are nearly uniform on random images, which would make every sample
 "unreliable"; the head is therefore rescaled so that about half the samples pass the entropy filter.

@@ -127,7 +127,8 @@ def parse_args(argv=None):
         args.models, args.model_batches = HEADLINE_MODELS, HEADLINE_MODEL_BATCHES
         args.model_providers = HEADLINE_MODEL_PROVIDERS
         args.rounds = args.rounds or 7
-        args.max_case_s = args.max_case_s or 6.0
+        args.max_case_s = args.max_case_s or 5.0  # the model level allows 4x this per case
+        args.warmup = min(args.warmup, 1)
     q = args.quick
     d = lambda v, cpu, gpu, quick=None: v if v is not None else (quick if q and quick is not None else (gpu if cuda else cpu))  # noqa: E731
     args.nets = csv_list(d(args.nets, "vit_s,vit_b", "vit_b", "vit_s"))

@@ -1,4 +1,4 @@
-"""Speed targets of the `triton` backend (issue 3) at ViT-B/16 layer shapes on one CUDA GPU.
+"""Speed targets of the `triton` backend at ViT-B/16 layer shapes on one CUDA GPU.
 
 For each layer (qkv, proj, fc1, fc2), dtype and batch (197 tokens per image), times, side by side:
 

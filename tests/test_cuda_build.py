@@ -1,4 +1,4 @@
-"""CPU-side checks of the C++/CUDA backend (csrc/cuda, issue 4).
+"""CPU-side checks of the C++/CUDA backend (csrc/cuda).
 
 1. The build: the compiled `imse_kernels._C_cuda` holds machine code for sm_80 and sm_90 and registers
    the five `imse_ext` primitives for the CUDA dispatch key (skipped only when torch has no CUDA build

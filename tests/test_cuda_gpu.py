@@ -1,4 +1,4 @@
-"""GPU tests of the C++/CUDA backend (csrc/cuda, issue 4); skipped without a CUDA device.
+"""GPU tests of the C++/CUDA backend (csrc/cuda); skipped without a CUDA device.
 
 Every primitive against the torch backend (float64 oracle and the same dtype), in fp32 (exact and
 TF32), fp64, bf16 and fp16, at odd shapes, N = 1, truncated rank, no bias and ViT-B/16 shapes

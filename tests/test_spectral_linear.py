@@ -196,7 +196,7 @@ def test_opcheck(backend):
 
 
 def test_planner_picks_cost_model_routes():
-    """DESIGN §2: at ViT-B batch 64 the square proj recomposes and the rectangular layers factorize;
+    """docs/design.md §2: at ViT-B batch 64 the square proj recomposes and the rectangular layers factorize;
     at batch 1 everything factorizes; frozen s with a cached weight is one GEMM."""
     from imse_kernels.ops import plan
 

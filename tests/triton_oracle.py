@@ -2,7 +2,7 @@
 
 A kernel result in dtype D passes when its max error against the float64 oracle (computed from the
 same D-rounded inputs) is at most twice PyTorch's own error in D plus a small floor, relative to
-the oracle's largest magnitude. In float32 the floor alone (1e-5, DESIGN §4) also bounds it.
+the oracle's largest magnitude. In float32 the floor alone (1e-5, docs/design.md §4) also bounds it.
 """
 import torch
 

@@ -116,7 +116,7 @@ class TritonBackend(SpectralBackend):
     def factorized_forward_stats(self, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor,
                                  bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """y as `factorized_forward`, plus float32 (2, r): Σ_n a_nk and Σ_n a_nk² with
-        a_nk = (x_n·v_k)/max(‖x_n‖, 1e-12), the statistics of the diversity loss (DESIGN §5), computed
+        a_nk = (x_n·v_k)/max(‖x_n‖, 1e-12), the statistics of the diversity loss (docs/design.md §6), computed
         where h is on chip (no N×r tensor is written on the fused path)."""
         def blas():
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,4 +1,4 @@
-"""Diversity-maximisation loss of IMSE (DESIGN §5): spread of the spectral experts' responses.
+"""Diversity-maximisation loss of IMSE (docs/design.md §6): spread of the spectral experts' responses.
 
 Per layer: the unbiased std over batch × tokens of each expert's alignment with the unit-normalised
 input tokens, then the mean of the k smallest stds, k = min(⌊r·ratio⌋, r − 1) — the official code

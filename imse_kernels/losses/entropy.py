@@ -1,4 +1,4 @@
-"""Softmax entropy and the reliable-sample filter of SAR/EATA used by IMSE (DESIGN §5)."""
+"""Softmax entropy and the reliable-sample filter of SAR/EATA used by IMSE (docs/design.md §6)."""
 import math
 
 import torch

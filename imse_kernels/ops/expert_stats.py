@@ -1,10 +1,10 @@
-"""Per-expert alignment moments for the diversity loss (DESIGN §5).
+"""Per-expert alignment moments for the diversity loss (docs/design.md §6).
 
 For a spectral layer with right singular vectors Vh (r × d_in) and input tokens x (…, d_in), the
 alignment of token n with expert k is a_nk = x̂_n · v_k with x̂_n = x_n / ‖x_n‖. The diversity loss
 needs, per expert, the unbiased std of a over all rows n. Everything it needs is the triple
 (Σ_n a_nk, Σ_n a_nk², n): this function is the one place that computes it, so a backend whose fused
-forward already holds h = x·Vhᵀ (DESIGN §3) can supply the same triple without a second GEMM.
+forward already holds h = x·Vhᵀ (docs/design.md §3) can supply the same triple without a second GEMM.
 """
 from typing import NamedTuple, Optional
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the `triton` backend (DESIGN §3).
+"""Triton kernels of the `triton` backend (docs/design.md §3).
 
 - `chain.py`          one-launch fused F route: out = ((A·B1) ⊙ s)·B2 (+ bias), with optional
                       ds / h / expert-statistics epilogues (forward, backward and input grad)

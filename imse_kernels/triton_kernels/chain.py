@@ -9,7 +9,7 @@ also run the epilogues that need `mid` itself:
            summed afterwards in a fixed order: deterministic, no atomics);
 - SAVE_H:  write mid (rounded to the output dtype) as h;
 - STATS:   per-row-tile partial Σ a and Σ a² with a = mid / ‖A_row‖ (the expert alignments of the
-           diversity loss, DESIGN §5), without writing h.
+           diversity loss, docs/design.md §6), without writing h.
 
 Forward:     A = x (N×d_in),  B1 = Vhᵀ, B2 = Uᵀ,  out = y
 Backward:    A = grad (N×d_out), B1 = U, B2 = Vh, out = dx, DS with H = h → ds

@@ -6,7 +6,7 @@ no diag matrix and no scaled copy of a factor is ever built. Optional epilogues 
 product C₀ = A·B in fp32 before it is rounded:
 
 - DS:    per-row-tile partial Σ_rows C₀ ⊙ H (H has C's shape); summed afterwards in a fixed order;
-- STATS: per-row-tile partial Σ a and Σ a² with a = C₀ / ‖A_row‖ (expert alignments, DESIGN §5).
+- STATS: per-row-tile partial Σ a and Σ a² with a = C₀ / ‖A_row‖ (expert alignments, docs/design.md §6).
 
 These are the stages of the split F paths (`t = grad·U` with the ds epilogue, then dx) and the
 recomposition of route R.

@@ -1,4 +1,4 @@
-"""`IMSEConfig`: the hyper-parameters of IMSE with the official defaults (DESIGN §5)."""
+"""`IMSEConfig`: the hyper-parameters of IMSE with the official defaults (docs/design.md §6)."""
 from dataclasses import dataclass
 from typing import Optional, Sequence
 

@@ -1,4 +1,4 @@
-"""Domain statistics for IMSE's code bank (DESIGN §5).
+"""Domain statistics for IMSE's code bank (docs/design.md §7).
 
 A domain is described by the per-channel mean and unbiased variance, over images × tokens, of the
 patch-embedding output (after the position embedding and `norm_pre`, prefix tokens dropped). Two

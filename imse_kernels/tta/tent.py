@@ -1,6 +1,6 @@
 """`Tent` (Wang et al., 2021): entropy minimisation of the normalisation layers' affine parameters.
 
-The baseline of DESIGN §5, with the same call as `IMSE`: `logits = adapter(x)` predicts and takes
+The baseline of docs/design.md §6, with the same call as `IMSE`: `logits = adapter(x)` predicts and takes
 one update (per step) on the mean softmax entropy of the batch; `reset()` restores the start state.
 LayerNorm/GroupNorm affine parameters are trained; BatchNorm layers also use batch statistics, as
 in the original. Everything else (including spectral `s`) is frozen.
