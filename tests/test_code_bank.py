@@ -292,14 +292,19 @@ def test_non_bank_and_tampered_metadata_are_rejected(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["imse_code_bank"])
+        full_meta = f.metadata()
+    meta = json.loads(full_meta["imse_code_bank"])
     tensors = load_file(str(path))
     bad_version = dict(meta, version=99)
     save_file(tensors, str(path), metadata={"imse_code_bank": json.dumps(bad_version)})
     _assert_unchanged_after_failed_load(tmp_path, path, "version 99")
     del tensors["e1.s.blocks.0.mlp.fc1"]
-    save_file(tensors, str(path), metadata={"imse_code_bank": json.dumps(meta)})
-    _assert_unchanged_after_failed_load(tmp_path, path, "lacks tensors")
+    save_file(tensors, str(path), metadata=full_meta)  # metadata and its digest intact, a tensor gone
+    _assert_unchanged_after_failed_load(tmp_path, path, "'e1.s.blocks.0.mlp.fc1' listed in the metadata is missing")
+    v1 = {k: v for k, v in meta.items() if k != "tensors"} | {"version": 1}  # no manifest to compare with
+    save_file(tensors, str(path), metadata={"imse_code_bank": json.dumps(v1)})
+    with pytest.warns(UserWarning, match="unverified"):
+        _assert_unchanged_after_failed_load(tmp_path, path, "lacks tensors")
 
 
 def test_mismatched_model_is_rejected(tmp_path):

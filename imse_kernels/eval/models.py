@@ -7,7 +7,6 @@ patch embedding has no padding), otherwise as a leading `Normalize` module.
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..state_file import (StateFileError, atomic_write_bytes, atomic_write_text, dumps_safetensors,
+                          loads_safetensors, read_bytes)
 from .cache import cache_dir
 from .digits import IMG_SIZE, NUM_CLASSES, Split
 
@@ -205,31 +206,48 @@ def _train(cfg: EmbeddedConfig, train: Split, progress) -> nn.Module:
     return model.eval()
 
 
+#: safetensors metadata key of the cached embedded model (training info, tensor manifest; see `state_file`).
+_CACHE_KEY = "imse_kernels.embedded_model"
+
+
+def _read_cached_model(path: Path, cfg: EmbeddedConfig) -> tuple[dict, dict]:
+    """(state dict, training info) of a cached model: read whole, nothing unpickled, every tensor's SHA-256
+    verified. Raises `StateFileError` when the file cannot be trusted (damaged, foreign, no checksums)."""
+    loaded = loads_safetensors(read_bytes(path), _CACHE_KEY)
+    if not loaded.verified:
+        raise StateFileError("no checksums (written by an older version or by another program)")
+    info = loaded.meta.get("info")
+    if not isinstance(info, dict) or info.get("config") != asdict(cfg):
+        raise StateFileError("its recorded training config is not this one")
+    return loaded.tensors, info
+
+
 def load_or_train_embedded(cfg: EmbeddedConfig, train: Split, test: Split, cache: Optional[str] = None,
                            log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
-    """The trained embedded model from the cache (safetensors), training and caching it on first use.
+    """The trained embedded model from the cache (checksummed safetensors), training and caching it on first
+    use, and again when the cached file is damaged or cannot be verified (training is deterministic).
 
     Returns (model taking [0, 1] images, info with the cache path, clean test accuracy and training time).
     """
-    from safetensors.torch import load_file, save_file
-
     path = cache_dir(cache) / f"digits_vit_{cfg.key()}.safetensors"
     model = fold_normalization(build_embedded(cfg), EMBEDDED_MEAN, EMBEDDED_STD)
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        meta = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else {}
-        info = {"cache": str(path), "trained_now": False, **meta}
-        return model.eval(), info
+        try:
+            state, meta = _read_cached_model(path, cfg)
+            model.load_state_dict(state)
+            return model.eval(), {"cache": str(path), "trained_now": False, **meta}
+        except (OSError, StateFileError, RuntimeError) as err:  # RuntimeError: load_state_dict's mismatches
+            log(f"the cached embedded ViT {path} is unusable ({err}); training it again")
     log(f"training the embedded ViT once ({cfg.steps} steps on {len(train)} clean digits); cached at {path}")
     t0 = time.perf_counter()
     bar = _bar(cfg.steps, "train")
     model = train_embedded(cfg, train, progress=lambda s, l: bar(s, f"loss {l:.3f}"))
     seconds = time.perf_counter() - t0
     meta = {"clean_test_accuracy": accuracy(model, test), "train_seconds": round(seconds, 1), "config": asdict(cfg)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)  # atomic: concurrent runs never read half a file
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    # atomic: concurrent runs never read half a file, a killed run never leaves one
+    atomic_write_bytes(path, dumps_safetensors(model.state_dict(), _CACHE_KEY, {"info": meta}))
+    # for people; what is read back is the copy inside the model file
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     return model.eval(), {"cache": str(path), "trained_now": True, **meta}
 
 

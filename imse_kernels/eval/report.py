@@ -1,10 +1,15 @@
-"""Results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot."""
+"""Results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot.
+
+Files are written atomically (`imse_kernels.state_file`): an interrupted run never leaves half a file.
+"""
 import csv
+import io
 import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..state_file import atomic_write_bytes, atomic_write_text
 from .runner import MethodResult
 from .streams import Stream
 
@@ -58,19 +63,20 @@ def payload(meta: dict, stream: Stream, results: Sequence[MethodResult], detecti
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1, default=str))
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def write_csv(path: Path, stream: Stream, results: Sequence[MethodResult]) -> None:
-    """One row per (method, segment)."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "segment", "label", "corruption", "severity", "round", "correct", "total", "accuracy", "error"])
-        for r in results:
-            for i, s in enumerate(stream.segments):
-                acc = r.accuracy[i]
-                w.writerow([r.method, i, s.label(stream.setting), s.corruption, s.severity, s.round, r.correct[i],
-                            r.total[i], f"{acc:.6f}", f"{1 - acc:.6f}"])
+    """One row per (method, segment); built in memory, then written atomically."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["method", "segment", "label", "corruption", "severity", "round", "correct", "total", "accuracy", "error"])
+    for r in results:
+        for i, s in enumerate(stream.segments):
+            acc = r.accuracy[i]
+            w.writerow([r.method, i, s.label(stream.setting), s.corruption, s.severity, s.round, r.correct[i],
+                        r.total[i], f"{acc:.6f}", f"{1 - acc:.6f}"])
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot(path: Path, stream: Stream, results: Sequence[MethodResult], title: str) -> Optional[str]:
@@ -108,6 +114,8 @@ def plot(path: Path, stream: Stream, results: Sequence[MethodResult], title: str
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return None

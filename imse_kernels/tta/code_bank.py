@@ -1,4 +1,4 @@
-"""`CodeBank`: domain-aware spectral code retrieval of IMSE (DESIGN §5).
+"""`CodeBank`: domain-aware spectral code retrieval of IMSE (docs/design.md §7).
 
 Entries pair a domain descriptor (patch-embedding statistics) with that domain's spectral code
 (every spectral layer's `s`) and optimizer state. Entry 0 is the source: the pretrained code with
@@ -9,7 +9,7 @@ of the new domain the bank is searched by symmetric KL and a code is retrieved:
     mix    s ← s₀ + Σ_i softmax(−KL/T)_i (s_i − s₀)
 A bound on the number of entries (source included) is enforced by dropping the oldest non-source
 entry or merging the two nearest non-source entries. Every decision is logged in `events`.
-Files are safetensors with JSON metadata (no pickle); see `bank_io`.
+Files are safetensors with checksummed JSON metadata (no pickle), written atomically; see `bank_io`.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -189,7 +189,9 @@ class CodeBank:
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
-        """Write the entries to a safetensors file (JSON metadata, no pickle)."""
+        """Write the entries to a safetensors file (JSON metadata with SHA-256 digests, no pickle).
+
+        Atomic: if the save fails or the process dies, the previous file at `path` is left intact."""
         write_bank_file(path, [{"id": e.entry_id, "created_at": e.created_at, "weight": e.weight,
                                 "mean": None if e.stats is None else e.stats.mean,
                                 "var": None if e.stats is None else e.stats.var,
@@ -201,7 +203,9 @@ class CodeBank:
 
         The file must fit this bank: same layers and shapes, the same source code (entry 0, i.e. the
         same pretrained weights) and, when known, descriptors of `channels` channels. Raises
-        `BankFileError` for a corrupted, truncated or mismatched file; the bank is unchanged then.
+        `BankFileError` for a corrupted, truncated or mismatched file. Everything is read, verified
+        and converted before the first assignment, so after any failure the bank (entries, events,
+        tracker, counters) is exactly as it was. The file is read whole: nothing refers to it afterwards.
         """
         raw, next_id = read_bank_file(path)
         self._check_fits(raw, next_id, channels, path)
