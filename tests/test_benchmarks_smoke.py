@@ -24,7 +24,14 @@ def test_throughput_quick(tmp_path):
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "Layer level" in proc.stdout and "Model level" in proc.stdout and "Bars" in proc.stdout
+    assert "Layer level" in proc.stdout and "Model level" in proc.stdout and "Targets" in proc.stdout
+    import imse_kernels
+
+    banner = f"measuring imse_kernels {imse_kernels.__version__} from {Path(imse_kernels.__file__).resolve().parent}"
+    assert banner in proc.stdout  # the run names the package it measured
+    loaded = imse_kernels._extension.reason("_C") is None
+    assert ("compiled CPU extension (_C): loaded" in proc.stdout) == loaded
+    assert ("the compiled C++ extension is NOT loaded" in proc.stdout) == (not loaded)
 
     stem = tmp_path / "throughput_smoke_quick"
     for ext in ("json", "csv", "txt"):
@@ -62,3 +69,40 @@ def test_step_profile_runs():
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()[2:]}
     assert set(rows) == {"imse_harness", "tent"} and all(v > 0 for vals in rows.values() for v in vals)
+
+
+def _throughput_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import throughput
+    finally:
+        sys.path.pop(0)
+    return throughput
+
+
+def test_no_flags_is_the_headline_run_and_full_is_the_sweep():
+    tp = _throughput_module()
+    head = tp.parse_args([])
+    assert head.headline and head.cases == tp.HEADLINE_LAYER and head.models == ["vit_small"]
+    assert head.model_batches == [1, 8] and head.model_providers == "imse,imse_reference"
+    full = tp.parse_args(["--full"])
+    assert not full.headline and full.cases is None
+    assert len(full.nets) * len(full.layers) * len(full.batches) * len(full.modes) == 96
+    assert not tp.parse_args(["--nets", "vit_b"]).headline  # an explicit selection is measured as asked
+
+
+def test_targets_come_from_the_data_file_and_can_fail():
+    tp = _throughput_module()
+    from bench_common import Record
+
+    names = {t["name"] for t in tp.load_targets("cpu")}
+    assert "IMSE step ViT-S b1, ref/imse" in names and len(names) == len(tp.load_targets("cpu"))
+    rec = Record(level="layer", case="vit_s.qkv", batch=64, tokens=64 * 197, mode="fwdbwd", dtype="fp32",
+                 provider="fused_auto", median_ms=1.0, min_ms=1.0, q1_ms=1.0, q3_ms=1.0, rounds=3, number=1,
+                 baseline="linear", ratio_vs_baseline=1.2, speedup_vs_reference=2.0, ratio_vs_baseline_min=1.1,
+                 speedup_vs_reference_min=2.0)
+    target = {"name": "qkv", "level": "layer", "case": "vit_s.qkv", "provider": "fused_auto",
+              "metric": "ratio_vs_baseline", "op": "<=", "value": 1.05}
+    assert "FAIL  qkv: 1.20" in tp.bars_report([rec], [], "cpu", [target])
+    assert "PASS  qkv" in tp.bars_report([rec], [], "cpu", [dict(target, value=1.3)])
+    assert "n/a   qkv" in tp.bars_report([], [], "cpu", [target])
