@@ -1,112 +1,234 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent machine without network (Python 3.12, torch 2.11.0+cu130,
-# triton 3.6, nvcc 13.0, ninja, timm preinstalled): build, GPU tests, benchmark, CUDA sanitizer,
-# full test suite. Run from the repository root in ONE device call, e.g.
+# The prepared GPU check: one device call on a lent machine without network (Python 3.12,
+# torch 2.11 + CUDA 13, triton 3.6, nvcc 13.0, ninja, timm preinstalled). From the repository root:
 #
-#     bash benchmarks/gpu_check.sh                  # timeout_s=600 on the device tool
+#     bash benchmarks/gpu_check.sh                       # device tool: timeout_s=600
+#     STAGES=2,3 SKIP_BUILD=1 bash benchmarks/gpu_check.sh   # immediate rerun on the still-warm machine
+#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   # CPU dry run of the plumbing (seconds)
 #
-# Everything goes to files under "$OUT" (given by the runner; default ./gpu_out), at most 8 files,
-# none deeper than $OUT/x/file (the device tool's limits):
-#   summary.log          environment, backends, one line per stage (rc, seconds), the bars
-#   build.log            pip install -e . (CUDA extension, sm_90)
-#   tests_gpu.log        TRITON_INTERPRET=0 pytest -m gpu tests
-#   throughput.log       benchmarks/throughput.py --device cuda (terminal table at the end)
-#   bench_results.tar.gz throughput_<gpu>.{json,csv,txt,png}: copy into benchmarks/results/
-#   sanitizer.log        compute-sanitizer memcheck and racecheck on tests/cuda_memcheck_case.py
-#   tests_full.log       the whole test suite
-# Stages never stop the script; each has a time cap, and the whole run keeps under
-# GPU_CHECK_BUDGET_S (default 560 s) so that the files come back even when a stage hangs.
-# Knobs: PYTHON, GPU_CHECK_BUDGET_S, BENCH_ARGS (extra/override flags for throughput.py),
-#        SKIP_BUILD=1, SKIP_FULL=1.
+# Stages, in order of the value of their evidence; each writes into $OUT as it goes (a killed run
+# keeps what it had), each is capped at min(its own maximum, budget left), none stops the script:
+#   1 build        pip install --no-build-isolation --no-deps -e . (IMSE_CUDA=1, sm_90), python -m imse_kernels
+#   2 correctness  benchmarks/gpu_correctness.py: every primitive of triton and cuda vs a float64 oracle
+#   3 bench_bf16   throughput.py, layer level, ViT-B batch 64 and 1, bf16, fwdbwd + infer
+#   4 sanitizer    compute-sanitizer memcheck (no caching allocator) and racecheck, tests/cuda_memcheck_case.py --quick
+#   5 tests_gpu    TRITON_INTERPRET=0 pytest -m gpu tests -v
+#   6 bench_more   throughput.py layer level in fp32, then the model level (IMSE step on ViT-B)
+#   7 triton_speed benchmarks/triton_speed.py --dtypes bf16 (the triton backend's speed targets), if time is left
+# Files in $OUT (default ./gpu_out), flat, 7 of the device tool's 8:
+#   summary.log           environment, installed package and backends, one line per stage (rc, seconds),
+#                         the correctness summary and failures, the benchmark targets, the file check
+#   build.log             pip install -e . and python -m imse_kernels
+#   correctness.jsonl     one JSON line per check, then {"summary": true, ...}
+#   bench.log             throughput.py and triton_speed.py output (stages 3, 6, 7)
+#   bench_results.tar.gz  throughput_gpu_*.{json,csv,txt,png}, triton_speed.{json,md}, triton_choices.json
+#                         (the tuner's picks): unpack into benchmarks/results/
+#   sanitizer.log         memcheck and racecheck
+#   tests_gpu.log         pytest, one line per test
+# Knobs: GPU_CHECK_BUDGET_S (default 470 s for everything, the build included), STAGES or --stages
+#   (comma list, default 1,2,3,4,5,6,7), SKIP_BUILD=1 (stage 1 only reports), GPU_CHECK_DRY_RUN=1 or
+#   --dry-run, PYTHON (default python3), BENCH_ARGS (extra flags for every throughput.py call).
+# Exit code: 0, or 3 when $OUT breaks the device tool's file limits (stage results are in summary.log).
 set -u
 cd "$(dirname "$0")/.."
+
+STAGES="${STAGES:-1,2,3,4,5,6,7}"
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stages) STAGES="$2"; shift 2 ;;
+    --stages=*) STAGES="${1#--stages=}"; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --skip-build) SKIP_BUILD=1; shift ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-560}"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 T0=$(date +%s)
 SUMMARY="$OUT/summary.log"
+BENCH_DIR="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_bench.XXXXXX")"
+trap 'rm -rf "$BENCH_DIR"' EXIT
 
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="9.0"
 export MAX_JOBS=16
 export IMSE_CUDA=1
 export PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0
+export IMSE_TRITON_CACHE="$BENCH_DIR/triton_choices.json"  # tuned once, reused by later stages, packed
 
+selected() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$SUMMARY"; }
+note() { echo "$*" >> "$SUMMARY"; }
 
-# stage NAME MAX_SECONDS LOGFILE CMD...: runs CMD with a cap of min(MAX, what is left of the budget)
+# stage NUM NAME MAX_SECONDS LOGFILE CMD...: CMD capped at min(MAX, budget left), output appended to LOGFILE
 stage() {
-  local name=$1 max=$2 logfile=$3; shift 3
+  local num=$1 name=$2 max=$3 logfile=$4; shift 4
   local left=$(( BUDGET - ( $(date +%s) - T0 ) ))
   local cap=$(( max < left ? max : left ))
   if [ "$cap" -lt 10 ]; then
-    log "$name: SKIPPED (budget spent)"
+    log "stage $num $name: SKIPPED (budget spent, ${left}s left)"
     return 0
   fi
   local s=$(date +%s)
-  echo "=== $name: $* (cap ${cap}s)" >> "$logfile"
+  echo "=== stage $num $name: $* (cap ${cap}s)" >> "$logfile"
   timeout --signal=TERM --kill-after=10 "$cap" "$@" >> "$logfile" 2>&1
   local rc=$?
   local took=$(( $(date +%s) - s ))
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    log "$name: TIMEOUT after ${took}s (cap ${cap}s) -> $(basename "$logfile")"
+    log "stage $num $name: TIMEOUT rc=$rc in ${took}s (cap ${cap}s) -> $(basename "$logfile")"
   else
-    log "$name: rc=$rc in ${took}s -> $(basename "$logfile")"
+    log "stage $num $name: rc=$rc in ${took}s (cap ${cap}s) -> $(basename "$logfile")"
   fi
   return 0
 }
+# left: seconds of budget left (for a stage's own inner budget)
+left() { echo $(( BUDGET - ( $(date +%s) - T0 ) )); }
+pack_bench() {
+  if ls "$BENCH_DIR"/* >/dev/null 2>&1; then
+    tar -C "$BENCH_DIR" -czf "$OUT/bench_results.tar.gz" . && log "bench_results.tar.gz: $(ls "$BENCH_DIR" | wc -l) files"
+  fi
+}
+dry_skip() {  # dry_skip NUM NAME LOGFILE: the stage needs a GPU
+  echo "=== stage $1 $2: dry run: skipped (needs a GPU)" >> "$3"
+  log "stage $1 $2: rc=0 in 0s (dry run: skipped (needs a GPU)) -> $(basename "$3")"
+}
 
-log "gpu_check start: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo +dirty)"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
-  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU')" 2>&1
-  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
-  command -v nvcc && nvcc --version | tail -2
+rm -f "$SUMMARY"
+selected 1 && rm -f "$OUT/build.log"
+selected 2 && rm -f "$OUT/correctness.jsonl"
+selected 4 && rm -f "$OUT/sanitizer.log"
+selected 5 && rm -f "$OUT/tests_gpu.log"
+if selected 3 || selected 6 || selected 7; then rm -f "$OUT/bench.log" "$OUT/bench_results.tar.gz"; fi
+
+log "gpu_check start $(date -u +%FT%TZ): stages $STAGES, budget ${BUDGET}s, dry run $DRY, skip build ${SKIP_BUILD:-0}, OUT $OUT"
+if COMMIT=$(git rev-parse --short HEAD 2>/dev/null); then git diff --quiet 2>/dev/null || COMMIT="$COMMIT+dirty"; else COMMIT="unknown (no git)"; fi
+log "commit $COMMIT"
+{
+  [ "$DRY" = "1" ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1
+  "$PY" - <<'PYEOF' 2>&1
+import sys, torch
+try:
+    import triton
+    tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU"
+print("python", sys.version.split()[0], sys.executable, "| torch", torch.__version__, "cuda", torch.version.cuda, "| triton", tv, "|", gpu)
+PYEOF
+  [ "$DRY" = "1" ] || { command -v nvcc && nvcc --version | tail -2; command -v compute-sanitizer; } 2>&1
 } >> "$SUMMARY"
 
-# ---------------------------------------------------------------------------- 1. build
-if [ "${SKIP_BUILD:-0}" != "1" ]; then
-  stage build 300 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+# ------------------------------------------------------------------------------ 1. build
+if selected 1; then
+  if [ "$DRY" = "1" ] || [ "${SKIP_BUILD:-0}" = "1" ]; then
+    echo "=== stage 1 build: pip install skipped (dry run $DRY, SKIP_BUILD ${SKIP_BUILD:-0})" >> "$OUT/build.log"
+    log "stage 1 build: not run (dry run $DRY, SKIP_BUILD ${SKIP_BUILD:-0}) -> build.log"
+  else
+    stage 1 build 240 "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps --no-index --disable-pip-version-check -v -e .
+  fi
+  stage 1 imse_kernels_info 60 "$OUT/build.log" "$PY" -m imse_kernels
 fi
-"$PY" -m imse_kernels >> "$SUMMARY" 2>&1 || log "python -m imse_kernels failed (see above)"
+# What every later stage imports (the installed package, not the checkout on sys.path).
+(cd /tmp && "$PY" -c "import imse_kernels as m; from imse_kernels import _extension as e; print('imse_kernels', m.__file__, '| backends', m.available_backends(), '| _C', e.reason('_C') or 'loaded')") >> "$SUMMARY" 2>&1
 
-# ---------------------------------------------------------------------------- 2. GPU tests
-stage tests_gpu 120 "$OUT/tests_gpu.log" env TRITON_INTERPRET=0 "$PY" -m pytest -m gpu tests -q -rs -p no:cacheprovider
-
-# ---------------------------------------------------------------------------- 3. benchmark (before the sanitizers: the lease is short, and throughput.py writes
-#    what it has measured when the stage's cap stops it)
-# Layer level: ViT-B/16 layers, batch 1 and 64, fp32 and bf16, all modes, every available backend.
-# naive_compile is left out here: its Inductor compiles (one per mode and dtype) would take minutes of
-# the lease; add it back with BENCH_ARGS="--skip-providers=" when there is time. Model level: ViT-B/16
-# IMSE step at batch 8 and 64, fp32 and bf16 autocast.
-BENCH_DIR="$OUT/bench"
-mkdir -p "$BENCH_DIR"
-# shellcheck disable=SC2086
-stage throughput 300 "$OUT/throughput.log" env TRITON_INTERPRET=0 "$PY" benchmarks/throughput.py --device cuda \
-  --skip-providers naive_compile --max-case-s 1.5 --rounds 9 --out-dir "$BENCH_DIR" --plot ${BENCH_ARGS:-}
-if ls "$BENCH_DIR"/* >/dev/null 2>&1; then
-  tar -C "$BENCH_DIR" -czf "$OUT/bench_results.tar.gz" . && rm -rf "$BENCH_DIR"
-else
-  rmdir "$BENCH_DIR" 2>/dev/null
-fi
-sed -n '/^Bars/,/^total/p' "$OUT/throughput.log" >> "$SUMMARY" 2>/dev/null
-
-# ---------------------------------------------------------------------------- 4. CUDA sanitizer
-# compute-sanitizer on a small CUDA case (tests/cuda_memcheck_case.py finds the repo itself).
-stage cuda_memcheck 120 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
-stage cuda_racecheck 150 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
-[ -f "$OUT/sanitizer.log" ] || echo "no sanitizer commands configured yet (see the slot in benchmarks/gpu_check.sh)" > "$OUT/sanitizer.log"
-
-# ---------------------------------------------------------------------------- 5. full test suite
-if [ "${SKIP_FULL:-0}" != "1" ]; then
-  XDIST=""
-  "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+# ------------------------------------------------------------------------------ 2. correctness
+if selected 2; then
+  if [ "$DRY" = "1" ]; then C_ARGS="--device cpu --backends cpu --quick"; C_MAX=60; else C_ARGS="--device cuda"; C_MAX=150; fi
+  C_INNER=$(( $(left) < C_MAX ? $(left) : C_MAX )); C_INNER=$(( C_INNER > 50 ? C_INNER - 25 : C_INNER * 2 / 3 ))
+  # stdout repeats the JSON lines of correctness.jsonl; stderr (failures, counts) goes to the summary
   # shellcheck disable=SC2086
-  stage tests_full 600 "$OUT/tests_full.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider $XDIST
-  tail -3 "$OUT/tests_full.log" >> "$SUMMARY" 2>/dev/null
+  stage 2 correctness "$C_MAX" "$SUMMARY" sh -c 'exec "$@" > /dev/null' sh \
+    "$PY" benchmarks/gpu_correctness.py $C_ARGS --out "$OUT/correctness.jsonl" --budget-s "$C_INNER"
+  note "correctness: $(tail -1 "$OUT/correctness.jsonl" 2>/dev/null)"
 fi
 
-log "gpu_check done in $(( $(date +%s) - T0 ))s; files: $(ls "$OUT" | tr '\n' ' ')"
-tail -40 "$OUT/throughput.log" 2>/dev/null
+# ------------------------------------------------------------------------------ 3. bf16 layer benchmark
+if selected 3; then
+  if [ "$DRY" = "1" ]; then
+    B_ARGS="--device cpu --quick --level layer --nets vit_s --layers proj --batches 1 --dtypes bf16 --modes fwdbwd,infer"
+  else
+    B_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes bf16 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
+  fi
+  # shellcheck disable=SC2086
+  MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+  stage 3 bench_bf16 120 "$OUT/bench.log" "$PY" benchmarks/throughput.py $B_ARGS --out-dir "$BENCH_DIR" --tag gpu_bf16_layer --plot ${BENCH_ARGS:-}
+  pack_bench
+  tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\s+(PASS|FAIL)\s' >> "$SUMMARY"
+fi
+
+# ------------------------------------------------------------------------------ 4. CUDA sanitizers
+if selected 4; then
+  if [ "$DRY" = "1" ]; then
+    dry_skip 4 sanitizer "$OUT/sanitizer.log"
+  else
+    stage 4 memcheck 75 "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
+    stage 4 racecheck 90 "$OUT/sanitizer.log" \
+      compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
+    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases passed' "$OUT/sanitizer.log" >> "$SUMMARY" 2>/dev/null
+  fi
+fi
+
+# ------------------------------------------------------------------------------ 5. GPU tests
+if selected 5; then
+  if [ "$DRY" = "1" ]; then
+    dry_skip 5 tests_gpu "$OUT/tests_gpu.log"
+  else
+    stage 5 tests_gpu 150 "$OUT/tests_gpu.log" "$PY" -m pytest -m gpu tests -v -p no:cacheprovider -rs
+    tail -1 "$OUT/tests_gpu.log" >> "$SUMMARY" 2>/dev/null
+  fi
+fi
+
+# ------------------------------------------------------------------------------ 6. fp32 layers, model level
+if selected 6; then
+  if [ "$DRY" = "1" ]; then
+    F_ARGS="--device cpu --quick --level layer --nets vit_s --layers proj --batches 1 --dtypes fp32 --modes fwdbwd"
+    M_ARGS="--device cpu --quick --level model --model-providers imse,imse_reference --model-batches 1"
+  else
+    F_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes fp32 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
+    M_ARGS="--device cuda --level model --max-case-s 3"
+  fi
+  MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+  # shellcheck disable=SC2086
+  stage 6 bench_fp32 100 "$OUT/bench.log" "$PY" benchmarks/throughput.py $F_ARGS --out-dir "$BENCH_DIR" --tag gpu_fp32_layer --plot ${BENCH_ARGS:-}
+  pack_bench
+  # shellcheck disable=SC2086
+  stage 6 bench_model 150 "$OUT/bench.log" "$PY" benchmarks/throughput.py $M_ARGS --out-dir "$BENCH_DIR" --tag gpu_model ${BENCH_ARGS:-}
+  pack_bench
+  tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\s+(PASS|FAIL)\s' >> "$SUMMARY"
+fi
+
+# ------------------------------------------------------------------------------ 7. triton speed targets
+if selected 7; then
+  if [ "$DRY" = "1" ]; then
+    dry_skip 7 triton_speed "$OUT/bench.log"
+  else
+    MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+    stage 7 triton_speed 90 "$OUT/bench.log" "$PY" benchmarks/triton_speed.py --dtypes bf16 --rounds 3 --out "$BENCH_DIR"
+    pack_bench
+    tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\| ' >> "$SUMMARY"
+  fi
+fi
+
+# ------------------------------------------------------------------------------ the device tool's limits
+N_FILES=$(find "$OUT" -mindepth 1 -type f | wc -l)
+N_DIRS=$(find "$OUT" -mindepth 1 -type d | wc -l)
+BAD_NAMES=$(find "$OUT" -mindepth 1 -type f | sed 's#.*/##' | grep -c '[^A-Za-z0-9._-]')
+BIG=$(find "$OUT" -mindepth 1 -type f -size +16M | wc -l)
+RC=0
+if [ "$N_FILES" -le 8 ] && [ "$N_DIRS" -eq 0 ] && [ "$BAD_NAMES" -eq 0 ] && [ "$BIG" -eq 0 ]; then
+  log "file check: PASS ($N_FILES files, limit 8; no folders): $(ls "$OUT" | tr '\n' ' ')"
+else
+  log "file check: FAIL ($N_FILES files (limit 8), $N_DIRS folders, $BAD_NAMES odd names, $BIG over 16 MiB): $(ls "$OUT" | tr '\n' ' ')"
+  RC=3
+fi
+log "gpu_check done in $(( $(date +%s) - T0 ))s"
 cat "$SUMMARY"
+exit $RC
