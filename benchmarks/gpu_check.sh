@@ -95,6 +95,10 @@ pack_bench() {
     tar -C "$BENCH_DIR" -czf "$OUT/bench_results.tar.gz" . && log "bench_results.tar.gz: $(ls "$BENCH_DIR" | wc -l) files"
   fi
 }
+bench_mark() { cat "$OUT/bench.log" 2>/dev/null | wc -l; }
+# bench_lines_since MARK PATTERN: the bench.log lines written after MARK that match PATTERN, into the summary
+bench_lines_since() { tail -n +$(( $1 + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E "$2" >> "$SUMMARY"; }
+
 dry_skip() {  # dry_skip NUM NAME LOGFILE: the stage needs a GPU
   echo "=== stage $1 $2: dry run: skipped (needs a GPU)" >> "$3"
   log "stage $1 $2: rc=0 in 0s (dry run: skipped (needs a GPU)) -> $(basename "$3")"
@@ -157,10 +161,10 @@ if selected 3; then
     B_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes bf16 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
   fi
   # shellcheck disable=SC2086
-  MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+  MARK=$(bench_mark)
   stage 3 bench_bf16 120 "$OUT/bench.log" "$PY" benchmarks/throughput.py $B_ARGS --out-dir "$BENCH_DIR" --tag gpu_bf16_layer --plot ${BENCH_ARGS:-}
   pack_bench
-  tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\s+(PASS|FAIL)\s' >> "$SUMMARY"
+  bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
 
 # ------------------------------------------------------------------------------ 4. CUDA sanitizers
@@ -195,14 +199,14 @@ if selected 6; then
     F_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes fp32 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
     M_ARGS="--device cuda --level model --max-case-s 3"
   fi
-  MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+  MARK=$(bench_mark)
   # shellcheck disable=SC2086
   stage 6 bench_fp32 100 "$OUT/bench.log" "$PY" benchmarks/throughput.py $F_ARGS --out-dir "$BENCH_DIR" --tag gpu_fp32_layer --plot ${BENCH_ARGS:-}
   pack_bench
   # shellcheck disable=SC2086
   stage 6 bench_model 150 "$OUT/bench.log" "$PY" benchmarks/throughput.py $M_ARGS --out-dir "$BENCH_DIR" --tag gpu_model ${BENCH_ARGS:-}
   pack_bench
-  tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\s+(PASS|FAIL)\s' >> "$SUMMARY"
+  bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
 
 # ------------------------------------------------------------------------------ 7. triton speed targets
@@ -210,10 +214,10 @@ if selected 7; then
   if [ "$DRY" = "1" ]; then
     dry_skip 7 triton_speed "$OUT/bench.log"
   else
-    MARK=$(cat "$OUT/bench.log" 2>/dev/null | wc -l)
+    MARK=$(bench_mark)
     stage 7 triton_speed 90 "$OUT/bench.log" "$PY" benchmarks/triton_speed.py --dtypes bf16 --rounds 3 --out "$BENCH_DIR"
     pack_bench
-    tail -n +$(( MARK + 1 )) "$OUT/bench.log" 2>/dev/null | grep -E '^\| ' >> "$SUMMARY"
+    bench_lines_since "$MARK" '^\| '
   fi
 fi
 

@@ -48,15 +48,11 @@ def reset() -> None:
 
 
 def _signature(args: tuple) -> tuple:
-    sig = []
-    for a in args:
-        if isinstance(a, Tensor):
-            sig.append((tuple(a.shape), a.dtype, a.device))
-            if a.dtype == torch.float32:
-                sig.append(tf32_matmul_enabled())
-        else:
-            sig.append(a)
-    return tuple(sig)
+    """Shapes, dtypes, devices and flags of a call, plus the TF32 setting when an operand is fp32."""
+    sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
+    if any(isinstance(a, Tensor) and a.dtype == torch.float32 for a in args):
+        sig += (tf32_matmul_enabled(),)
+    return sig
 
 
 def _tolerance(dtype: torch.dtype) -> float:

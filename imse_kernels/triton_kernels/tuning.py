@@ -24,6 +24,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..overrides import Override
+from ..state_file import atomic_write_text
 from . import runtime
 
 _lock = threading.Lock()
@@ -69,17 +70,11 @@ def _save() -> None:
     path = _path()
     if not path:
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(_choices, f, indent=0, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(_choices, indent=0, sort_keys=True))
     except OSError:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        pass  # an unwritable cache only costs a re-tune in the next process
 
 
 def choices() -> dict[str, str]:
