@@ -1,7 +1,7 @@
 """imse_kernels: fused spectral linear layers (train only the singular values) and IMSE test-time adaptation."""
 from . import _extension
 from .backends import available_backends, backend_status, use_backend
-from .layers import FusedSpectralLinear, spectral_layers, spectralize, unspectralize
+from .layers import FusedSpectralLinear, spectral_layers, spectralize, stream_codes, unspectralize
 from .ops import spectral_linear
 from . import losses, optim, tta  # noqa: E402  (IMSE on top of the layers)
 from .tta import IMSE, IMSEConfig, Source, Tent
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _extension.load("_C")  # registers the C++ CPU ops; warns once and falls back if missing
 
 __all__ = [
-    "spectral_linear", "FusedSpectralLinear", "spectralize", "unspectralize", "spectral_layers",
+    "spectral_linear", "FusedSpectralLinear", "spectralize", "unspectralize", "spectral_layers", "stream_codes",
     "available_backends", "backend_status", "use_backend", "__version__",
     "IMSE", "IMSEConfig", "Tent", "Source", "losses", "optim", "tta",
 ]

@@ -55,3 +55,37 @@ def test_include_exclude_on_plain_tree():
 def test_no_match_warns():
     with pytest.warns(UserWarning, match="no nn.Linear matched"):
         assert spectralize(nn.Sequential(nn.Linear(4, 4))) == []
+
+
+def test_filter_fn_as_in_quantize():
+    """filter_fn(module, fqn) chooses, as torchao's quantize_ does; include narrows it further."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+    seen = []
+
+    def wide(m, fqn):
+        seen.append(fqn)
+        return m.out_features >= 16
+
+    assert spectralize(model, wide) == ["0", "2.0"]
+    assert seen == ["0", "2.0", "2.1"]  # asked only about nn.Linear layers
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)))
+    assert spectralize(model, wide, include=["2.*"]) == ["2.0"]
+
+
+def test_freeze_false_and_unspectralize_restores_requires_grad():
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    model[1].bias.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    spectralize(model, include=["0"], freeze=False)
+    assert model[1].weight.requires_grad and model[2].weight.requires_grad  # untouched
+    unspectralize(model)
+    spectralize(model, include=["0"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.s"]
+    unspectralize(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_old_positional_include_still_works():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    with pytest.warns(DeprecationWarning, match="include=... by keyword"):
+        assert spectralize(model, ["1"]) == ["1"]

@@ -26,7 +26,7 @@ def test_truncated_rank_and_tolerance():
     layer = FusedSpectralLinear.from_linear(lin, rank=5)
     assert layer.rank == 5 and layer.s.shape == (5,)
     U, S, Vh = torch.linalg.svd(lin.weight.double(), full_matrices=False)
-    torch.testing.assert_close(layer.weight().double(), (U[:, :5] * S[:5]) @ Vh[:5], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.double(), (U[:, :5] * S[:5]) @ Vh[:5], rtol=1e-5, atol=1e-6)
     low = nn.Linear(20, 30, bias=False)
     with torch.no_grad():
         low.weight.copy_(torch.randn(30, 3) @ torch.randn(3, 20))
@@ -137,3 +137,26 @@ def test_factor_tap_sees_h_and_leaves_the_layer_unchanged(d_in, d_out, rank, tra
     assert len(seen) == 1
     with pytest.raises(ValueError, match="in_features"):
         layer(torch.randn(3, d_in + 1, dtype=torch.float64))
+
+
+def test_linear_attributes_and_read_only_weight():
+    """Code written for nn.Linear reads in_features, out_features, bias and weight.shape."""
+    lin = nn.Linear(12, 9)
+    layer = FusedSpectralLinear.from_linear(lin)
+    assert (layer.in_features, layer.out_features) == (12, 9)
+    assert layer.weight.shape == lin.weight.shape and layer.weight.dtype == lin.weight.dtype
+    assert not layer.weight.requires_grad
+    torch.testing.assert_close(layer.weight, lin.weight, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias, lin.bias)
+    with pytest.raises(AttributeError):
+        layer.weight = torch.zeros(9, 12)
+    with torch.no_grad():
+        layer.s.mul_(2)
+    torch.testing.assert_close(layer.weight, 2 * lin.weight, rtol=1e-5, atol=1e-5)  # follows s
+
+
+def test_to_linear_keeps_the_original_requires_grad():
+    lin = nn.Linear(6, 5)
+    lin.bias.requires_grad_(False)
+    back = FusedSpectralLinear.from_linear(lin).to_linear()
+    assert back.weight.requires_grad and not back.bias.requires_grad

@@ -175,9 +175,9 @@ def _sample_inputs():
             U, s, Vh, b = factors(12, 10, 6)
             x = torch.randn(5, 12, requires_grad=need_dx)
             s.requires_grad_(need_ds)
-            yield (x, U, s, Vh, b, route, need_ds, need_dx)
+            yield (x, U, s, Vh, b, None, route, need_ds, need_dx)
     U, s, Vh, _ = factors(12, 10, 6)
-    yield (torch.randn(5, 12, requires_grad=True), U, s, Vh, None, RECOMPOSED, False, True)
+    yield (torch.randn(5, 12, requires_grad=True), U, s, Vh, None, None, RECOMPOSED, False, True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -190,9 +190,9 @@ def test_opcheck(backend):
         h = torch.randn(5, 6)
         x = torch.randn(5, 12)
         W = (U * s) @ Vh
-        torch.library.opcheck(_backward_op, (g, h, U, s, Vh, None, FACTORIZED, True, True))
-        torch.library.opcheck(_backward_op, (g, x, U, s, Vh, W, RECOMPOSED, True, False))
-        torch.library.opcheck(_backward_op, (g, None, U, s, Vh, W, RECOMPOSED, False, True))
+        torch.library.opcheck(_backward_op, (g, h, U, s, Vh, None, None, FACTORIZED, True, True))
+        torch.library.opcheck(_backward_op, (g, x, U, s, Vh, W, None, RECOMPOSED, True, False))
+        torch.library.opcheck(_backward_op, (g, None, U, s, Vh, W, None, RECOMPOSED, False, True))
 
 
 def test_planner_picks_cost_model_routes():

@@ -13,7 +13,7 @@ from imse_kernels.backends import get_backend, unavailable_reason  # noqa: E402
 from imse_kernels.backends.triton_backend import TritonBackend  # noqa: E402
 from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED, plan  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
-from triton_oracle import assert_close, factors, oracle_backward, oracle_forward, oracle_stats  # noqa: E402
+from triton_oracle import assert_close, factors, oracle_backward, oracle_forward  # noqa: E402
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None or not runtime.INTERPRETED,
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
@@ -90,15 +90,6 @@ def test_recompose_and_recomposed_backward(tb, ref, dtype):
     assert_close(ds, ds64, ds_ref, "ds", dtype)
     none, ds2 = tb.recomposed_backward(g, x, U, s, Vh, W, False)
     assert none is None and torch.equal(ds, ds2)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_forward_stats(tb, variant):
-    x, U, s, Vh, b = factors(19, 37, 26, 21, torch.float32)
-    with tuning.force(variant):
-        y, st = tb.factorized_forward_stats(x, U, s, Vh, b)
-    assert_close(y, oracle_forward(x, U, s, Vh, b)[0], None, "y")
-    assert_close(st, oracle_stats(x, Vh), None, "stats")
 
 
 def test_float64_runs_through_torch_backend(tb):

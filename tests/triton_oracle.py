@@ -55,9 +55,3 @@ def oracle_backward(grad, h, U, s, Vh):
     """float64 dx, ds for the F route."""
     t = grad.double() @ U.double()
     return (t * s.double()) @ Vh.double(), (h.double() * t).sum(0)
-
-
-def oracle_stats(x, Vh):
-    """float64 (2, r): Σ_n a_nk and Σ_n a_nk² with a = (x·Vhᵀ)/‖x‖."""
-    a = (x.double() @ Vh.double().t()) / x.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return torch.stack([a.sum(0), (a * a).sum(0)])

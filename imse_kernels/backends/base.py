@@ -15,6 +15,33 @@ FACTORIZED = 0
 RECOMPOSED = 1
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, else float32 (low-precision inputs accumulate in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_scale(h: Tensor, S: Tensor, index: Tensor) -> Tensor:
+    """h ⊙ S[index] row by row, computed in the accumulation dtype and returned in h's dtype."""
+    acc = accumulation_dtype(h.dtype)
+    return (h.to(acc) * S.to(acc).index_select(0, index)).to(h.dtype)
+
+
+def segment_sum(rows: Tensor, index: Tensor, k: int) -> Tensor:
+    """(k, r): out[c] = Σ_{n: index[n]=c} rows[n], deterministic on every device (no float atomics).
+
+    On the CPU `index_add_` is a serial, ordered loop; elsewhere `sorted_segment_sum` serves."""
+    if rows.device.type == "cpu":
+        return rows.new_zeros((k, rows.shape[1])).index_add_(0, index, rows)
+    return sorted_segment_sum(rows, index, k)
+
+
+def sorted_segment_sum(rows: Tensor, index: Tensor, k: int) -> Tensor:
+    """`segment_sum` by a stable sort of the rows by code and one reduction per segment."""
+    order = torch.argsort(index, stable=True)
+    lengths = torch.bincount(index, minlength=k)
+    return torch.segment_reduce(rows.index_select(0, order), "sum", lengths=lengths, axis=0, unsafe=True)
+
+
 class SpectralBackend:
     name: str = "abstract"
 
@@ -44,6 +71,29 @@ class SpectralBackend:
     def recomposed_backward(self, grad: Tensor, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, W: Tensor, need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
         """G = gradᵀ·x; ds = rowsum((Uᵀ·G) ⊙ Vh); dx = grad·W when need_dx (else None)."""
         raise NotImplementedError
+
+    # Per-sample codes (docs/design.md §8): S is (K, r) and row n uses S[index[n]]; index is int64 (N,)
+    # with values in [0, K), checked by the op. The defaults are plain ATen ops (route F's two shared
+    # GEMMs around a gather-scale; dS by a fixed-order segmented sum); backends may fuse them.
+    def indexed_forward(self, x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, bias: Optional[Tensor], index: Tensor,
+                        save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
+        """y_n = ((x_n·Vhᵀ) ⊙ S[index[n]])·Uᵀ + bias, and h = x·Vhᵀ when save_h (else None)."""
+        h = x @ Vh.t()
+        hs = gather_scale(h, S, index)
+        y = torch.addmm(bias, hs, U.t()) if bias is not None else hs @ U.t()
+        return y, (h if save_h else None)
+
+    def indexed_backward(self, grad: Tensor, h: Tensor, U: Tensor, S: Tensor, Vh: Tensor, index: Tensor,
+                         need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
+        """t = grad·U; dS[k] = Σ_{n: index[n]=k} h_n ⊙ t_n; dx = (t ⊙ S[index])·Vh when need_dx."""
+        t = grad @ U
+        acc = accumulation_dtype(h.dtype)
+        dS = segment_sum(h.to(acc) * t.to(acc), index, S.shape[0]).to(S.dtype)
+        return (gather_scale(t, S, index) @ Vh if need_dx else None), dS
+
+    def indexed_input_grad(self, grad: Tensor, U: Tensor, S: Tensor, Vh: Tensor, index: Tensor) -> Tensor:
+        """dx = ((grad·U) ⊙ S[index])·Vh, for codes that are frozen."""
+        return gather_scale(grad @ U, S, index) @ Vh
 
     def measured_route(self, n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool,
                        has_weight: bool, dtype: torch.dtype, device: torch.device) -> Optional[int]:

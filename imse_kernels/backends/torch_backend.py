@@ -1,14 +1,12 @@
-"""Pure PyTorch backend: runs on any device and is the oracle every other backend is tested against."""
+"""Pure PyTorch backend: runs on any device and is the oracle every other backend is tested against.
+Its per-sample-code primitives are the protocol's ATen defaults (`base.py`)."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .base import SpectralBackend
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .base import accumulation_dtype as _acc
 
 
 def scale_columns(U: Tensor, s: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ per shape by timing on the GPU (cached), or a shape heuristic where timing is of
 
 - fused:  one `chain` launch (the F route streamed over rank chunks, nothing N×r written unless h
           must be saved); wins at small N or when the output has few column tiles;
-- split:  a Triton GEMM with s and the ds / stats epilogues fused, plus one cuBLAS GEMM for the
+- split:  a Triton GEMM with s and the ds epilogue fused, plus one cuBLAS GEMM for the
           plain product; wins at large N, where `chain` would recompute `mid` per column tile;
 - triton: (recomposition, route-R ds) the Triton kernel alone;
 - blas:   the torch backend (cuBLAS GEMMs), kept as a candidate so the backend never loses to it.
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..triton_kernels import configs, runtime, tuning
+from ..triton_kernels import runtime, tuning
 from ..triton_kernels.chain import chain
 from ..triton_kernels.recomposed_ds import recomposed_ds
 from ..triton_kernels.scaled_matmul import scaled_matmul
@@ -66,18 +66,18 @@ class TritonBackend(SpectralBackend):
         cap = runtime.capability(dev)
         cands: dict[str, Callable[[], object]] = {}
         for variant, (kernel, make) in kernel_variants.items():
-            for cfg in configs.candidates(kernel, cap, fp32):
+            for cfg in tuning.candidates(kernel, cap, fp32):
                 cands[f"{variant}/{cfg.name}"] = (lambda make=make, cfg=cfg: make(cfg))
         cands["blas"] = blas
         if default != "blas":
             kernel = kernel_variants[default][0]
-            default = f"{default}/{configs.default(kernel, cap, m, fp32).name}"
+            default = f"{default}/{tuning.default(kernel, cap, m, fp32).name}"
         return cands[tuning.choose(key, dev, cands, default)]()
 
     @staticmethod
     def _fused_first(t: Tensor, n: int, n_out: int) -> str:
         """Heuristic without timing: `chain` when its recomputation is cheap or launches dominate."""
-        cfg = configs.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32)
+        cfg = tuning.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32)
         return "fused" if n <= 256 or n_out <= cfg["BLOCK_N"] else "split"
 
     @staticmethod
@@ -100,47 +100,18 @@ class TritonBackend(SpectralBackend):
         n, (d_out, r) = x.shape[0], U.shape
 
         def fused(cfg):
-            y, h, _, _ = chain(x, Vh.t(), s, U.t(), bias, save_h=save_h, cfg=cfg)
+            y, h, _ = chain(x, Vh.t(), s, U.t(), bias, save_h=save_h, cfg=cfg)
             return y, h
 
         def split(cfg):
             h = x @ Vh.t()
-            y, _, _ = scaled_matmul(h, U.t(), s, bias, scale="k", cfg=cfg)
+            y, _ = scaled_matmul(h, U.t(), s, bias, scale="k", cfg=cfg)
             return y, (h if save_h else None)
 
         key = self._key("fwd", x.device, n, (x.shape[1], d_out, r), x.dtype, save_h, bias is not None)
         default = self._fused_first(x, n, d_out)
         return self._run(key, x, _fused_or_split(fused, split),
                          lambda: _torch.factorized_forward(x, U, s, Vh, bias, save_h), default, n)
-
-    def factorized_forward_stats(self, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor,
-                                 bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """y as `factorized_forward`, plus float32 (2, r): Σ_n a_nk and Σ_n a_nk² with
-        a_nk = (x_n·v_k)/max(‖x_n‖, 1e-12), the statistics of the diversity loss (docs/design.md §6), computed
-        where h is on chip (no N×r tensor is written on the fused path)."""
-        def blas():
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-            a = (x @ Vh.t()).to(acc) / x.to(acc).norm(dim=1, keepdim=True).clamp_min(1e-12)
-            y = _torch.factorized_forward(x, U, s, Vh, bias, False)[0]
-            return y, torch.stack([a.sum(0), (a * a).sum(0)]).float()
-
-        if not self._native(x):
-            return blas()
-        self._check("factorized_forward_stats", s, x=x, U=U, Vh=Vh, bias=bias)
-        n, (d_out, r) = x.shape[0], U.shape
-
-        def fused(cfg):
-            y, _, _, st = chain(x, Vh.t(), s, U.t(), bias, stats=True, cfg=cfg)
-            return y, st
-
-        def split(cfg):
-            h, _, st = scaled_matmul(x, Vh.t(), stats=True, cfg=cfg)
-            y, _, _ = scaled_matmul(h, U.t(), s, bias, scale="k", cfg=cfg)
-            return y, st
-
-        key = self._key("fwd_stats", x.device, n, (x.shape[1], d_out, r), x.dtype, bias is not None)
-        default = self._fused_first(x, n, d_out)
-        return self._run(key, x, _fused_or_split(fused, split), blas, default, n)
 
     def recompose(self, U, s, Vh):
         if not self._native(U):
@@ -171,11 +142,11 @@ class TritonBackend(SpectralBackend):
                              lambda: _torch.factorized_backward(grad, h, U, s, Vh, False), "split", n)
 
         def fused(cfg):
-            dx, _, ds, _ = chain(grad, U, s, Vh, h=h, cfg=cfg)
+            dx, _, ds = chain(grad, U, s, Vh, h=h, cfg=cfg)
             return dx, ds.to(s.dtype)
 
         def split(cfg):
-            ts, ds, _ = scaled_matmul(grad, U, s, scale="n", h=h, cfg=cfg)
+            ts, ds = scaled_matmul(grad, U, s, scale="n", h=h, cfg=cfg)
             return ts @ Vh, ds.to(s.dtype)
 
         key = self._key("bwd", grad.device, n, (d_in, d_out, r), grad.dtype)

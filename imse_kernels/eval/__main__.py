@@ -176,7 +176,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     opts = MethodOptions(args.tent_lr, args.tent_optimizer,
                          args.imse_lr if args.imse_lr is not None else (3e-3 if args.setting == "recurring" else None))
 
-    from .. import use_backend
+    from ..backends import use_backend
 
     backend_ctx = use_backend(args.backend) if args.backend else contextlib.nullcontext()
     results = []

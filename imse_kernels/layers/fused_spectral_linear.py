@@ -6,8 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.spectral_linear import spectral_linear
+from ..ops.spectral_linear import _spectral_linear, spectral_linear
 from ..ops.weight_cache import RecomposedWeightCache
+from ..overrides import Override
+
+#: (ids of the coded layers in scope, index) inside `stream_codes`; None outside.
+active_codes = Override("stream_codes")
 
 
 def _svd(weight: Tensor, svd_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
@@ -22,7 +26,12 @@ class FusedSpectralLinear(nn.Module):
 
     Buffers `U` (d_out × r) and `Vh` (r × d_in) in the layer dtype; `s` (r,) is a float32 Parameter
     (its optimizer state stays float32 under autocast); `bias` is a frozen buffer unless
-    `trainable_bias=True`. Build one from a pretrained layer with `from_linear`.
+    `trainable_bias=True`. Build one from a pretrained layer with `from_linear`. Like `nn.Linear`
+    it has `in_features`, `out_features`, `bias` and `weight` (read-only: U·diag(s)·Vh, cached
+    while s is unchanged).
+
+    `enable_codes(K)` adds a (K, r) table `codes` (float32 Parameter, every row a copy of s); inside
+    `imse_kernels.stream_codes(model, index)` sample b then uses `codes[index[b]]` (docs/design.md §8).
 
     `factor_tap`, when set, sees every forward under autograd as tap(x_rows, h): h = x·Vhᵀ
     (differentiable in x) where this forward computes it anyway, else None. IMSE's diversity
@@ -49,9 +58,9 @@ class FusedSpectralLinear(nn.Module):
             self.bias = None
         self._weight_cache = RecomposedWeightCache()
         self.factor_tap: Optional[Callable[[Tensor, Optional[Tensor]], None]] = None
-        # With s frozen and W' cached, one GEMM with W' beats the two factor GEMMs unless the rank is
-        # small: d_in·d_out < r·(d_in + d_out), for any number of tokens.
-        self._frozen_is_dense = in_features * out_features < rank * (in_features + out_features)
+        self.linear_requires_grad: tuple[bool, bool] = (True, True)  # what `to_linear` gives weight, bias
+        self.codes: Optional[nn.Parameter]
+        self.register_parameter("codes", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,39 +101,52 @@ class FusedSpectralLinear(nn.Module):
         if linear.bias is not None:
             with torch.no_grad():
                 layer.bias.copy_(linear.bias)
+        layer.linear_requires_grad = (w.requires_grad, linear.bias is not None and linear.bias.requires_grad)
         return layer
 
-    @torch.no_grad()
+    @property
     def weight(self) -> Tensor:
-        """The dense weight U·diag(s)·Vh in the layer dtype."""
-        acc = torch.float64 if self.U.dtype == torch.float64 else torch.float32
-        return ((self.U.to(acc) * self.s.to(acc)) @ self.Vh.to(acc)).to(self.U.dtype)
+        """The dense weight U·diag(s)·Vh (out_features × in_features, layer dtype), read-only and
+        without gradient; cached until s, U or Vh change (do not write into it)."""
+        return self._weight_cache.get(self.U, self.s, self.Vh)
 
     def to_linear(self) -> nn.Linear:
-        """Merge back into an `nn.Linear` (parameters frozen, like the rest of a spectralized model)."""
+        """Merge back into an `nn.Linear`; its parameters get the `requires_grad` the original
+        layer had (`linear_requires_grad`, recorded by `from_linear`)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.U.device, dtype=self.U.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight())
+            linear.weight.copy_(self.weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        linear.requires_grad_(False)
+        linear.weight.requires_grad_(self.linear_requires_grad[0])
+        if linear.bias is not None:
+            linear.bias.requires_grad_(self.linear_requires_grad[1])
         return linear
 
-    def forward(self, x: Tensor) -> Tensor:
-        frozen = not (self.s.requires_grad and torch.is_grad_enabled())
-        if self.factor_tap is not None and torch.is_grad_enabled():
-            return self._tapped_forward(x, frozen)
-        return self._forward(x, frozen)
+    def enable_codes(self, num_codes: int) -> nn.Parameter:
+        """Hold a (num_codes, r) table of per-stream codes, each row a copy of the current s."""
+        if not (isinstance(num_codes, int) and num_codes >= 1):
+            raise ValueError(f"FusedSpectralLinear.enable_codes: num_codes must be an int >= 1, got {num_codes!r}")
+        self.codes = nn.Parameter(self.s.detach().repeat(num_codes, 1), requires_grad=self.s.requires_grad)
+        return self.codes
 
-    def _forward(self, x: Tensor, frozen: bool) -> Tensor:
-        U = self.U
-        if (frozen and self._frozen_is_dense and x.dtype == U.dtype and not torch.is_autocast_enabled(x.device.type)
-                and not torch.compiler.is_compiling()):
-            # Frozen s: exactly a frozen nn.Linear with the cached W' (the planner's choice, without its cost).
-            self._check_features(x)
-            return F.linear(x, self._weight_cache.get(U, self.s, self.Vh), self.bias)
-        return spectral_linear(x, U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
+    def disable_codes(self) -> None:
+        """Drop the code table; every call uses s again."""
+        self.codes = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.codes is not None:
+            scope = active_codes.get()
+            if scope is not None and id(self) in scope[0]:
+                if self.factor_tap is not None and torch.is_grad_enabled():
+                    self._check_features(x)
+                    self.factor_tap(x.reshape(-1, self.in_features), None)
+                return _spectral_linear(x, self.U, self.codes, self.Vh, self.bias, scope[1], None,
+                                        check_index_range=False)
+        if self.factor_tap is not None and torch.is_grad_enabled():
+            return self._tapped_forward(x, frozen=not self.s.requires_grad)
+        return spectral_linear(x, self.U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
 
     def _check_features(self, x: Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -138,7 +160,7 @@ class FusedSpectralLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if not (frozen and self.rank < self.in_features):
             self.factor_tap(rows, None)
-            return self._forward(x, frozen)
+            return spectral_linear(x, self.U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
         h = F.linear(rows, self.Vh)
         self.factor_tap(rows, h)
         y = F.linear(h * self.s.detach().to(h.dtype), self.U, self.bias)

@@ -35,13 +35,16 @@ def _no_autocast(device_type: str):
 # Forward op
 
 def _forward_impl(
-    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
+    x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor], index: Optional[Tensor],
     route: int, need_ds: bool, need_dx: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (y, aux): aux is h (route F, when ds is needed), the recomposed W (route R, when a
-    backward follows) or an empty tensor."""
+    backward follows) or an empty tensor. With `index` (per-sample codes, s is (K, r)) the route is F."""
     backend = resolve_backend(x.device)
     with _no_autocast(x.device.type):
+        if index is not None:
+            y, h = backend.indexed_forward(x, U, s, Vh, bias, index, need_ds)
+            return y, (h if need_ds else _empty_like(x))
         if route == FACTORIZED:
             y, h = backend.factorized_forward(x, U, s, Vh, bias, need_ds)
             return y, (h if need_ds else _empty_like(x))
@@ -54,9 +57,9 @@ _forward_op = torch.library.custom_op("imse::spectral_linear_fwd", _forward_impl
 
 
 @_forward_op.register_fake
-def _(x, U, s, Vh, bias, route, need_ds, need_dx):
+def _(x, U, s, Vh, bias, index, route, need_ds, need_dx):
     y = x.new_empty((x.shape[0], U.shape[0]))
-    if route == FACTORIZED and need_ds:
+    if (route == FACTORIZED or index is not None) and need_ds:
         return y, x.new_empty((x.shape[0], U.shape[1]))
     if route == RECOMPOSED and (need_ds or need_dx):
         return y, x.new_empty((U.shape[0], Vh.shape[1]))
@@ -68,15 +71,20 @@ def _(x, U, s, Vh, bias, route, need_ds, need_dx):
 
 def _backward_impl(
     grad: Tensor, saved: Optional[Tensor], U: Tensor, s: Tensor, Vh: Tensor, weight: Optional[Tensor],
-    route: int, need_ds: bool, need_dx: bool,
+    index: Optional[Tensor], route: int, need_ds: bool, need_dx: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (dx, ds); either is an empty tensor when not needed. `saved` is h (route F) or x
-    (route R) when ds is needed; `weight` is W for route R."""
+    (route R) when ds is needed; `weight` is W for route R; ds has s's shape ((K, r) with `index`)."""
     backend = resolve_backend(grad.device)
     grad = grad.contiguous()
     dx = ds = None
     with _no_autocast(grad.device.type):
-        if route == FACTORIZED:
+        if index is not None:
+            if need_ds:
+                dx, ds = backend.indexed_backward(grad, saved, U, s, Vh, index, need_dx)
+            elif need_dx:
+                dx = backend.indexed_input_grad(grad, U, s, Vh, index)
+        elif route == FACTORIZED:
             if need_ds:
                 dx, ds = backend.factorized_backward(grad, saved, U, s, Vh, need_dx)
             elif need_dx:
@@ -93,9 +101,9 @@ _backward_op = torch.library.custom_op("imse::spectral_linear_bwd", _backward_im
 
 
 @_backward_op.register_fake
-def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
+def _(grad, saved, U, s, Vh, weight, index, route, need_ds, need_dx):
     dx = grad.new_empty((grad.shape[0], Vh.shape[1]) if need_dx else _EMPTY)
-    ds = s.new_empty((s.shape[0],) if need_ds else _EMPTY)
+    ds = s.new_empty(tuple(s.shape) if need_ds else _EMPTY)
     return dx, ds
 
 
@@ -104,14 +112,14 @@ def _(grad, saved, U, s, Vh, weight, route, need_ds, need_dx):
 # above carry it (fake impls, no graph break); in eager mode an autograd.Function runs the same
 # implementations without the custom-op dispatch, which costs about 0.1 ms a call.
 
-def _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx) -> None:
+def _save(ctx, x, aux, U, s, Vh, bias, index, route, need_ds, need_dx) -> None:
     ctx.route, ctx.need_ds, ctx.need_dx = route, need_ds, need_dx
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
-    if route == FACTORIZED:
+    if route == FACTORIZED or index is not None:
         saved, W = (aux if need_ds else None), None
     else:
         saved, W = (x if need_ds else None), aux
-    ctx.save_for_backward(saved, U, s, Vh, W)
+    ctx.save_for_backward(saved, U, s, Vh, W, index)
 
 
 def _grads(ctx, grad_y, backward_fn) -> tuple:
@@ -119,11 +127,11 @@ def _grads(ctx, grad_y, backward_fn) -> tuple:
     dx = ds = db = None
     if grad_y is None:
         return dx, ds, db
-    saved, U, s, Vh, W = ctx.saved_tensors
+    saved, U, s, Vh, W, index = ctx.saved_tensors
     need_ds = ctx.need_ds and ctx.needs_input_grad[2]
     need_dx = ctx.need_dx and ctx.needs_input_grad[0]
     if need_ds or need_dx:
-        dx, ds = backward_fn(grad_y, saved, U, s, Vh, W, ctx.route, need_ds, need_dx)
+        dx, ds = backward_fn(grad_y, saved, U, s, Vh, W, index, ctx.route, need_ds, need_dx)
         dx = dx if need_dx else None
         ds = ds if need_ds else None
     if ctx.bias_grad:
@@ -132,16 +140,16 @@ def _grads(ctx, grad_y, backward_fn) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, U, s, Vh, bias, route, need_ds, need_dx = inputs
+    x, U, s, Vh, bias, index, route, need_ds, need_dx = inputs
     _, aux = output
     ctx.mark_non_differentiable(aux)
     ctx.set_materialize_grads(False)  # aux gets no gradient; do not allocate zeros for it
-    _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx)
+    _save(ctx, x, aux, U, s, Vh, bias, index, route, need_ds, need_dx)
 
 
 def _backward(ctx, grad_y, _grad_aux):
     dx, ds, db = _grads(ctx, grad_y, _backward_op)
-    return dx, None, ds, None, db, None, None, None
+    return dx, None, ds, None, db, None, None, None, None
 
 
 torch.library.register_autograd("imse::spectral_linear_fwd", _backward, setup_context=_setup_context)
@@ -151,22 +159,48 @@ class _EagerSpectralLinear(torch.autograd.Function):
     """The eager path: `_forward_impl`/`_backward_impl` with the formula above."""
 
     @staticmethod
-    def forward(ctx, x, U, s, Vh, bias, route, need_ds, need_dx):
-        y, aux = _forward_impl(x, U, s, Vh, bias, route, need_ds, need_dx)
-        _save(ctx, x, aux, U, s, Vh, bias, route, need_ds, need_dx)
+    def forward(ctx, x, U, s, Vh, bias, index, route, need_ds, need_dx):
+        y, aux = _forward_impl(x, U, s, Vh, bias, index, route, need_ds, need_dx)
+        _save(ctx, x, aux, U, s, Vh, bias, index, route, need_ds, need_dx)
         return y
 
     @staticmethod
     @once_differentiable  # no double backward: differentiating the gradients raises, as the custom op does
     def backward(ctx, grad_y):
         dx, ds, db = _grads(ctx, grad_y, _backward_impl)
-        return dx, None, ds, None, db, None, None, None
+        return dx, None, ds, None, db, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
 # The public function
 
-def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor]) -> None:
+def _check_index(index: Tensor, x: Tensor, s: Tensor, check_range: bool) -> None:
+    if not isinstance(index, Tensor) or index.dtype != torch.int64:
+        got = index.dtype if isinstance(index, Tensor) else type(index).__name__
+        raise TypeError(f"spectral_linear: index must be an int64 tensor, got {got}")
+    if s.dim() != 2:
+        raise ValueError(f"spectral_linear: with index, s must be a code table (K, r), got shape {tuple(s.shape)}")
+    if index.device != x.device:
+        raise ValueError(f"spectral_linear: index is on {index.device} but x is on {x.device}")
+    lead = tuple(x.shape[:-1])
+    if x.dim() < 2 or tuple(index.shape) not in ((x.shape[0],), lead):
+        raise ValueError(f"spectral_linear: index must have shape (x.shape[0],) (one code per sample) or "
+                         f"x.shape[:-1] (one per row); x is {tuple(x.shape)}, index is {tuple(index.shape)}")
+    if check_range and index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= s.shape[0]:
+            raise IndexError(f"spectral_linear: index values must be in [0, K={s.shape[0]}), got min {lo}, max {hi}")
+
+
+def _rows_index(index: Tensor, x: Tensor) -> Tensor:
+    """The code of each of x's N rows: a per-sample index (B,) repeats over the other leading dims."""
+    if index.dim() == 1 and x.dim() > 2:
+        return index.repeat_interleave(math.prod(x.shape[1:-1]))
+    return index.reshape(-1)
+
+
+def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
+                  coded: bool = False) -> None:
     named = {"x": x, "U": U, "s": s, "Vh": Vh}
     if bias is not None:
         named["bias"] = bias
@@ -175,12 +209,13 @@ def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Te
             raise TypeError(f"spectral_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"spectral_linear: {name} must be a floating-point tensor, got dtype {t.dtype}")
-    if U.dim() != 2 or Vh.dim() != 2 or s.dim() != 1:
+    if U.dim() != 2 or Vh.dim() != 2 or s.dim() != (2 if coded else 1):
+        want = "s (K, r) with index" if coded else "s (r,) (a (K, r) code table needs index=)"
         raise ValueError(
-            f"spectral_linear: expected U (d_out, r), s (r,), Vh (r, d_in); got U {tuple(U.shape)}, "
+            f"spectral_linear: expected U (d_out, r), {want}, Vh (r, d_in); got U {tuple(U.shape)}, "
             f"s {tuple(s.shape)}, Vh {tuple(Vh.shape)}"
         )
-    r = s.shape[0]
+    r = s.shape[-1]
     if U.shape[1] != r or Vh.shape[0] != r:
         raise ValueError(
             f"spectral_linear: rank mismatch: U {tuple(U.shape)} has r={U.shape[1]}, s has r={r}, "
@@ -202,17 +237,53 @@ def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Te
         )
 
 
+def _frozen_fast_path(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
+                      cache: RecomposedWeightCache) -> Optional[Tensor]:
+    """The frozen-s fast path (the only one): with s not trained by this call and the planner choosing
+    route R, y = x·W'ᵀ + b with the cached W' is exactly a frozen nn.Linear (autograd gives dx = g·W'),
+    without the op's dispatch. None when it does not apply; the general path then checks and runs.
+    The factors are validated once per cached W' (the cache key covers them); x and bias every call."""
+    if ((torch.is_grad_enabled() and s.requires_grad) or not isinstance(x, Tensor) or x.dtype != U.dtype
+            or x.dim() == 0 or x.shape[-1] != Vh.shape[1] or x.device != U.device
+            or (bias is not None and (bias.dtype != U.dtype or bias.shape != (U.shape[0],) or bias.device != U.device))
+            or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
+        return None
+    d_out, r = U.shape
+    need_dx = torch.is_grad_enabled() and x.requires_grad
+    if plan(x.numel() // x.shape[-1], Vh.shape[1], d_out, r, False, need_dx, has_weight=True,
+            device=x.device, dtype=x.dtype).route != RECOMPOSED:
+        return None
+    W = cache.lookup(U, s, Vh)
+    if W is None:
+        _check_inputs(x, U, s, Vh, bias)
+        W = cache.get(U, s, Vh)
+    return torch.nn.functional.linear(x, W, bias)
+
+
 def spectral_linear(
     x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor] = None,
-    *, weight_cache: Optional[RecomposedWeightCache] = None,
+    *, index: Optional[Tensor] = None, weight_cache: Optional[RecomposedWeightCache] = None,
 ) -> Tensor:
     """((x·Vhᵀ) ⊙ s)·Uᵀ + bias for x of any leading shape (…, d_in) → (…, d_out).
 
     Gradients flow to x and s (and to bias if it requires grad); U and Vh must be frozen.
-    `weight_cache` (kept by `FusedSpectralLinear`) lets the recomposed route reuse W' = (U ⊙ s)·Vh
-    while s is unchanged, so inference with frozen s is a single GEMM.
+    `index` gives every sample its own code (docs/design.md §8): s is then a (K, r) table, `index`
+    is int64 of shape (x.shape[0],) (one code per sample) or x.shape[:-1] (one per row), and ds is
+    (K, r). `weight_cache` (kept by `FusedSpectralLinear`) lets the recomposed route reuse
+    W' = (U ⊙ s)·Vh while s is unchanged, so inference with frozen s is a single GEMM.
     """
-    _check_inputs(x, U, s, Vh, bias)
+    return _spectral_linear(x, U, s, Vh, bias, index, weight_cache, check_index_range=True)
+
+
+def _spectral_linear(x, U, s, Vh, bias, index, weight_cache, check_index_range: bool) -> Tensor:
+    """`spectral_linear`; the layers pass check_index_range=False for an index `stream_codes` checked."""
+    if index is not None:
+        _check_index(index, x, s, check_index_range)
+    elif weight_cache is not None:
+        y = _frozen_fast_path(x, U, s, Vh, bias, weight_cache)
+        if y is not None:
+            return y
+    _check_inputs(x, U, s, Vh, bias, coded=index is not None)
     dtype = U.dtype
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -223,7 +294,7 @@ def spectral_linear(
         )
     if x.dtype != dtype:
         x = x.to(dtype)
-    if U.dtype != dtype:
+    if U.dtype != dtype:  # autocast: the factors are cast per call, so no cached W' could be reused
         U, Vh = U.to(dtype), Vh.to(dtype)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
@@ -234,12 +305,11 @@ def spectral_linear(
     grad_on = torch.is_grad_enabled()
     need_ds = grad_on and s.requires_grad
     need_dx = grad_on and x.requires_grad
-    use_cache = weight_cache is not None and not need_ds and not torch.compiler.is_compiling()
-    route = plan(n, d_in, d_out, r, need_ds, need_dx, has_weight=use_cache, device=x.device, dtype=dtype).route
-    if use_cache and route == RECOMPOSED:
-        # Frozen s with a cached W': exactly a frozen nn.Linear (autograd gives dx = g·W'), no op overhead.
-        return torch.nn.functional.linear(x, weight_cache.get(U, s, Vh), bias)
-    args = (x.reshape(n, d_in).contiguous(), U.contiguous(), s.contiguous(), Vh.contiguous(), bias,
+    if index is not None:
+        route, index = FACTORIZED, _rows_index(index, x).contiguous()
+    else:
+        route = plan(n, d_in, d_out, r, need_ds, need_dx, has_weight=False, device=x.device, dtype=dtype).route
+    args = (x.reshape(n, d_in).contiguous(), U.contiguous(), s.contiguous(), Vh.contiguous(), bias, index,
             route, need_ds, need_dx)
     if torch.compiler.is_compiling():
         y, _ = _forward_op(*args)

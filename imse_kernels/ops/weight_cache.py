@@ -28,6 +28,10 @@ class RecomposedWeightCache:
         self._weight: Optional[Tensor] = None
         self.misses = 0
 
+    def lookup(self, U: Tensor, s: Tensor, Vh: Tensor) -> Optional[Tensor]:
+        """The cached W' if it is the one of exactly these factors (same tensors, unmodified), else None."""
+        return self._weight if self._key is not None and _key(U, s, Vh) == self._key else None
+
     def get(self, U: Tensor, s: Tensor, Vh: Tensor) -> Tensor:
         key = _key(U, s, Vh)
         if key != self._key:

@@ -1,11 +1,12 @@
 """Triton kernels of the `triton` backend (docs/design.md §3).
 
 - `chain.py`          one-launch fused F route: out = ((A·B1) ⊙ s)·B2 (+ bias), with optional
-                      ds / h / expert-statistics epilogues (forward, backward and input grad)
+                      ds / h epilogues (forward, backward and input grad)
 - `scaled_matmul.py`  GEMM with s applied on the fly (prologue along K or epilogue along N) and
-                      the same optional epilogues: recomposition and the stages of the split paths
+                      the optional ds epilogue: recomposition and the stages of the split paths
 - `recomposed_ds.py`  ds = rowsum((Uᵀ·G) ⊙ Vh) without writing Uᵀ·G
-- `configs.py`        tile configurations per architecture; `tuning.py` picks one per shape by timing
-- `compile_check.py`  lowers every kernel configuration for sm_80 / sm_90 without a GPU
-- `runtime.py`        interpreter detection, dtype and device rules shared by the launchers
+- `tuning.py`         tile configurations per architecture, and the per-shape choice among them by timing
+- `runtime.py`        interpreter detection, dtype and device rules, and the tile mapping shared by the kernels
+
+`tools/triton_compile_check.py` lowers every kernel configuration for sm_80 / sm_90 without a GPU.
 """

@@ -7,9 +7,7 @@ also run the epilogues that need `mid` itself:
 
 - DS:      per-row-tile partial sums Σ_rows mid ⊙ H[:, chunk] (one row of partials per row tile,
            summed afterwards in a fixed order: deterministic, no atomics);
-- SAVE_H:  write mid (rounded to the output dtype) as h;
-- STATS:   per-row-tile partial Σ a and Σ a² with a = mid / ‖A_row‖ (the expert alignments of the
-           diversity loss, docs/design.md §6), without writing h.
+- SAVE_H:  write mid (rounded to the output dtype) as h.
 
 Forward:     A = x (N×d_in),  B1 = Vhᵀ, B2 = Uᵀ,  out = y
 Backward:    A = grad (N×d_out), B1 = U, B2 = Vh, out = dx, DS with H = h → ds
@@ -22,17 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, runtime
-from .tiling import grouped_tile
+from . import runtime, tuning
+from .runtime import grouped_tile
 
 
 @triton.jit
 def chain_kernel(
-    a_ptr, b1_ptr, s_ptr, b2_ptr, bias_ptr, out_ptr, h_ptr, hout_ptr, ds_ptr, stats_ptr,
+    a_ptr, b1_ptr, s_ptr, b2_ptr, bias_ptr, out_ptr, h_ptr, hout_ptr, ds_ptr,
     M, K, R, N,
     stride_am, stride_ak, stride_b1k, stride_b1r, stride_b2r, stride_b2n,
     stride_om, stride_on, stride_hm, stride_hr, stride_hom, stride_hor,
-    HAS_BIAS: tl.constexpr, DS: tl.constexpr, SAVE_H: tl.constexpr, STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DS: tl.constexpr, SAVE_H: tl.constexpr,
     CAST_F32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -51,7 +49,6 @@ def chain_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         mid = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
@@ -59,9 +56,6 @@ def chain_kernel(
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b1 = tl.load(b1_ptr + offs_k[:, None] * stride_b1k + offs_r[None, :] * stride_b1r,
                          mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if STATS:
-                af = a.to(tl.float32)
-                sq += tl.sum(af * af, axis=1)
             if CAST_F32:
                 a = a.to(tl.float32)
                 b1 = b1.to(tl.float32)
@@ -75,12 +69,6 @@ def chain_kernel(
             if SAVE_H:
                 tl.store(hout_ptr + rows[:, None] * stride_hom + offs_r[None, :] * stride_hor,
                          mid.to(hout_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-            if STATS:
-                inv = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
-                al = mid * inv[:, None]
-                base = stats_ptr + pid_m * 2 * R + offs_r
-                tl.store(base, tl.sum(al, axis=0), mask=mask_r)
-                tl.store(base + R, tl.sum(al * al, axis=0), mask=mask_r)
 
         s_r = tl.load(s_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         scaled = mid * s_r[None, :]
@@ -98,14 +86,13 @@ def chain_kernel(
 
 def chain(
     a: torch.Tensor, b1: torch.Tensor, s: torch.Tensor, b2: torch.Tensor, bias: Optional[torch.Tensor] = None,
-    *, h: Optional[torch.Tensor] = None, save_h: bool = False, stats: bool = False,
-    cfg: Optional[configs.Config] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    *, h: Optional[torch.Tensor] = None, save_h: bool = False,
+    cfg: Optional[tuning.Config] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """out = ((a·b1) ⊙ s)·b2 + bias for a (M×K), b1 (K×R), s (R,), b2 (R×N); any strides.
 
-    Returns (out, h_out, ds, stats): h_out = a·b1 in a's dtype when save_h; ds = Σ_rows (a·b1) ⊙ h
-    (float32, (R,)) when h is given; stats = float32 (2, R) with the column sums of a·b1 / ‖a_row‖
-    and of its square when stats. Unrequested results are None.
+    Returns (out, h_out, ds): h_out = a·b1 in a's dtype when save_h; ds = Σ_rows (a·b1) ⊙ h
+    (float32, (R,)) when h is given. Unrequested results are None.
     """
     runtime.check_operands("chain", {"a": a, "b1": b1, "b2": b2} | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
     M, K = a.shape
@@ -115,16 +102,14 @@ def chain(
                          f"b2 {tuple(b2.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     if h is not None and h.shape != (M, R):
         raise ValueError(f"chain: h must be ({M}, {R}), got {tuple(h.shape)}")
-    cfg = cfg or configs.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32)
+    cfg = cfg or tuning.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     out = a.new_empty((M, N))
     hout = a.new_empty((M, R)) if save_h else None
     ds_part = torch.empty((num_m, R), device=a.device, dtype=torch.float32) if h is not None else None
-    st_part = torch.empty((num_m, 2, R), device=a.device, dtype=torch.float32) if stats else None
     if M == 0:
-        return (out, hout, None if h is None else a.new_zeros((R,), dtype=torch.float32),
-                None if not stats else a.new_zeros((2, R), dtype=torch.float32))
+        return out, hout, None if h is None else a.new_zeros((R,), dtype=torch.float32)
     hs = h.stride() if h is not None else (0, 0)
     hos = hout.stride() if hout is not None else (0, 0)
     grid = (num_m * triton.cdiv(N, bn),)
@@ -132,14 +117,13 @@ def chain(
         chain_kernel[grid](
             a, b1, s, b2, bias if bias is not None else out, out,
             h if h is not None else out, hout if hout is not None else out,
-            ds_part if ds_part is not None else out, st_part if st_part is not None else out,
+            ds_part if ds_part is not None else out,
             M, K, R, N,
             a.stride(0), a.stride(1), b1.stride(0), b1.stride(1), b2.stride(0), b2.stride(1),
             out.stride(0), out.stride(1), hs[0], hs[1], hos[0], hos[1],
-            HAS_BIAS=bias is not None, DS=h is not None, SAVE_H=save_h, STATS=stats,
+            HAS_BIAS=bias is not None, DS=h is not None, SAVE_H=save_h,
             CAST_F32=runtime.cast_f32(a.dtype), PRECISION=runtime.dot_precision(a.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
         )
     ds = ds_part.sum(0) if ds_part is not None else None
-    st = st_part.sum(0) if st_part is not None else None
-    return out, hout, ds, st
+    return out, hout, ds

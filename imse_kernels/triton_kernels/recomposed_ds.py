@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs, runtime
+from . import runtime, tuning
 
 
 @triton.jit
@@ -45,14 +45,14 @@ def recomposed_ds_kernel(
     tl.store(part_ptr + pid_i * R + offs_r, tl.sum(acc * vh, axis=1), mask=mask_r)
 
 
-def recomposed_ds(U: torch.Tensor, G: torch.Tensor, Vh: torch.Tensor, cfg: Optional[configs.Config] = None) -> torch.Tensor:
+def recomposed_ds(U: torch.Tensor, G: torch.Tensor, Vh: torch.Tensor, cfg: Optional[tuning.Config] = None) -> torch.Tensor:
     """rowsum((Uᵀ·G) ⊙ Vh) in float32 for U (d_out×r), G (d_out×d_in), Vh (r×d_in); any strides."""
     runtime.check_operands("recomposed_ds", {"U": U, "G": G, "Vh": Vh})
     d_out, r = U.shape
     if G.shape[0] != d_out or Vh.shape != (r, G.shape[1]):
         raise ValueError(f"recomposed_ds: shapes differ: U {tuple(U.shape)}, G {tuple(G.shape)}, Vh {tuple(Vh.shape)}")
     d_in = G.shape[1]
-    cfg = cfg or configs.default("recomposed_ds", runtime.capability(U.device), r, U.dtype == torch.float32)
+    cfg = cfg or tuning.default("recomposed_ds", runtime.capability(U.device), r, U.dtype == torch.float32)
     n_i = triton.cdiv(d_in, cfg["BLOCK_I"])
     part = torch.empty((n_i, r), device=U.device, dtype=torch.float32)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), n_i)

@@ -1,4 +1,4 @@
-"""What every launcher needs to know about where its kernels run.
+"""What every launcher needs to know about where its kernels run, and the tile mapping they share.
 
 Triton decides at decoration time whether `@triton.jit` kernels are compiled or interpreted
 (`TRITON_INTERPRET=1` must be set before triton is imported); `INTERPRETED` records which it was,
@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from ..precision import tf32_matmul_enabled
@@ -80,3 +81,14 @@ def check_operands(op: str, dtype_of: dict, same_device: bool = True) -> None:
     if not supports(first.device):
         raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {first.device}")
 
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: consecutive programs share row tiles (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size

@@ -3,8 +3,8 @@
 `triton.compile` with a `GPUTarget` runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → ptxas),
 so type errors, shape errors and configurations that overflow shared memory surface on a CPU-only
 machine, where the interpreter (which checks none of that) runs the numerics.
-Run `TRITON_INTERPRET=0 python -m imse_kernels.triton_kernels.compile_check` for a table of all
-jobs. It needs a process in which triton was imported without the interpreter: under
+Run `TRITON_INTERPRET=0 python tools/triton_compile_check.py [--full]` for a table of all jobs.
+It needs a process in which triton was imported without the interpreter: under
 TRITON_INTERPRET=1 the `tl.*` helpers that are themselves jit functions become interpreted too.
 """
 import sys
@@ -16,10 +16,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from . import configs, runtime
-from .chain import chain_kernel
-from .recomposed_ds import recomposed_ds_kernel
-from .scaled_matmul import scaled_matmul_kernel
+from imse_kernels.triton_kernels import runtime, tuning
+from imse_kernels.triton_kernels.chain import chain_kernel
+from imse_kernels.triton_kernels.recomposed_ds import recomposed_ds_kernel
+from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul_kernel
 
 # Shared memory a block may use (bytes): sm_80 (A100) and sm_90 (H100/H200) opt-in maxima.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -27,15 +27,15 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # Per kernel: (pointer args, int args, flag constexprs) in declaration order.
 _KERNELS = {
     "chain": (chain_kernel,
-              ["a_ptr", "b1_ptr", "s_ptr", "b2_ptr", "bias_ptr", "out_ptr", "h_ptr", "hout_ptr", "ds_ptr", "stats_ptr"],
-              ["HAS_BIAS", "DS", "SAVE_H", "STATS"]),
+              ["a_ptr", "b1_ptr", "s_ptr", "b2_ptr", "bias_ptr", "out_ptr", "h_ptr", "hout_ptr", "ds_ptr"],
+              ["HAS_BIAS", "DS", "SAVE_H"]),
     "scaled_matmul": (scaled_matmul_kernel,
-                      ["a_ptr", "b_ptr", "s_ptr", "bias_ptr", "c_ptr", "h_ptr", "ds_ptr", "stats_ptr"],
-                      ["SCALE_K", "SCALE_N", "HAS_BIAS", "DS", "STATS", "WRITE_C"]),
+                      ["a_ptr", "b_ptr", "s_ptr", "bias_ptr", "c_ptr", "h_ptr", "ds_ptr"],
+                      ["SCALE_K", "SCALE_N", "HAS_BIAS", "DS", "WRITE_C"]),
     "recomposed_ds": (recomposed_ds_kernel, ["u_ptr", "g_ptr", "vh_ptr", "part_ptr"], []),
 }
 # Pointers that hold float32 whatever the operand dtype (s, partial sums).
-_F32_PTRS = {"s_ptr", "ds_ptr", "stats_ptr", "part_ptr"}
+_F32_PTRS = {"s_ptr", "ds_ptr", "part_ptr"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class Job:
     capability: int
     dtype: str  # "bf16", "fp16", "fp32"
     precision: str  # "ieee" or "tf32"
-    cfg: configs.Config
+    cfg: tuning.Config
     flags: tuple  # ((flag, value), ...)
 
     def __str__(self):
@@ -54,7 +54,7 @@ class Job:
 
 def _jit(fn) -> JITFunction:
     if not isinstance(fn, JITFunction):
-        raise RuntimeError("compile_check: triton was imported with TRITON_INTERPRET=1; run it in a process "
+        raise RuntimeError("triton_compile_check: triton was imported with TRITON_INTERPRET=1; run it in a process "
                            "started with TRITON_INTERPRET=0")
     return fn
 
@@ -87,8 +87,8 @@ def jobs(full: bool = False) -> list[Job]:
         all_on = tuple((f, True) for f in flag_names)
         bare = tuple((f, f == "WRITE_C") for f in flag_names)
         for cap in (80, 90):
-            table = configs.candidates(kernel, cap)
-            table32 = configs.candidates(kernel, cap, fp32=True)
+            table = tuning.candidates(kernel, cap)
+            table32 = tuning.candidates(kernel, cap, fp32=True)
             out += [Job(kernel, cap, "bf16", "ieee", cfg, all_on) for cfg in table]
             out.append(Job(kernel, cap, "fp32", "ieee", table32[1], all_on))
             if cap == 90:
@@ -104,8 +104,11 @@ def main(argv: Optional[list] = None) -> int:
     """Compile every job, print one line each; exit status 1 if any failed or overflowed."""
     args = sys.argv[1:] if argv is None else argv
     if runtime.INTERPRETED:
-        print("compile_check: set TRITON_INTERPRET=0 (triton was imported in interpreter mode)")
+        print("triton_compile_check: set TRITON_INTERPRET=0 (triton was imported in interpreter mode)")
         return 2
+    if "--list" in args:
+        print("\n".join(map(str, jobs(full="--full" in args))))
+        return 0
     failures = 0
     for job in jobs(full="--full" in args):
         t = time.time()
