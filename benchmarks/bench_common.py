@@ -1,17 +1,17 @@
-"""Shared pieces of the benchmarks: environment record, interleaved timing, memory probes, output files.
+"""Shared pieces of the benchmarks: what was measured, the one timing harness, memory probes, records, flags.
 
-Timing method (both levels): every provider of one case is built and warmed up first, then `rounds`
-rounds run the providers one after another in a rotated order, each a block of `number` calls
-(`number` calibrated so one block lasts about `min_block_s`). Medians and quartiles are taken over the
-rounds; ratios are medians of the per-round ratios (paired measurements, taken side by side), which
-cancels slow drifts of a shared, noisy machine. CPU blocks are timed with `torch.utils.benchmark.Timer`
-(with torch's current thread count, not Timer's default of one), CUDA blocks with `torch.cuda.Event`s.
+Timing (every script; results are ratios, never times, docs/design.md section 10): every provider of
+one case is built and warmed up first, then `rounds` rounds run the providers one after another in a
+rotated order, each a block of `number` calls (`number` calibrated so one block lasts about
+`min_block_s`). Medians and quartiles are taken over the rounds; ratios are medians of the per-round
+ratios (paired measurements, taken side by side), which cancels slow drifts of a shared, noisy
+machine; the load average is recorded with each case. CPU blocks are timed with
+`torch.utils.benchmark.Timer` (at torch's current thread count, not Timer's default of one), CUDA
+blocks with `torch.cuda.Event`s.
 """
 import contextlib
-import csv
 import datetime
 import gc
-import json
 import math
 import os
 import platform
@@ -19,7 +19,6 @@ import re
 import socket
 import statistics
 import subprocess
-import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,6 @@ import torch.utils.benchmark as tbench  # noqa: E402
 
 import imse_kernels  # noqa: E402
 from imse_kernels import _extension  # noqa: E402
-from imse_kernels.eval.metrics import proc_status_kib  # noqa: E402
 
 
 def describe_install() -> dict:
@@ -321,6 +319,18 @@ def saved_peak_bytes(fn: Callable[[], object], exclude=()) -> int:
     return tracker.peak
 
 
+def proc_status_kib(field: str) -> Optional[int]:
+    """A kiB field of /proc/self/status (VmRSS, VmHWM); None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def device_peak_bytes(fn: Callable[[], object], device: str) -> tuple[Optional[int], str]:
     """Extra memory at the peak of one call of `fn`, and how it was measured.
 
@@ -378,7 +388,8 @@ class Record:
     peak_mb: float = math.nan                # device peak (see peak_method)
     peak_method: str = ""
     load1: float = math.nan                  # 1-min load average when the case ended (machine contention)
-    gflop: float = math.nan                  # GEMM + convolution GFLOP of one call (model level; attention excluded)
+    gflop: float = math.nan                  # GFLOP of one call: layer level the route's nominal GEMM FLOPs
+                                             # (layer_bench.nominal_flops), model level GEMM + conv (counted)
     extra: str = ""
     error: str = ""
 
@@ -388,25 +399,6 @@ class Record:
             if isinstance(v, float):
                 d[k] = None if math.isnan(v) else round(v, 6)
         return d
-
-
-def write_outputs(out_dir: Path, stem: str, env: dict, config: dict, records: list, text: str) -> list:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [r.row() for r in records]
-    paths = []
-    p = out_dir / f"{stem}.json"
-    p.write_text(json.dumps({"env": env, "config": config, "results": rows}, indent=1) + "\n")
-    paths.append(p)
-    p = out_dir / f"{stem}.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(Record.__dataclass_fields__))
-        w.writeheader()
-        w.writerows(rows)
-    paths.append(p)
-    p = out_dir / f"{stem}.txt"
-    p.write_text(text)
-    paths.append(p)
-    return paths
 
 
 def fmt(v: float, digits: int = 3) -> str:
@@ -421,13 +413,50 @@ def fmt(v: float, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def render_table(headers: list, rows: list, left: int = 1) -> str:
-    """Fixed-width text table; the first `left` columns are left-aligned, the others right-aligned."""
-    cols = len(headers)
-    widths = [max([len(str(headers[i]))] + [len(str(r[i])) for r in rows]) for i in range(cols)]
+def csv_list(s: Optional[str]) -> list:
+    return [v.strip() for v in (s or "").split(",") if v.strip()]
 
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+# --------------------------------------------------------------------------------------------
+# Flags every script shares: device, method, output
+
+def add_common_args(ap) -> None:
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run: few rounds, small cases (checks the script, not numbers)")
+    ap.add_argument("--rounds", type=int, default=None, help="max interleaved rounds per case (default 9 cpu / 15 cuda)")
+    ap.add_argument("--min-rounds", type=int, default=3)
+    ap.add_argument("--max-case-s", type=float, default=None, help="stop adding rounds (past --min-rounds) after this long")
+    ap.add_argument("--min-block-s", type=float, default=None, help="target length of one timed block")
+    ap.add_argument("--warmup", type=int, default=2, help="calls per provider before timing (the last one calibrates)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    ap.add_argument("--out-dir", default=None, help=f"default {RESULTS_DIR}")
+    ap.add_argument("--tag", default=None, help="file name tag (default: the machine)")
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--plot", action="store_true", help="write a PNG (needs matplotlib)")
+    ap.add_argument("--gflops", action="store_true", help="also print achieved GFLOP/s per case and provider")
+    ap.add_argument("--merge", action="store_true", help="merge into the existing results file: rows of the cases "
+                    "measured now replace the same cases there (a rerun of noisy cases); the rest is kept")
+
+
+def default(args, value, cpu, gpu, quick=None):
+    """`value` if given, else the quick / cuda / cpu default."""
+    if value is not None:
+        return value
+    if args.quick and quick is not None:
+        return quick
+    return gpu if args.device == "cuda" else cpu
+
+
+def resolve_common(args, ap) -> None:
+    """Fill the method defaults (after any preset of the calling script has set its own)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    args.rounds = default(args, args.rounds, 9, 15, 2)
+    args.min_rounds = min(args.min_rounds, args.rounds) if not args.quick else min(2, args.rounds)
+    args.max_case_s = default(args, args.max_case_s, 8.0, 3.0, 0.5)
+    args.min_block_s = default(args, args.min_block_s, 0.05, 0.02, 0.005)
+    if args.quick:
+        args.warmup = min(args.warmup, 1)
+        # one thread: an OpenMP team on oversubscribed shared cores stalls at every barrier
+        args.threads = args.threads or (1 if args.device != "cuda" else None)

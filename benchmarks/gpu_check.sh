@@ -10,24 +10,24 @@
 # keeps what it had), each is capped at min(its own maximum, budget left), none stops the script:
 #   1 build        pip install --no-build-isolation --no-deps -e . (IMSE_CUDA=1, sm_90), python -m imse_kernels
 #   2 correctness  benchmarks/gpu_correctness.py: every primitive of triton and cuda vs a float64 oracle
-#   3 bench_bf16   throughput.py, layer level, ViT-B batch 64 and 1, bf16, fwdbwd + infer
+#   3 bench_bf16   layer_bench.py: ViT-B batch 64 and 1, bf16, fwdbwd + infer, every provider
 #   4 sanitizer    compute-sanitizer memcheck (no caching allocator) and racecheck, tests/cuda_memcheck_case.py --quick
 #   5 tests_gpu    TRITON_INTERPRET=0 pytest -m gpu tests -v
-#   6 bench_more   throughput.py layer level in fp32, then the model level (IMSE step on ViT-B)
-#   7 triton_speed benchmarks/triton_speed.py --dtypes bf16 (the triton backend's speed targets), if time is left
+#   6 bench_more   layer_bench.py in fp32, then model_bench.py (IMSE step on ViT-B)
+#   7 bench_triton layer_bench.py --triton --dtypes bf16 (the triton backend's speed targets), if time is left
 # Files in $OUT (default ./gpu_out), flat, 7 of the device tool's 8:
 #   summary.log           environment, installed package and backends, one line per stage (rc, seconds),
 #                         the correctness summary and failures, the benchmark targets, the file check
 #   build.log             pip install -e . and python -m imse_kernels
 #   correctness.jsonl     one JSON line per check, then {"summary": true, ...}
-#   bench.log             throughput.py and triton_speed.py output (stages 3, 6, 7)
-#   bench_results.tar.gz  throughput_gpu_*.{json,csv,txt,png}, triton_speed.{json,md}, triton_choices.json
+#   bench.log             layer_bench.py and model_bench.py output (stages 3, 6, 7)
+#   bench_results.tar.gz  layer_gpu_*.{json,csv,txt,png}, model_gpu.{json,csv,txt}, triton_choices.json
 #                         (the tuner's picks): unpack into benchmarks/results/
 #   sanitizer.log         memcheck and racecheck
 #   tests_gpu.log         pytest, one line per test
 # Knobs: GPU_CHECK_BUDGET_S (default 470 s for everything, the build included), STAGES or --stages
 #   (comma list, default 1,2,3,4,5,6,7), SKIP_BUILD=1 (stage 1 only reports), GPU_CHECK_DRY_RUN=1 or
-#   --dry-run, PYTHON (default python3), BENCH_ARGS (extra flags for every throughput.py call).
+#   --dry-run, PYTHON (default python3), BENCH_ARGS (extra flags for every benchmark call).
 # Exit code: 0, or 3 when $OUT breaks the device tool's file limits (stage results are in summary.log).
 set -u
 cd "$(dirname "$0")/.."
@@ -156,13 +156,13 @@ fi
 # ------------------------------------------------------------------------------ 3. bf16 layer benchmark
 if selected 3; then
   if [ "$DRY" = "1" ]; then
-    B_ARGS="--device cpu --quick --level layer --nets vit_s --layers proj --batches 1 --dtypes bf16 --modes fwdbwd,infer"
+    B_ARGS="--device cpu --quick --nets vit_s --layers proj --batches 1 --dtypes bf16 --modes fwdbwd,infer"
   else
-    B_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes bf16 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
+    B_ARGS="--device cuda --nets vit_b --batches 64,1 --dtypes bf16 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
   fi
   # shellcheck disable=SC2086
   MARK=$(bench_mark)
-  stage 3 bench_bf16 120 "$OUT/bench.log" "$PY" benchmarks/throughput.py $B_ARGS --out-dir "$BENCH_DIR" --tag gpu_bf16_layer --plot ${BENCH_ARGS:-}
+  stage 3 bench_bf16 120 "$OUT/bench.log" "$PY" benchmarks/layer_bench.py $B_ARGS --out-dir "$BENCH_DIR" --tag gpu_bf16 --plot ${BENCH_ARGS:-}
   pack_bench
   bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
@@ -193,32 +193,34 @@ fi
 # ------------------------------------------------------------------------------ 6. fp32 layers, model level
 if selected 6; then
   if [ "$DRY" = "1" ]; then
-    F_ARGS="--device cpu --quick --level layer --nets vit_s --layers proj --batches 1 --dtypes fp32 --modes fwdbwd"
-    M_ARGS="--device cpu --quick --level model --model-providers imse,imse_reference --model-batches 1"
+    F_ARGS="--device cpu --quick --nets vit_s --layers proj --batches 1 --dtypes fp32 --modes fwdbwd"
+    M_ARGS="--device cpu --quick --model-providers imse,imse_reference --model-batches 1"
   else
-    F_ARGS="--device cuda --level layer --nets vit_b --batches 64,1 --dtypes fp32 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
-    M_ARGS="--device cuda --level model --max-case-s 3"
+    F_ARGS="--device cuda --nets vit_b --batches 64,1 --dtypes fp32 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
+    M_ARGS="--device cuda --max-case-s 3"
   fi
   MARK=$(bench_mark)
   # shellcheck disable=SC2086
-  stage 6 bench_fp32 100 "$OUT/bench.log" "$PY" benchmarks/throughput.py $F_ARGS --out-dir "$BENCH_DIR" --tag gpu_fp32_layer --plot ${BENCH_ARGS:-}
+  stage 6 bench_fp32 100 "$OUT/bench.log" "$PY" benchmarks/layer_bench.py $F_ARGS --out-dir "$BENCH_DIR" --tag gpu_fp32 --plot ${BENCH_ARGS:-}
   pack_bench
   # shellcheck disable=SC2086
-  stage 6 bench_model 150 "$OUT/bench.log" "$PY" benchmarks/throughput.py $M_ARGS --out-dir "$BENCH_DIR" --tag gpu_model ${BENCH_ARGS:-}
+  stage 6 bench_model 150 "$OUT/bench.log" "$PY" benchmarks/model_bench.py $M_ARGS --out-dir "$BENCH_DIR" --tag gpu ${BENCH_ARGS:-}
   pack_bench
   bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
 
 # ------------------------------------------------------------------------------ 7. triton speed targets
 if selected 7; then
-  if [ "$DRY" = "1" ]; then
-    dry_skip 7 triton_speed "$OUT/bench.log"
+  if [ "$DRY" = "1" ]; then  # the preset's plumbing on the CPU, through the auto backend (no triton there)
+    T_ARGS="--device cpu --quick --nets vit_s --batches 1 --dtypes fp32 --providers linear,reference,fused_auto,fused_auto_F,fused_auto_R"
   else
-    MARK=$(bench_mark)
-    stage 7 triton_speed 90 "$OUT/bench.log" "$PY" benchmarks/triton_speed.py --dtypes bf16 --rounds 3 --out "$BENCH_DIR"
-    pack_bench
-    bench_lines_since "$MARK" '^\| '
+    T_ARGS="--device cuda --dtypes bf16 --rounds 3 --max-case-s 1.5 --no-memory"
   fi
+  MARK=$(bench_mark)
+  # shellcheck disable=SC2086
+  stage 7 bench_triton 90 "$OUT/bench.log" "$PY" benchmarks/layer_bench.py --triton $T_ARGS --out-dir "$BENCH_DIR" --tag gpu_triton ${BENCH_ARGS:-}
+  pack_bench
+  bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
 
 # ------------------------------------------------------------------------------ the device tool's limits

@@ -1,4 +1,9 @@
-"""Layer level: one ViT linear layer, every provider side by side.
+#!/usr/bin/env python
+"""Layer level: one ViT linear layer, every provider side by side (docs/design.md section 2).
+
+    python benchmarks/layer_bench.py --nets vit_b --layers proj --batches 1 --modes fwdbwd,infer --gflops
+    python benchmarks/layer_bench.py --quick                    # smoke run, seconds
+    python benchmarks/layer_bench.py --device cuda --triton     # the triton backend's speed cases (ViT-B)
 
 Modes
   fwd     forward with s trainable and x requiring grad (what a training forward costs, saves included)
@@ -13,11 +18,21 @@ Providers
   naive          ((x @ Vh.T) * s) @ U.T + b in eager mode
   naive_compile  the same under torch.compile(dynamic=True)
   fused_<b>      FusedSpectralLinear under imse_kernels.use_backend(<b>), for every available backend, and auto
+  fused_<b>_F/_R the same with the planner's route pinned (planner.force_route; opt-in)
+
+Writes benchmarks/results/layer_<machine>[_quick].{json,csv,txt}; the tables, targets and files come
+from report.py, the timing from bench_common.py.
 """
 import copy
 import math
 from dataclasses import dataclass
 
+import argparse
+import sys
+import time
+
+import bench_common as BC
+import report
 from bench_common import (Record, SavedTensorTracker, Timing, device_peak_bytes, load1, measure_interleaved, min_ratio,
                           paired_ratio)
 
@@ -55,13 +70,26 @@ def fused_providers(device: str = "cpu") -> list:
     return [f"fused_{b}" for b in names] + ["fused_auto"]
 
 
-ROUTE_PROVIDERS = ("fused_auto_F", "fused_auto_R")  # auto backend, route pinned (planner.force_route); opt-in
-
-
 def known_providers() -> list:
-    """Every provider name that can be asked for by name."""
-    return (list(BASE_PROVIDERS) + [f"fused_{b}" for b in imse_kernels.available_backends()] + ["fused_auto"]
-            + list(ROUTE_PROVIDERS))
+    """Every provider name that can be asked for by name (fused_<b>_F/_R: route pinned, opt-in)."""
+    fused = [f"fused_{b}" for b in imse_kernels.available_backends()] + ["fused_auto"]
+    return list(BASE_PROVIDERS) + fused + [f"{p}_{r}" for p in fused for r in "FR"]
+
+
+def nominal_flops(case: "Case", provider: str) -> float:
+    """FLOPs of one call on the provider's route, GEMMs only (docs/design.md section 2): factorized
+    2·N·r·(d_in + d_out) per pass (forward; backward t = g·U and dx), dense / reference / recomposed
+    2·N·d_in·d_out per GEMM (forward, dx, dW). Recomposition and elementwise work are left out; a
+    fused provider counts the route its FLOP model (or pin) picks."""
+    n, d_in, d_out = case.tokens, case.d_in, case.d_out
+    r = min(d_in, d_out)
+    pinned = provider.rpartition("_")[2] if provider.endswith(("_F", "_R")) else None
+    factorized = provider.startswith("naive") or pinned == "F" or (
+        provider.startswith("fused_") and pinned is None and flop_model(case)[0] == "F")
+    if factorized:
+        return (1 if case.mode in ("fwd", "infer") else 2) * 2 * n * r * (d_in + d_out)
+    gemms = {"fwd": 1, "infer": 1, "frozen": 2, "fwdbwd": 2 if provider == "linear_frozen" else 3}[case.mode]
+    return gemms * 2 * n * d_in * d_out
 
 
 def flop_model(case: "Case") -> tuple:
@@ -269,9 +297,87 @@ def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s:
                      ratio_vs_baseline_min=min_ratio(t, base_t) if base_t else math.nan,
                      speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
                      saved_mb=saved.get(p, math.nan), load1=load, extra=f"{case.d_in}->{case.d_out}",
-                     error=t.error or "")
+                     gflop=nominal_flops(case, p) / 1e9, error=t.error or "")
         if memory and t.ok and device == "cuda":
             peak, method = device_peak_bytes(fns[p], device)
             rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
         records.append(rec)
     return records
+
+
+# --------------------------------------------------------------------------------------------
+# The script: flags, defaults, the measuring loop
+
+# The triton backend's speed cases on a GPU (targets: targets.json, provider fused_triton).
+TRITON_PRESET = {"nets": "vit_b", "batches": "64,1", "dtypes": "bf16,fp32", "modes": "fwdbwd,infer",
+                 "providers": "linear,reference,fused_triton,fused_triton_F,fused_triton_R"}
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--nets", default=None, help="vit_s,vit_b (default: both on CPU, vit_b on cuda)")
+    ap.add_argument("--layers", default=None, help="default qkv,proj,fc1,fc2")
+    ap.add_argument("--batches", default=None, help="default 1,8,64 (cpu) / 1,64 (cuda)")
+    ap.add_argument("--modes", default=None, help="default fwd,fwdbwd,frozen,infer")
+    ap.add_argument("--providers", default=None, help="layer providers (default: all available but the pinned routes)")
+    ap.add_argument("--skip-providers", default="", help="layer providers to leave out, e.g. naive_compile")
+    ap.add_argument("--dtypes", default=None, help="fp32 (cpu default), fp32,bf16 (cuda default); fp16 too")
+    ap.add_argument("--triton", action="store_true", help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
+
+
+def resolve(args, ap) -> None:
+    if args.triton:
+        for k, v in TRITON_PRESET.items():
+            setattr(args, k, getattr(args, k) or v)
+    q = args.quick
+    args.nets = BC.csv_list(BC.default(args, args.nets, "vit_s,vit_b", "vit_b", "vit_s"))
+    args.layers = BC.csv_list(args.layers or ("proj" if q else "qkv,proj,fc1,fc2"))
+    args.batches = [int(b) for b in BC.csv_list(BC.default(args, args.batches, "1,8,64", "1,64", "1"))]
+    args.modes = BC.csv_list(args.modes or ("fwdbwd,infer" if q else ",".join(MODES)))
+    args.dtypes = BC.csv_list(BC.default(args, args.dtypes, "fp32", "fp32,bf16", "fp32"))
+    for flag, values, known in (("nets", args.nets, SHAPES), ("layers", args.layers, SHAPES["vit_s"]),
+                                ("modes", args.modes, MODES), ("dtypes", args.dtypes, DTYPES)):
+        for v in values:
+            if v not in known:
+                ap.error(f"--{flag}: unknown {v!r}; choose from {list(known)}")
+
+
+def run(args, records: list, log=print) -> None:
+    """Measure every selected case; appends to `records` as it goes (an interrupted run keeps them)."""
+    wanted = BC.csv_list(args.providers) or all_providers(args.device)
+    if args.quick and not args.providers:
+        wanted = [p for p in wanted if p != "naive_compile"]  # its first compile alone takes ~20 s on 2 cores
+    unknown = [p for p in wanted if p not in known_providers()]
+    if unknown:
+        print(f"unknown or unavailable layer providers {unknown}; available: {known_providers()}")
+        raise SystemExit(2)
+    skip = set(BC.csv_list(args.skip_providers))
+    providers = [p for p in wanted if p not in skip]
+    if getattr(args, "cases", None):
+        cases = [Case(n, lay, b, m, dt) for dt in args.dtypes for n, lay, b, m in args.cases]
+    else:
+        cases = [Case(n, lay, b, m, dt) for dt in args.dtypes for n in args.nets for b in args.batches
+                 for lay in args.layers for m in args.modes]
+    for i, case in enumerate(cases):
+        t0 = time.perf_counter()
+        recs = run_case(case, args.device, providers, args.rounds, args.min_block_s, args.warmup,
+                        min_rounds=args.min_rounds, max_case_s=args.max_case_s, memory=not args.no_memory, log=log)
+        records += recs
+        auto = next((r for r in recs if r.provider == "fused_auto"), None)
+        log(f"[{i + 1}/{len(cases)}] {case.name} b{case.batch} {case.mode} {case.dtype}: "
+            + " ".join(f"{report.short(r.provider)}={BC.fmt(r.median_ms)}" for r in recs)
+            + (f"  auto/base={BC.fmt(auto.ratio_vs_baseline, 2)} ref/auto={BC.fmt(auto.speedup_vs_reference, 2)}" if auto else "")
+            + f"  ({time.perf_counter() - t0:.1f}s)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    BC.add_common_args(ap)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    BC.resolve_common(args, ap)
+    resolve(args, ap)
+    return report.run(args, [lambda records, log: run(args, records, log)], "layer")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

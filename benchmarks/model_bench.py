@@ -1,4 +1,8 @@
+#!/usr/bin/env python
 """Model level: one adaptation step of a timm ViT, every method side by side.
+
+    python benchmarks/model_bench.py --models vit_small --model-batches 8
+    python benchmarks/model_bench.py --quick                    # smoke run (4-block ViT-Tiny at 64 px)
 
 Providers (each on its own deep copy of one random-init model; nothing is downloaded)
   imse             imse_kernels.tta.IMSE (FusedSpectralLinear, its own SAM/losses), retrieval "none"
@@ -15,10 +19,16 @@ The hand-written step (docs/design.md §6): forward → L = mean_{H<E0} H − λ
 (ρ·g/‖g‖) → forward on the same batch (first pass's reliable set, filtered again) → L → backward →
 restore → Adam. Random-init ViTs are nearly uniform on random images, which would make every sample
 "unreliable"; the head is therefore rescaled so that about half the samples pass the entropy filter.
+Writes benchmarks/results/model_<machine>[_quick].{json,csv,txt} through report.py.
 """
+import argparse
 import copy
 import math
+import sys
+import time
 
+import bench_common as BC
+import report
 from bench_common import (Record, SavedTensorTracker, device_peak_bytes, load1, measure_interleaved, min_ratio,
                           paired_ratio)
 
@@ -310,5 +320,69 @@ def count_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def backend_note() -> str:
-    return ",".join(imse_kernels.available_backends())
+# --------------------------------------------------------------------------------------------
+# The script: flags, defaults, the measuring loop
+
+def add_args(ap) -> None:
+    ap.add_argument("--models", default=None, help="vit_tiny,vit_small (cpu default) / vit_base (cuda default)")
+    ap.add_argument("--model-batches", default=None, help="default 1,8 (cpu) / 8,64 (cuda)")
+    ap.add_argument("--model-providers", default=None, help="default: " + ",".join(PROVIDERS))
+    ap.add_argument("--precisions", default=None, help="fp32 (cpu) / fp32,bf16 (cuda: autocast, s in fp32)")
+    ap.add_argument("--model-depth", type=int, default=None, help="override the ViT depth (smoke runs)")
+    ap.add_argument("--model-img-size", type=int, default=None, help="override the image size (smoke runs; default 224)")
+    ap.add_argument("--imse-retrieval", default="none", help="IMSEConfig.retrieval for the imse provider")
+
+
+def resolve(args, ap) -> None:
+    args.models = BC.csv_list(BC.default(args, args.models, "vit_tiny,vit_small", "vit_base", "vit_tiny"))
+    args.model_batches = [int(b) for b in BC.csv_list(BC.default(args, args.model_batches, "1,8", "8,64", "2"))]
+    args.precisions = BC.csv_list(BC.default(args, args.precisions, "fp32", "fp32,bf16", "fp32"))
+    for t in args.precisions:
+        if t not in ("fp32", "bf16", "fp16"):
+            ap.error(f"--precisions: unknown {t!r}; choose from fp32, bf16, fp16")
+    if args.quick:
+        args.model_depth = args.model_depth or 4  # IMSE needs > 3 blocks (3 diversity blocks)
+        args.model_img_size = args.model_img_size or 64
+
+
+def run(args, records: list, log=print) -> None:
+    """Measure every selected model, precision and batch; appends to `records` as it goes."""
+    device = args.device
+    wanted = BC.csv_list(args.model_providers) or list(PROVIDERS)
+    if args.quick and not args.model_providers:
+        wanted = ["imse", "imse_harness", "imse_reference", "source"]
+    if not tta_available():
+        log("imse_kernels.tta is not importable: the imse provider is skipped, Tent uses the hand-written fallback")
+        wanted = [p for p in wanted if p != "imse"]
+    for name in args.models:
+        base = make_model(name, device, depth=args.model_depth, img_size=args.model_img_size)
+        built = build_providers(base, wanted, device, imse_retrieval=args.imse_retrieval)
+        label = name + (f"-depth{args.model_depth}" if args.model_depth else "") + (
+            f"-img{args.model_img_size}" if args.model_img_size else "")
+        for prec in args.precisions:
+            if prec != "fp32" and device != "cuda":
+                log(f"model level: {prec} autocast is measured on cuda only; skipped")
+                continue
+            for b in args.model_batches:
+                t0 = time.perf_counter()
+                recs = run_model_case(label, b, device, prec, wanted, built, args.rounds, args.warmup, args.min_rounds,
+                                      args.max_case_s * 4, min_block_s=args.min_block_s, memory=not args.no_memory,
+                                      log=log)
+                records += recs
+                log(f"[model] {label} b{b} {prec}: " + " ".join(f"{r.provider}={BC.fmt(r.median_ms)}ms" for r in recs)
+                    + f"  ({time.perf_counter() - t0:.1f}s)")
+        del built, base
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    BC.add_common_args(ap)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    BC.resolve_common(args, ap)
+    resolve(args, ap)
+    return report.run(args, [lambda records, log: run(args, records, log)], "model")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

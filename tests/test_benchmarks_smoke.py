@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/throughput.py: the script runs end to end (layer and model level) and writes
-its files. It checks that the benchmark works, not its numbers."""
+"""Smoke tests of the benchmark scripts: throughput.py (the driver over layer_bench.py and model_bench.py)
+runs end to end and writes its files, report.py re-renders them, step_profile.py runs, and the flag
+presets and targets resolve. They check that the benchmarks work, not their numbers."""
 import json
 import os
 import subprocess
@@ -19,12 +20,13 @@ def test_throughput_quick(tmp_path):
     env.pop("IMSE_BACKEND", None)
     env.pop("TRITON_INTERPRET", None)  # conftest sets it; the triton interpreter is for tests, not timing
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--plot", "--out-dir", str(tmp_path), "--tag", "smoke"],
+        [sys.executable, str(SCRIPT), "--quick", "--plot", "--gflops", "--out-dir", str(tmp_path), "--tag", "smoke"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Layer level" in proc.stdout and "Model level" in proc.stdout and "Targets" in proc.stdout
+    assert "Achieved GFLOP/s, layer level" in proc.stdout and "Gaps:" in proc.stdout
     import imse_kernels
 
     banner = f"measuring imse_kernels {imse_kernels.__version__} from {Path(imse_kernels.__file__).resolve().parent}"
@@ -45,6 +47,8 @@ def test_throughput_quick(tmp_path):
         assert not layer[p]["error"], layer[p]["error"]
         assert layer[p]["median_ms"] > 0
     assert layer["fused_auto"]["ratio_vs_baseline"] > 0 and layer["fused_auto"]["saved_mb"] is not None
+    assert layer["linear"]["gflop"] == pytest.approx(3 * 2 * 197 * 384 * 384 / 1e9, rel=1e-4)  # vit_s.proj b1: dense, 3 GEMMs
+    assert layer["naive"]["gflop"] == pytest.approx(2 * 2 * 197 * 384 * (384 + 384) / 1e9, rel=1e-4)  # factorized, 2 passes
     model = {r["provider"]: r for r in rows if r["level"] == "model"}
     for p in ("imse_harness", "imse_reference", "source"):
         assert p in model and not model[p]["error"], model.get(p)
@@ -52,6 +56,12 @@ def test_throughput_quick(tmp_path):
     assert model["imse_reference"]["speedup_vs_reference"] == pytest.approx(1.0)
     assert 0 < model["imse_harness"]["gflop"] < model["imse_reference"]["gflop"]  # recomposing costs GEMM work
     assert (stem.with_suffix(".csv")).read_text().startswith("level,case,batch")
+
+    again = subprocess.run([sys.executable, str(REPO / "benchmarks" / "report.py"), str(stem.with_suffix(".json")),
+                            "--no-save"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert again.stdout.startswith("imse_kernels throughput  device=cpu  machine=smoke_quick")
+    assert "Layer level" in again.stdout and "Targets" in again.stdout and "re-rendered from" in again.stdout
 
 
 def test_throughput_rejects_bad_flags(tmp_path):
@@ -67,8 +77,12 @@ def test_step_profile_runs():
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()[2:]}
+    assert proc.stdout.startswith("measuring imse_kernels")  # it names the package it measured
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("provider"))
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[head + 1:]}
     assert set(rows) == {"imse_harness", "tent"} and all(v > 0 for vals in rows.values() for v in vals)
+    assert rows["imse_harness"][3] == 1.0  # x/first: the first provider against itself
 
 
 def _throughput_module():
@@ -89,14 +103,19 @@ def test_no_flags_is_the_headline_run_and_full_is_the_sweep():
     assert not full.headline and full.cases is None
     assert len(full.nets) * len(full.layers) * len(full.batches) * len(full.modes) == 96
     assert not tp.parse_args(["--nets", "vit_b"]).headline  # an explicit selection is measured as asked
+    tri = tp.parse_args(["--triton", "--batches", "1"])  # the triton backend's GPU cases, one flag overridden
+    assert not tri.headline and tri.nets == ["vit_b"] and tri.batches == [1] and tri.dtypes == ["bf16", "fp32"]
+    assert tri.modes == ["fwdbwd", "infer"] and "fused_triton_F" in tri.providers
 
 
 def test_targets_come_from_the_data_file_and_can_fail():
-    tp = _throughput_module()
+    _throughput_module()
+    import report as tp
     from bench_common import Record
 
     names = {t["name"] for t in tp.load_targets("cpu")}
     assert "IMSE step ViT-S b1, ref/imse" in names and len(names) == len(tp.load_targets("cpu"))
+    assert any(t["provider"] == "fused_triton" for t in tp.load_targets("cuda"))
     rec = Record(level="layer", case="vit_s.qkv", batch=64, tokens=64 * 197, mode="fwdbwd", dtype="fp32",
                  provider="fused_auto", median_ms=1.0, min_ms=1.0, q1_ms=1.0, q3_ms=1.0, rounds=3, number=1,
                  baseline="linear", ratio_vs_baseline=1.2, speedup_vs_reference=2.0, ratio_vs_baseline_min=1.1,

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "benchmarks" / "gpu_correctness.py"
 STAGES = ["build", "imse_kernels_info", "correctness", "bench_bf16", "sanitizer", "tests_gpu",
-          "bench_fp32", "bench_model", "triton_speed"]
+          "bench_fp32", "bench_model", "bench_triton"]
 
 
 def _env(**extra):

@@ -152,3 +152,30 @@ def test_empty_batch():
     x, U, s, Vh, b = _dev(*factors(3, 20, 18, 16, torch.float32))
     y, _, ds = chain(x[:0], Vh.t(), s, U.t(), b, h=(x @ Vh.t())[:0])
     assert y.shape == (0, 18) and torch.equal(ds, torch.zeros_like(ds))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chain_with_per_row_codes(shape, dtype):
+    """index: s is a (C, R) table gathered per row; ds is summed per code (unused codes get zeros)."""
+    n, d_in, d_out, r = shape
+    x, U, s, Vh, b = _dev(*factors(n, d_in, d_out, r, dtype))
+    codes = 5
+    S = _dev(torch.rand(codes, r) + 0.5)[0]
+    index = _dev(torch.randint(0, codes - 1, (n,)))[0]  # the last code is never used
+    y, h, _ = chain(x, Vh.t(), S, U.t(), b, save_h=True, index=index)
+    h64 = x.double() @ Vh.double().t()
+    y64 = (h64 * S.double()[index]) @ U.double().t() + b.double()
+    y_torch = torch.addmm(b, ((x @ Vh.t()).float() * S[index]).to(dtype), U.t())
+    assert_close(y, y64, y_torch, "y")
+    g = torch.randn(n, d_out, device=x.device).to(dtype)
+    dx, _, dS = chain(g, U, S, Vh, h=h, index=index)
+    t64 = g.double() @ U.double()
+    dx64 = (t64 * S.double()[index]) @ Vh.double()
+    dS64 = torch.zeros(codes, r, dtype=torch.float64, device=x.device).index_add_(0, index, t64 * h.double())
+    t = (g @ U).float()
+    assert_close(dx, dx64, ((t * S[index]).to(dtype) @ Vh), "dx")
+    assert dS.shape == (codes, r) and dS.dtype == torch.float32
+    dS_ref = torch.zeros(codes, r, device=x.device).index_add_(0, index, t * h.float())
+    assert_close(dS, dS64, dS_ref, "ds", dtype)
+    assert torch.equal(dS[-1], torch.zeros_like(dS[-1]))

@@ -27,8 +27,8 @@ SHARED_LIMIT = {80: 166912, 90: 232448}
 # Per kernel: (pointer args, int args, flag constexprs) in declaration order.
 _KERNELS = {
     "chain": (chain_kernel,
-              ["a_ptr", "b1_ptr", "s_ptr", "b2_ptr", "bias_ptr", "out_ptr", "h_ptr", "hout_ptr", "ds_ptr"],
-              ["HAS_BIAS", "DS", "SAVE_H"]),
+              ["a_ptr", "b1_ptr", "s_ptr", "b2_ptr", "bias_ptr", "out_ptr", "h_ptr", "hout_ptr", "ds_ptr", "idx_ptr"],
+              ["HAS_BIAS", "DS", "SAVE_H", "INDEXED"]),
     "scaled_matmul": (scaled_matmul_kernel,
                       ["a_ptr", "b_ptr", "s_ptr", "bias_ptr", "c_ptr", "h_ptr", "ds_ptr"],
                       ["SCALE_K", "SCALE_N", "HAS_BIAS", "DS", "WRITE_C"]),
@@ -65,10 +65,14 @@ def lower(job: Job):
     jit = _jit(fn)
     flags = dict(job.flags)
     constexprs = {**flags, "CAST_F32": False, "PRECISION": job.precision, **job.cfg.kwargs}
+    if "INDEXED" in flags:
+        constexprs["CODES_P2"] = 16
     signature = {}
     for name in jit.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name == "idx_ptr":
+            signature[name] = "*i64"
         elif name in ptrs:
             signature[name] = "*fp32" if name in _F32_PTRS else f"*{job.dtype}"
         else:
@@ -84,7 +88,7 @@ def jobs(full: bool = False) -> list[Job]:
     and fp32 (what the tuner may pick on a GPU)."""
     out = []
     for kernel, (_, _, flag_names) in _KERNELS.items():
-        all_on = tuple((f, True) for f in flag_names)
+        all_on = tuple((f, f != "INDEXED") for f in flag_names)  # the per-sample-code jobs follow
         bare = tuple((f, f == "WRITE_C") for f in flag_names)
         for cap in (80, 90):
             table = tuning.candidates(kernel, cap)
@@ -94,6 +98,10 @@ def jobs(full: bool = False) -> list[Job]:
             if cap == 90:
                 out.append(Job(kernel, cap, "fp32", "tf32", table32[1], all_on))
                 out.append(Job(kernel, cap, "bf16", "ieee", table[1], bare))
+            if "INDEXED" in flag_names:
+                coded = tuple((f, True) for f in flag_names)
+                out += [Job(kernel, cap, "bf16", "ieee", cfg, coded) for cfg in table]
+                out.append(Job(kernel, cap, "fp32", "ieee", table32[1], coded))
             if full:
                 out += [Job(kernel, cap, "fp16", "ieee", cfg, all_on) for cfg in table]
                 out += [Job(kernel, cap, "fp32", "ieee", cfg, all_on) for cfg in table32]

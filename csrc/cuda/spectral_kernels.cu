@@ -1,15 +1,11 @@
-// CUDA kernels of the spectral linear layer  y = ((x·Vhᵀ) ⊙ s)·Uᵀ + b  (see spectral_kernels.h).
-//
-// No torch headers here: nvcc compiles this file alone and quickly, and tests/test_cuda_build.py
-// also compiles it with the host compiler against emu/cuda_emu.h (IMSE_EMU) to run every kernel on
-// a CPU. Kernel families:
-//   gemm_tc_kernel    WMMA tensor cores: fp16/bf16 (k=16) and TF32 (k=8), fp32 accumulation;
-//   gemm_simt_kernel  exact fp32 / fp64 FMA;
-//   fused_kernel      Y = ((X·B1) ⊙ s)·B2 + bias with the (rows × r) intermediate in shared memory;
-//   reduce_kernel     fixed-order sum of per-block partials (deterministic ds, no atomics).
-// Both GEMM families stream K in double-buffered shared-memory tiles (global loads of the next tile
-// are issued into registers before the current one is multiplied), stage the accumulator tile in
-// shared memory and share one epilogue: s scaling, bias, the store, and the ds reductions.
+// The custom CUDA kernels of the spectral linear layer (see spectral_kernels.h). Plain GEMMs are not
+// here: they go to cuBLAS through ATen (spectral_ops.h). What is left fuses work cuBLAS cannot:
+//   fused_kernel   Y = ((X·B1) ⊙ s)·B2 + bias with the (rows × r) intermediate in shared memory
+//                  (fp16/bf16 WMMA, fp32 accumulation; docs/design.md §3, "the fused chain kernel");
+//   colsum_kernel  per-row-block partials of Σ_n A[n,k]·B[n,k] (ds, no materialised product), and
+//   reduce_kernel  their fixed-order sum: deterministic ds without float atomics (§3).
+// No torch headers: nvcc compiles this file alone, and tests/test_cuda_build.py also compiles it with
+// the host compiler against emu/cuda_emu.h (IMSE_EMU) to run every kernel on a CPU.
 #ifdef IMSE_EMU
 #include "emu/cuda_emu.h"
 #else
@@ -20,7 +16,6 @@
 #endif
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -37,7 +32,7 @@ using namespace nvcuda;
 #define IMSE_SMEM(name) extern __shared__ __align__(256) unsigned char name[]
 #endif
 
-// Tensor cores with bf16/tf32 WMMA need sm_80; older targets (never built by default) get a trap.
+// bf16 WMMA needs sm_80; older targets (never built by default) get a trap.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define IMSE_TC_AVAILABLE 0
 #else
@@ -50,19 +45,15 @@ using namespace nvcuda;
 template <typename T> struct Num;
 template <> struct Num<float> {
   using acc = float;
-  static constexpr int vec = 4;  // elements per 16-byte vector
   static __device__ __forceinline__ float to_acc(float v) { return v; }
-  static __device__ __forceinline__ float from_acc(float v) { return v; }
 };
 template <> struct Num<double> {
   using acc = double;
-  static constexpr int vec = 2;
   static __device__ __forceinline__ double to_acc(double v) { return v; }
-  static __device__ __forceinline__ double from_acc(double v) { return v; }
 };
 template <> struct Num<__half> {
   using acc = float;
-  static constexpr int vec = 8;
+  static constexpr int vec = 8;  // elements per 16-byte vector
   static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
 };
@@ -72,12 +63,6 @@ template <> struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
 };
-
-// WMMA operand type and k step per element type (fp32 runs as TF32).
-template <typename T> struct Mma;
-template <> struct Mma<__half> { using frag_t = __half; static constexpr int K = 16; static constexpr bool tf32 = false; };
-template <> struct Mma<__nv_bfloat16> { using frag_t = __nv_bfloat16; static constexpr int K = 16; static constexpr bool tf32 = false; };
-template <> struct Mma<float> { using frag_t = wmma::precision::tf32; static constexpr int K = 8; static constexpr bool tf32 = true; };
 
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
 #ifdef IMSE_EMU
@@ -101,7 +86,6 @@ struct Tile {
   static constexpr int SLOTS = ROWS * COLS / VEC;
   static_assert(COLS % VEC == 0 && SLOTS % NT == 0, "tile shape does not divide among the threads");
   static constexpr int ITERS = SLOTS / NT;
-  using acc_t = typename Num<T>::acc;
   struct alignas(16) Vec { T v[VEC]; };
   Vec reg[ITERS];
 
@@ -117,299 +101,38 @@ struct Tile {
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
-          reg[it].v[e] = (row < nrows && col + e < ncols) ? src[row * ld + col + e] : Num<T>::from_acc(acc_t(0));
+          reg[it].v[e] = (row < nrows && col + e < ncols) ? src[row * ld + col + e] : Num<T>::from_acc(0.0f);
       }
     }
   }
 
-  // Registers -> shared memory. With scale, the element at (row, col) is multiplied by
-  // scale[row] (SCALE_ROWS) or scale[col] in the acc type; indices >= nscale hold zeros already.
-  template <bool SCALE_ROWS>
-  __device__ __forceinline__ void store(T* dst, const acc_t* __restrict__ scale, int nscale) {
+  // Registers -> shared memory.
+  __device__ __forceinline__ void store(T* dst) {
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int slot = static_cast<int>(threadIdx.x) + it * NT;
-      const int row = slot / (COLS / VEC), col = (slot % (COLS / VEC)) * VEC;
-      Vec v = reg[it];
-      if (scale != nullptr) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const int idx = SCALE_ROWS ? row : col + e;
-          const acc_t sv = idx < nscale ? scale[idx] : acc_t(0);
-          v.v[e] = Num<T>::from_acc(Num<T>::to_acc(v.v[e]) * sv);
-        }
-      }
-      copy16(dst + row * LD + col, &v);
+      copy16(dst + (slot / (COLS / VEC)) * LD + (slot % (COLS / VEC)) * VEC, &reg[it]);
     }
   }
 };
 
-// ---------------------------------------------------------------------------------------------
-// Epilogue, shared by every GEMM kernel: Cs holds the BM × BN accumulator tile (row stride CLD).
-
-template <typename T>
-struct GemmArgs {
-  using acc_t = typename Num<T>::acc;
-  int M, N, K;
-  const T* A;
-  int64_t lda;
-  const T* B;
-  int64_t ldb;
-  const acc_t* scale_k;
-  const acc_t* scale_n;
-  const T* bias;
-  T* C;
-  int64_t ldc;
-  int red;
-  const T* R;
-  int64_t ldr;
-  acc_t* partial;
-  bool vec_a, vec_b;
-};
-
-template <typename T, typename Acc, int BM, int BN, int NT, int CLD>
-__device__ __forceinline__ void store_tile(Acc* Cs, int m0, int n0, int M, int N, T* C, int64_t ldc,
-                                           const Acc* scale_n, const T* bias, int red, const T* R, int64_t ldr) {
+// Cs holds a BM × BN fp32 accumulator tile (row stride CLD): C[m0.., n0..] = Cs + bias, in bounds.
+template <typename T, int BM, int BN, int NT, int CLD>
+__device__ __forceinline__ void store_tile(const float* Cs, int m0, int n0, int M, int N, T* C, int64_t ldc,
+                                           const T* bias) {
   for (int idx = threadIdx.x; idx < BM * BN; idx += NT) {
     const int i = idx / BN, j = idx % BN, gm = m0 + i, gn = n0 + j;
-    const bool ok = gm < M && gn < N;
-    const Acc v = Cs[i * CLD + j];
-    if (ok && C != nullptr) {
-      Acc o = v;
-      if (scale_n != nullptr) o *= scale_n[gn];
-      if (bias != nullptr) o += Num<T>::to_acc(bias[gn]);
+    if (gm < M && gn < N) {
+      const float o = Cs[i * CLD + j] + (bias != nullptr ? Num<T>::to_acc(bias[gn]) : 0.0f);
       C[gm * ldc + gn] = Num<T>::from_acc(o);
     }
-    if (red != kRedNone) Cs[i * CLD + j] = ok ? v * Num<T>::to_acc(R[gm * ldr + gn]) : Acc(0);
-  }
-}
-
-template <typename T, typename Acc, int BM, int BN, int NT, int CLD>
-__device__ __forceinline__ void epilogue(const GemmArgs<T>& p, Acc* Cs, int m0, int n0) {
-  store_tile<T, Acc, BM, BN, NT, CLD>(Cs, m0, n0, p.M, p.N, p.C, p.ldc, p.scale_n, p.bias, p.red, p.R, p.ldr);
-  if (p.red == kRedCols) {
-    __syncthreads();
-    for (int j = threadIdx.x; j < BN; j += NT) {
-      if (n0 + j < p.N) {
-        Acc sum = 0;
-        for (int i = 0; i < BM; ++i) sum += Cs[i * CLD + j];
-        p.partial[static_cast<int64_t>(blockIdx.x) * p.N + n0 + j] = sum;
-      }
-    }
-  } else if (p.red == kRedRows) {
-    __syncthreads();
-    for (int i = threadIdx.x; i < BM; i += NT) {
-      if (m0 + i < p.M) {
-        Acc sum = 0;
-        for (int j = 0; j < BN; ++j) sum += Cs[i * CLD + j];
-        p.partial[static_cast<int64_t>(blockIdx.y) * p.M + m0 + i] = sum;
-      }
-    }
-  }
-}
-
-// The K loop of the GEMM kernels: A and B tiles go global → registers → shared memory (two stages,
-// scale_k applied on the way in) while `mma(a_stage, b_stage)` consumes the other stage. It ends
-// with a barrier, so the caller may reuse the shared memory afterwards.
-template <bool A_KMAJ, bool B_NMAJ, int BK, class TA, class TB, typename T, class MmaFn>
-__device__ __forceinline__ void gemm_mainloop(const GemmArgs<T>& p, int m0, int n0, T* As, T* Bs, MmaFn&& mma) {
-  TA la;
-  TB lb;
-  auto load = [&](int k0) {
-    if (A_KMAJ) la.load(p.A + m0 * p.lda + k0, p.lda, p.M - m0, p.K - k0, p.vec_a);
-    else la.load(p.A + k0 * p.lda + m0, p.lda, p.K - k0, p.M - m0, p.vec_a);
-    if (B_NMAJ) lb.load(p.B + k0 * p.ldb + n0, p.ldb, p.K - k0, p.N - n0, p.vec_b);
-    else lb.load(p.B + n0 * p.ldb + k0, p.ldb, p.N - n0, p.K - k0, p.vec_b);
-  };
-  auto store = [&](int k0, int stage) {
-    const auto* sk = p.scale_k != nullptr ? p.scale_k + k0 : nullptr;
-    la.template store<!A_KMAJ>(As + stage * TA::ELEMS, sk, p.K - k0);
-    lb.template store<false>(Bs + stage * TB::ELEMS, nullptr, 0);
-  };
-
-  const int ntiles = (p.K + BK - 1) / BK;
-  if (ntiles > 0) {
-    load(0);
-    store(0, 0);
-  }
-  __syncthreads();
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) load((t + 1) * BK);
-    mma(As + (t & 1) * TA::ELEMS, Bs + (t & 1) * TB::ELEMS);
-    if (t + 1 < ntiles) store((t + 1) * BK, (t + 1) & 1);
-    __syncthreads();
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core GEMM
-
-template <int BM_, int BN_, int BK_, int WM_, int WN_>
-struct TcCfg {
-  static constexpr int BM = BM_, BN = BN_, BK = BK_, WM = WM_, WN = WN_, NT = WM_ * WN_ * 32;
-  static constexpr int WTM = BM / WM, WTN = BN / WN, FM = WTM / 16, FN = WTN / 16;
-  static constexpr int CLD = BN + 4;  // fp32 staging row stride (multiple of 4 floats for WMMA)
-  static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile");
-};
-using TcBig = TcCfg<128, 128, 32, 2, 4>;   // 8 warps, 64 × 32 each
-using TcSmall = TcCfg<64, 64, 32, 2, 2>;   // 4 warps, 32 × 32 each
-
-template <typename T, bool A_KMAJ, bool B_NMAJ, class C>
-struct TcLayout {
-  using TA = std::conditional_t<A_KMAJ, Tile<T, C::BM, C::BK, C::NT>, Tile<T, C::BK, C::BM, C::NT>>;
-  using TB = std::conditional_t<B_NMAJ, Tile<T, C::BK, C::BN, C::NT>, Tile<T, C::BN, C::BK, C::NT>>;
-  static constexpr size_t tiles_bytes = 2 * (TA::ELEMS + TB::ELEMS) * sizeof(T);
-  static constexpr size_t stage_bytes = static_cast<size_t>(C::BM) * C::CLD * sizeof(float);
-  static constexpr size_t smem = tiles_bytes > stage_bytes ? tiles_bytes : stage_bytes;
-};
-
-// Multiply the shared-memory tiles a (BM×BK) and b (BK×BN) into the warp's accumulators.
-template <typename T, bool A_KMAJ, bool B_NMAJ, class C, class TA, class TB, class AccFrag>
-__device__ __forceinline__ void tc_tile_mma(const T* a, const T* b, int wm, int wn, AccFrag (&acc)[C::FM][C::FN]) {
-#if IMSE_TC_AVAILABLE
-  using FT = typename Mma<T>::frag_t;
-  constexpr int MK = Mma<T>::K;
-  using LA = std::conditional_t<A_KMAJ, wmma::row_major, wmma::col_major>;
-  using LB = std::conditional_t<B_NMAJ, wmma::row_major, wmma::col_major>;
-#pragma unroll
-  for (int kk = 0; kk < C::BK; kk += MK) {
-    wmma::fragment<wmma::matrix_a, 16, 16, MK, FT, LA> fa[C::FM];
-    wmma::fragment<wmma::matrix_b, 16, 16, MK, FT, LB> fb[C::FN];
-#pragma unroll
-    for (int i = 0; i < C::FM; ++i) {
-      const int m = wm * C::WTM + i * 16;
-      wmma::load_matrix_sync(fa[i], A_KMAJ ? a + m * TA::LD + kk : a + kk * TA::LD + m, TA::LD);
-      if constexpr (Mma<T>::tf32) {
-#pragma unroll
-        for (int e = 0; e < fa[i].num_elements; ++e) fa[i].x[e] = wmma::__float_to_tf32(fa[i].x[e]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < C::FN; ++j) {
-      const int n = wn * C::WTN + j * 16;
-      wmma::load_matrix_sync(fb[j], B_NMAJ ? b + kk * TB::LD + n : b + n * TB::LD + kk, TB::LD);
-      if constexpr (Mma<T>::tf32) {
-#pragma unroll
-        for (int e = 0; e < fb[j].num_elements; ++e) fb[j].x[e] = wmma::__float_to_tf32(fb[j].x[e]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < C::FM; ++i)
-#pragma unroll
-      for (int j = 0; j < C::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-  }
-#endif
-}
-
-// 16-bit inputs: at most 128 registers (two 8-warp blocks per SM, no spills per ptxas -v);
-// TF32 keeps the compiler's choice (it would spill under that cap).
-template <typename T, bool A_KMAJ, bool B_NMAJ, class C>
-__global__ void __launch_bounds__(C::NT, sizeof(T) == 2 ? 2048 / C::NT / 4 : 1) gemm_tc_kernel(GemmArgs<T> p) {
-#if IMSE_TC_AVAILABLE
-  using L = TcLayout<T, A_KMAJ, B_NMAJ, C>;
-  using TA = typename L::TA;
-  using TB = typename L::TB;
-  using AccFrag = wmma::fragment<wmma::accumulator, 16, 16, Mma<T>::K, float>;
-  IMSE_SMEM(smem);
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + 2 * TA::ELEMS;
-  float* Cs = reinterpret_cast<float*>(smem);  // reused after the main loop
-
-  const int m0 = blockIdx.x * C::BM, n0 = blockIdx.y * C::BN;
-  const int warp = threadIdx.x / 32, wm = warp / C::WN, wn = warp % C::WN;
-  AccFrag acc[C::FM][C::FN];
-#pragma unroll
-  for (int i = 0; i < C::FM; ++i)
-#pragma unroll
-    for (int j = 0; j < C::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-
-  gemm_mainloop<A_KMAJ, B_NMAJ, C::BK, TA, TB>(p, m0, n0, As, Bs, [&](const T* a, const T* b) {
-    tc_tile_mma<T, A_KMAJ, B_NMAJ, C, TA, TB>(a, b, wm, wn, acc);
-  });
-#pragma unroll
-  for (int i = 0; i < C::FM; ++i)
-#pragma unroll
-    for (int j = 0; j < C::FN; ++j)
-      wmma::store_matrix_sync(Cs + (wm * C::WTM + i * 16) * C::CLD + wn * C::WTN + j * 16, acc[i][j], C::CLD,
-                              wmma::mem_row_major);
-  __syncthreads();
-  epilogue<T, float, C::BM, C::BN, C::NT, C::CLD>(p, Cs, m0, n0);
-#else
-  __trap();
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------
-// Exact fp32 / fp64 GEMM: 64 × 64 tiles, 256 threads, 4 × 4 outputs per thread (strided by 16 so
-// that shared-memory reads broadcast and the staging writes do not conflict).
-
-struct SimtCfg {
-  static constexpr int BM = 64, BN = 64, BK = 16, NT = 256, CLD = BN + 1;
-};
-
-template <typename T, bool A_KMAJ, bool B_NMAJ>
-struct SimtLayout {
-  using C = SimtCfg;
-  using acc_t = typename Num<T>::acc;
-  using TA = std::conditional_t<A_KMAJ, Tile<T, C::BM, C::BK, C::NT>, Tile<T, C::BK, C::BM, C::NT>>;
-  using TB = std::conditional_t<B_NMAJ, Tile<T, C::BK, C::BN, C::NT>, Tile<T, C::BN, C::BK, C::NT>>;
-  static constexpr size_t tiles_bytes = 2 * (TA::ELEMS + TB::ELEMS) * sizeof(T);
-  static constexpr size_t stage_bytes = static_cast<size_t>(C::BM) * C::CLD * sizeof(acc_t);
-  static constexpr size_t smem = tiles_bytes > stage_bytes ? tiles_bytes : stage_bytes;
-};
-
-template <typename T, bool A_KMAJ, bool B_NMAJ>
-__global__ void __launch_bounds__(SimtCfg::NT) gemm_simt_kernel(GemmArgs<T> p) {
-  using C = SimtCfg;
-  using L = SimtLayout<T, A_KMAJ, B_NMAJ>;
-  using TA = typename L::TA;
-  using TB = typename L::TB;
-  using acc_t = typename Num<T>::acc;
-  IMSE_SMEM(smem);
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + 2 * TA::ELEMS;
-  acc_t* Cs = reinterpret_cast<acc_t*>(smem);
-
-  const int m0 = blockIdx.x * C::BM, n0 = blockIdx.y * C::BN;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  acc_t acc[4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0;
-
-  gemm_mainloop<A_KMAJ, B_NMAJ, C::BK, TA, TB>(p, m0, n0, As, Bs, [&](const T* a, const T* b) {
-#pragma unroll
-    for (int kk = 0; kk < C::BK; ++kk) {
-      acc_t av[4], bv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = ty + 16 * i;
-        av[i] = Num<T>::to_acc(A_KMAJ ? a[m * TA::LD + kk] : a[kk * TA::LD + m]);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int n = tx + 16 * j;
-        bv[j] = Num<T>::to_acc(B_NMAJ ? b[kk * TB::LD + n] : b[n * TB::LD + kk]);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
-    }
-  });
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) Cs[(ty + 16 * i) * C::CLD + tx + 16 * j] = acc[i][j];
-  __syncthreads();
-  epilogue<T, acc_t, C::BM, C::BN, C::NT, C::CLD>(p, Cs, m0, n0);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fused Y = ((X·B1) ⊙ s)·B2 + bias (fp16/bf16). One block owns FBM rows: phase 1 builds
-// hs = (X·B1) ⊙ s for all R columns in shared memory (in chunks of FRC columns); phase 2 walks the
-// output columns in FBN tiles, A operand straight from hs, B2 tiles streamed. Nothing of size
+// Fused Y = ((X·B1) ⊙ s)·B2 + bias (fp16/bf16). One block owns BM rows: phase 1 builds
+// hs = (X·B1) ⊙ s for all R columns in shared memory (in chunks of RC columns); phase 2 walks the
+// output columns in BN tiles, A operand straight from hs, B2 tiles streamed. Nothing of size
 // (M × R) touches global memory.
 
 struct FusedCfg {
@@ -490,8 +213,8 @@ __global__ void __launch_bounds__(FusedCfg::NT) fused_kernel(FusedArgs<T> p) {
       else lb.load(p.B1 + c0 * p.ldb1 + k0, p.ldb1, p.R - c0, p.K1 - k0, p.vec_b1);
     };
     auto store = [&](int stage) {
-      lx.template store<false>(Xs + stage * TX::ELEMS, nullptr, 0);
-      lb.template store<false>(B1s + stage * TB1::ELEMS, nullptr, 0);
+      lx.store(Xs + stage * TX::ELEMS);
+      lb.store(B1s + stage * TB1::ELEMS);
     };
     const int ntiles = (p.K1 + C::BK - 1) / C::BK;
     if (ntiles > 0) {
@@ -552,7 +275,7 @@ __global__ void __launch_bounds__(FusedCfg::NT) fused_kernel(FusedArgs<T> p) {
     };
     if (ktiles > 0) {
       load(0);
-      lb.template store<false>(B2s, nullptr, 0);
+      lb.store(B2s);
     }
     __syncthreads();
     for (int t = 0; t < ktiles; ++t) {
@@ -575,7 +298,7 @@ __global__ void __launch_bounds__(FusedCfg::NT) fused_kernel(FusedArgs<T> p) {
 #pragma unroll
           for (int j = 0; j < C::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
-      if (t + 1 < ktiles) lb.template store<false>(B2s + ((t + 1) & 1) * TB2::ELEMS, nullptr, 0);
+      if (t + 1 < ktiles) lb.store(B2s + ((t + 1) & 1) * TB2::ELEMS);
       __syncthreads();
     }
 #pragma unroll
@@ -585,8 +308,7 @@ __global__ void __launch_bounds__(FusedCfg::NT) fused_kernel(FusedArgs<T> p) {
         wmma::store_matrix_sync(Cs + (wm * C::WTM + i * 16) * C::CLD + wn * C::WTN + j * 16, acc[i][j], C::CLD,
                                 wmma::mem_row_major);
     __syncthreads();
-    store_tile<T, float, C::BM, C::BN, C::NT, C::CLD>(Cs, m0, n0, p.M, p.N, p.Y, p.ldy, nullptr, p.bias, kRedNone,
-                                                      nullptr, 0);
+    store_tile<T, C::BM, C::BN, C::NT, C::CLD>(Cs, m0, n0, p.M, p.N, p.Y, p.ldy, p.bias);
     __syncthreads();
   }
 #else
@@ -595,7 +317,41 @@ __global__ void __launch_bounds__(FusedCfg::NT) fused_kernel(FusedArgs<T> p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Deterministic reduction of per-block partials.
+// Deterministic ds: colsum_kernel writes partial[b][k] = Σ_{n in row block b} A[n,k]·B[n,k]
+// (kColRows rows per block; 32 columns × 8 row lanes per block, lanes summed in order), then
+// reduce_kernel sums the blocks in increasing order. The order depends on the shape only.
+
+constexpr int kColCols = 32, kColLanes = 8, kColThreads = kColCols * kColLanes;
+constexpr int64_t kColRows = 256;
+
+template <typename T>
+struct ColsumArgs {
+  const T* A;
+  const T* B;
+  int64_t M, L;
+  typename Num<T>::acc* partial;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kColThreads) colsum_kernel(ColsumArgs<T> p) {
+  using acc_t = typename Num<T>::acc;
+  IMSE_SMEM(smem);
+  acc_t* lanes = reinterpret_cast<acc_t*>(smem);
+  const int tx = threadIdx.x % kColCols, ty = threadIdx.x / kColCols;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kColCols + tx;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kColRows;
+  const int64_t m1 = p.M - m0 < kColRows ? p.M : m0 + kColRows;
+  acc_t sum = 0;
+  if (k < p.L)
+    for (int64_t n = m0 + ty; n < m1; n += kColLanes) sum += Num<T>::to_acc(p.A[n * p.L + k]) * Num<T>::to_acc(p.B[n * p.L + k]);
+  lanes[ty * kColCols + tx] = sum;
+  __syncthreads();
+  if (ty == 0 && k < p.L) {
+    acc_t total = 0;
+    for (int i = 0; i < kColLanes; ++i) total += lanes[i * kColCols + tx];
+    p.partial[static_cast<int64_t>(blockIdx.x) * p.L + k] = total;
+  }
+}
 
 template <typename Acc>
 struct ReduceArgs {
@@ -661,73 +417,9 @@ int device_info(DeviceInfo* info) {
   return 0;
 }
 
-// Environment knobs for tests: IMSE_CUDA_TILE=auto|big|small, IMSE_CUDA_FUSED=auto|1|0.
-int env_choice(const char* name) {  // -1 auto, 0 off/small, 1 on/big
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
-  if (std::strcmp(v, "0") == 0 || std::strcmp(v, "small") == 0 || std::strcmp(v, "off") == 0) return 0;
-  return 1;
-}
-
-enum Kind : int { kSimt = 1, kTcBig = 2, kTcSmall = 3 };
-
 bool aligned_for_vec(const void* ptr, int64_t ld, int elem_bytes) {
   const int vec = 16 / elem_bytes;
   return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && ld % vec == 0;
-}
-
-template <typename T>
-GemmArgs<T> make_args(const Gemm& g) {
-  using acc_t = typename Num<T>::acc;
-  GemmArgs<T> p;
-  p.M = static_cast<int>(g.M);
-  p.N = static_cast<int>(g.N);
-  p.K = static_cast<int>(g.K);
-  p.A = static_cast<const T*>(g.A);
-  p.lda = g.lda;
-  p.B = static_cast<const T*>(g.B);
-  p.ldb = g.ldb;
-  p.scale_k = static_cast<const acc_t*>(g.scale_k);
-  p.scale_n = static_cast<const acc_t*>(g.scale_n);
-  p.bias = static_cast<const T*>(g.bias);
-  p.C = static_cast<T*>(g.C);
-  p.ldc = g.ldc;
-  p.red = g.red;
-  p.R = static_cast<const T*>(g.R);
-  p.ldr = g.ldr;
-  p.partial = static_cast<acc_t*>(g.partial);
-  p.vec_a = aligned_for_vec(g.A, g.lda, sizeof(T));
-  p.vec_b = aligned_for_vec(g.B, g.ldb, sizeof(T));
-  return p;
-}
-
-template <typename T, bool A_KMAJ, bool B_NMAJ>
-int run_layout(const Gemm& g, const GemmPlan& plan, void* stream) {
-  const GemmArgs<T> p = make_args<T>(g);
-  const dim3 grid(static_cast<unsigned>(plan.m_blocks), static_cast<unsigned>(plan.n_blocks));
-  if (plan.kind == kSimt) {
-    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
-      return launch(gemm_simt_kernel<T, A_KMAJ, B_NMAJ>, grid, dim3(SimtCfg::NT), SimtLayout<T, A_KMAJ, B_NMAJ>::smem,
-                    stream, p);
-    }
-    return kErrUnsupported;
-  }
-  if constexpr (!std::is_same<T, double>::value) {
-    if (plan.kind == kTcBig)
-      return launch(gemm_tc_kernel<T, A_KMAJ, B_NMAJ, TcBig>, grid, dim3(TcBig::NT),
-                    TcLayout<T, A_KMAJ, B_NMAJ, TcBig>::smem, stream, p);
-    return launch(gemm_tc_kernel<T, A_KMAJ, B_NMAJ, TcSmall>, grid, dim3(TcSmall::NT),
-                  TcLayout<T, A_KMAJ, B_NMAJ, TcSmall>::smem, stream, p);
-  }
-  return kErrUnsupported;
-}
-
-template <typename T>
-int run_typed(const Gemm& g, const GemmPlan& plan, void* stream) {
-  if (g.a_kmajor && !g.b_nmajor) return run_layout<T, true, false>(g, plan, stream);
-  if (g.a_kmajor && g.b_nmajor) return run_layout<T, true, true>(g, plan, stream);
-  if (!g.a_kmajor && g.b_nmajor) return run_layout<T, false, true>(g, plan, stream);
-  return kErrUnsupported;
 }
 
 template <typename T, bool B1_NMAJ, bool B2_NMAJ>
@@ -762,68 +454,50 @@ int run_fused_typed(const Fused& f, void* stream) {
   return kErrUnsupported;
 }
 
+template <typename T>
+int colsum_typed(const void* A, const void* B, int64_t M, int64_t L, void* workspace, void* out, void* stream) {
+  using acc_t = typename Num<T>::acc;
+  const int64_t blocks = colsum_blocks(M);
+  if (blocks > 0) {
+    const ColsumArgs<T> p{static_cast<const T*>(A), static_cast<const T*>(B), M, L, static_cast<acc_t*>(workspace)};
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((L + kColCols - 1) / kColCols));
+    const int e = launch(colsum_kernel<T>, grid, dim3(kColThreads), kColThreads * sizeof(acc_t), stream, p);
+    if (e != 0) return e;
+  }
+  const ReduceArgs<acc_t> r{static_cast<const acc_t*>(workspace), blocks, L, static_cast<acc_t*>(out)};
+  return launch(reduce_kernel<acc_t>, dim3(static_cast<unsigned>((L + 255) / 256)), dim3(256), 0, stream, r);
+}
+
 constexpr int64_t kIntMax = 2147483647;
 
 }  // namespace
 
-int plan_gemm(const Gemm& g, GemmPlan* plan) {
-  if (g.M < 0 || g.N < 0 || g.K < 0 || g.M > kIntMax || g.N > kIntMax || g.K > kIntMax) return kErrTooLarge;
-  const bool tc = g.dtype == kF16 || g.dtype == kBF16 || (g.dtype == kF32 && g.tf32);
-  int bm = 64, bn = 64;
-  if (tc) {
-    DeviceInfo dev;
-    const int e = device_info(&dev);
-    if (e != 0) return e;
-    if (dev.cc < 80) return kErrNeedSm80;
-    const int64_t big_blocks = ((g.M + 127) / 128) * ((g.N + 127) / 128);
-    const int choice = env_choice("IMSE_CUDA_TILE");
-    const bool big = choice == 1 || (choice == -1 && big_blocks >= dev.sms);
-    plan->kind = big ? kTcBig : kTcSmall;
-    bm = bn = big ? 128 : 64;
-  } else {
-    plan->kind = kSimt;
-  }
-  plan->m_blocks = (g.M + bm - 1) / bm;
-  plan->n_blocks = (g.N + bn - 1) / bn;
-  if (plan->n_blocks > 65535 || plan->m_blocks > kIntMax) return kErrTooLarge;
-  return 0;
-}
+int64_t colsum_blocks(int64_t M) { return (M + kColRows - 1) / kColRows; }
 
-int run_gemm(const Gemm& g, const GemmPlan& plan, void* stream) {
-  if (g.M == 0 || g.N == 0) return 0;
-  switch (g.dtype) {
-    case kF16: return run_typed<__half>(g, plan, stream);
-    case kBF16: return run_typed<__nv_bfloat16>(g, plan, stream);
-    case kF32: return run_typed<float>(g, plan, stream);
-    case kF64: return run_typed<double>(g, plan, stream);
+int colsum_product(DType dtype, const void* A, const void* B, int64_t M, int64_t L, void* workspace, void* out,
+                   void* stream) {
+  if (L == 0) return 0;
+  if (M < 0 || L < 0 || colsum_blocks(M) > kIntMax || (L + kColCols - 1) / kColCols > 65535) return kErrTooLarge;
+  switch (dtype) {
+    case kF16: return colsum_typed<__half>(A, B, M, L, workspace, out, stream);
+    case kBF16: return colsum_typed<__nv_bfloat16>(A, B, M, L, workspace, out, stream);
+    case kF32: return colsum_typed<float>(A, B, M, L, workspace, out, stream);
+    case kF64: return colsum_typed<double>(A, B, M, L, workspace, out, stream);
   }
   return kErrUnsupported;
 }
 
-int reduce_partials(DType acc, const void* partial, int64_t blocks, int64_t L, void* out, void* stream) {
-  if (L == 0) return 0;
-  const dim3 grid(static_cast<unsigned>((L + 255) / 256));
-  if (acc == kF64) {
-    ReduceArgs<double> p{static_cast<const double*>(partial), blocks, L, static_cast<double*>(out)};
-    return launch(reduce_kernel<double>, grid, dim3(256), 0, stream, p);
-  }
-  ReduceArgs<float> p{static_cast<const float*>(partial), blocks, L, static_cast<float*>(out)};
-  return launch(reduce_kernel<float>, grid, dim3(256), 0, stream, p);
-}
-
-bool fused_wanted(const Fused& f) {
-  if (f.dtype != kF16 && f.dtype != kBF16) return false;
-  if (f.b1_nmajor != f.b2_nmajor) return false;
-  if (f.M <= 0 || f.N <= 0 || f.M > kIntMax || f.N > kIntMax || f.K1 > kIntMax || f.R > kIntMax) return false;
-  const int choice = env_choice("IMSE_CUDA_FUSED");
-  if (choice == 0) return false;
+bool fused_wanted(const Fused& f, int mode) {
+  if (mode == 0 || (f.dtype != kF16 && f.dtype != kBF16) || f.b1_nmajor != f.b2_nmajor) return false;
+  if (f.M <= 0 || f.N <= 0 || f.K1 <= 0 || f.R <= 0 || f.M > kIntMax || f.N > kIntMax || f.K1 > kIntMax ||
+      f.R > kIntMax)
+    return false;
   DeviceInfo dev;
   if (device_info(&dev) != 0 || dev.cc < 80) return false;
   const size_t need = f.b1_nmajor ? FusedLayout<__half, true, true>::smem(f.R) : FusedLayout<__half, false, false>::smem(f.R);
   if (need > static_cast<size_t>(dev.smem_optin)) return false;
-  if (choice == 1) return true;
-  // auto: one block per FBM rows; only worth it when those blocks alone fill the GPU.
-  return (f.M + FusedCfg::BM - 1) / FusedCfg::BM >= dev.sms;
+  // auto: one block per FusedCfg::BM rows; only worth it when those blocks alone fill the GPU.
+  return mode == 1 || (f.M + FusedCfg::BM - 1) / FusedCfg::BM >= dev.sms;
 }
 
 int run_fused(const Fused& f, void* stream) {
@@ -841,8 +515,8 @@ int run_fused(const Fused& f, void* stream) {
 const char* error_string(int code) {
   switch (code) {
     case 0: return "no error";
-    case kErrNeedSm80: return "the fp16/bf16/TF32 tensor-core kernels need a GPU of compute capability 8.0 or newer";
-    case kErrTooLarge: return "a dimension is too large for the kernels' grid (rows < 2^31, columns < 65535 tiles)";
+    case kErrNeedSm80: return "the fused fp16/bf16 kernel needs a GPU of compute capability 8.0 or newer";
+    case kErrTooLarge: return "a dimension is too large for the kernels' grid";
     case kErrUnsupported: return "internal: layout or dtype combination not instantiated";
     case kErrDevice: return "could not read the CUDA device attributes";
     default: return cudaGetErrorString(static_cast<cudaError_t>(code));

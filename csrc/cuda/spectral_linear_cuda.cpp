@@ -1,7 +1,8 @@
 // CUDA registration of the imse_ext backend primitives (schema defined by the CPU extension,
-// csrc/cpu/spectral_linear_cpu.cpp, from csrc/spectral_schema.h). Compiled by the host compiler:
-// the kernels live in spectral_kernels.cu, the torch-facing logic in spectral_ops.h. Launches go to
-// torch's current stream on the inputs' device. Importing imse_kernels._C_cuda runs the registration.
+// csrc/cpu/spectral_linear_cpu.cpp, from csrc/spectral_schema.h) and of the switch op
+// imse_ext::cuda_fused_mode. Compiled by the host compiler: the custom kernels live in
+// spectral_kernels.cu, the torch-facing logic in spectral_ops.h. Launches go to torch's current
+// stream on the inputs' device. Importing imse_kernels._C_cuda runs the registration.
 #include <Python.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -25,6 +26,8 @@ using CudaOps = imse_cuda_ops::Ops<CudaDevice>;
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imse_ext, CUDA, m) { IMSE_REGISTER_IMPLS(m, CudaOps); }
+
+TORCH_LIBRARY_FRAGMENT(imse_ext, m) { IMSE_DEFINE_SWITCH(m, CudaOps); }
 
 // A Python module with no functions: importing it runs the registration above.
 extern "C" {

@@ -1,22 +1,34 @@
-// The torch-facing implementations of the imse_ext backend primitives on top of the kernels in
-// spectral_kernels.cu. Included by spectral_linear_cuda.cpp (CUDA tensors, torch's current stream)
-// and by emu/emu_ops.cpp (the same code over CPU tensors with the kernels emulated, for the tests).
-// `Dev` supplies: kType (c10::DeviceType), kName, Guard (RAII device guard), stream(device).
+// The torch-facing implementations of the imse_ext backend primitives on CUDA. Plain GEMMs are ATen
+// calls (cuBLAS on CUDA tensors; TF32 exactly when torch's own fp32 matmuls use it); the custom
+// kernels of spectral_kernels.cu serve only the fused chain (fp16/bf16, h kept in shared memory) and
+// the deterministic ds reduction. Each has a run-time switch back to the ATen path (docs/design.md
+// §3): `cuda_fused_mode(kernel, mode)`, registered next to the primitives, and IMSE_CUDA_FUSED.
+// Included by spectral_linear_cuda.cpp (CUDA tensors, torch's current stream) and by emu/emu_ops.cpp
+// (the same code over CPU tensors with the kernels emulated, for the tests). `Dev` supplies: kType
+// (c10::DeviceType), kName, Guard (RAII device guard), stream(device).
 //
 // Every input is checked (device, dtype, shapes) with a message naming the op, the argument and
-// what was found, before anything is launched; inputs are made contiguous here.
+// what was found, before anything runs.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <climits>
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "spectral_kernels.h"
 
 namespace imse_cuda_ops {
+
+// The custom kernels with a switch, and the switch values: kFollowEnv reads IMSE_CUDA_FUSED
+// (auto|1|0) at each call; kAuto, kOff (the ATen path), kOn (wherever the kernel can run).
+enum Kernel : int { kChain = 0, kDs = 1 };
+enum Mode : int { kFollowEnv = -2, kAuto = -1, kOff = 0, kOn = 1 };
 
 template <class Dev>
 struct Ops {
@@ -39,9 +51,6 @@ struct Ops {
                 t.device());
     TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(), " but the first input is on ", device);
     TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-    for (int64_t d = 0; d < dim; ++d)
-      TORCH_CHECK(t.size(d) <= INT_MAX, op, ": ", name, " dimension ", d, " is ", t.size(d),
-                  ", larger than the kernels' 2^31 - 1 limit");
   }
 
   static void check_dtype(const at::Tensor& t, const char* op, const char* name, at::ScalarType want) {
@@ -79,156 +88,150 @@ struct Ops {
   }
 
   // ------------------------------------------------------------------------------------------
+  // Run-time switches (process-wide; one set per library that includes this header)
+
+  static std::atomic<int>& slot(int kernel) {
+    static std::atomic<int> modes[2] = {{kFollowEnv}, {kFollowEnv}};
+    return modes[kernel];
+  }
+
+  static int env_mode() {
+    const char* raw = std::getenv("IMSE_CUDA_FUSED");
+    std::string v = raw != nullptr ? raw : "";
+    for (auto& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (v.empty() || v == "auto") return kAuto;
+    if (v == "0" || v == "off" || v == "false" || v == "no") return kOff;
+    TORCH_CHECK(v == "1" || v == "on" || v == "true" || v == "yes", "IMSE_CUDA_FUSED must be auto, 1 or 0, got '",
+                raw, "'");
+    return kOn;
+  }
+
+  static int mode(int kernel) {
+    const int m = slot(kernel).load(std::memory_order_relaxed);
+    return m == kFollowEnv ? env_mode() : m;
+  }
+
+  // The op `cuda_fused_mode(str kernel, int? mode=None) -> int`: the setting of "chain" or "ds"
+  // before the call (-2 follow IMSE_CUDA_FUSED, -1 auto, 0 off, 1 on); sets it when mode is given.
+  static int64_t fused_mode(std::string kernel, std::optional<int64_t> mode) {
+    TORCH_CHECK(kernel == "chain" || kernel == "ds", "cuda_fused_mode: kernel must be 'chain' or 'ds', got '",
+                kernel, "'");
+    auto& s = slot(kernel == "chain" ? kChain : kDs);
+    if (!mode.has_value()) return s.load();
+    TORCH_CHECK(*mode >= kFollowEnv && *mode <= kOn, "cuda_fused_mode: mode must be -2, -1, 0 or 1, got ", *mode);
+    return s.exchange(static_cast<int>(*mode));
+  }
+
+  // ------------------------------------------------------------------------------------------
   // Helpers
 
   static at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-  // TF32 exactly when torch's own fp32 matmuls may use it. allowTF32CuBLAS() reads the current precision
-  // API (torch.backends.cuda.matmul.fp32_precision) and raises when the legacy flag disagrees with it,
-  // i.e. when the two APIs were mixed; the current API is then the opposite of the legacy value.
-  static bool tf32_allowed() {
-    const bool legacy = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
-    try {
-      return at::globalContext().allowTF32CuBLAS();
-    } catch (const c10::Error&) {
-      return !legacy;
-    }
+  // t ⊙ s along dim (s in the accumulation type): computed there, rounded once to t's dtype.
+  static at::Tensor scaled(const at::Tensor& t, const at::Tensor& s, int64_t dim) {
+    return at::mul(t, dim == 1 ? s : s.unsqueeze(1)).to(t.scalar_type());
   }
 
-  static imse_cuda::Gemm gemm_for(const at::Tensor& like) {
-    imse_cuda::Gemm g;
-    g.dtype = kernel_dtype(like.scalar_type());
-    g.tf32 = like.scalar_type() == at::kFloat && tf32_allowed();
-    return g;
+  // (t ⊙ s)·Vh, with s on the smaller of t (N × r) and Vh (r × d_in).
+  static at::Tensor scaled_mm(const at::Tensor& t, const at::Tensor& s, const at::Tensor& Vh) {
+    return t.size(0) < Vh.size(1) ? at::mm(scaled(t, s, 1), Vh) : at::mm(t, scaled(Vh, s, 0));
   }
 
-  // Runs g; with a reduction, allocates its partials and returns them reduced to one acc vector.
-  static at::Tensor run(imse_cuda::Gemm& g, const at::Tensor& like, void* stream, const char* op) {
-    imse_cuda::GemmPlan plan;
-    ok(imse_cuda::plan_gemm(g, &plan), op);
-    at::Tensor reduced;
-    at::Tensor partial;
-    if (g.red != imse_cuda::kRedNone) {
-      const int64_t len = g.red == imse_cuda::kRedCols ? g.N : g.M;
-      const auto acc = acc_type(like.scalar_type());
-      partial = at::empty({plan.partial_rows(g), len}, like.options().dtype(acc));
-      g.partial = partial.data_ptr();
-      reduced = at::empty({len}, like.options().dtype(acc));
-    }
-    ok(imse_cuda::run_gemm(g, plan, stream), op);
-    if (g.red != imse_cuda::kRedNone) {
-      ok(imse_cuda::reduce_partials(imse_cuda::acc_dtype(g.dtype), partial.data_ptr(), partial.size(0), reduced.size(0),
-                                    reduced.data_ptr(), stream),
-         op);
-    }
-    return reduced;
+  // Σ_n A[n,:] ⊙ B[n,:] in the accumulation type, by the deterministic kernel or by ATen.
+  static at::Tensor colsum(const at::Tensor& A_in, const at::Tensor& B_in, void* stream, const char* op) {
+    const auto acc = acc_type(A_in.scalar_type());
+    if (mode(kDs) == kOff) return at::mul(A_in.to(acc), B_in.to(acc)).sum(0);
+    const auto A = A_in.contiguous(), B = B_in.contiguous();
+    const int64_t M = A.size(0), L = A.size(1);
+    auto out = at::empty({L}, A.options().dtype(acc));
+    auto work = at::empty({imse_cuda::colsum_blocks(M), L}, A.options().dtype(acc));
+    ok(imse_cuda::colsum_product(kernel_dtype(A.scalar_type()), A.data_ptr(), B.data_ptr(), M, L, work.data_ptr(),
+                                 out.data_ptr(), stream),
+       op);
+    return out;
   }
 
-  // C (M, N) = A (M, K) · B, B given as (N, K) ("linear weight", b_nmajor = false) or (K, N).
-  static void gemm_into(at::Tensor& C, const at::Tensor& A, const at::Tensor& B, bool b_nmajor,
-                        const at::Tensor* scale_k, const at::Tensor* scale_n, const at::Tensor* bias, void* stream,
-                        const char* op) {
-    imse_cuda::Gemm g = gemm_for(A);
-    g.M = A.size(0);
-    g.K = A.size(1);
-    g.N = C.size(1);
-    g.A = A.data_ptr();
-    g.lda = A.size(1);
-    g.a_kmajor = true;
-    g.B = B.data_ptr();
-    g.ldb = B.size(1);
-    g.b_nmajor = b_nmajor;
-    g.scale_k = scale_k ? scale_k->data_ptr() : nullptr;
-    g.scale_n = scale_n ? scale_n->data_ptr() : nullptr;
-    g.bias = bias ? bias->data_ptr() : nullptr;
-    g.C = C.data_ptr();
-    g.ldc = C.size(1);
-    run(g, A, stream, op);
-  }
-
-  // Y = ((X·B1) ⊙ s)·B2 + bias through the fused kernel when it is wanted; false when not used.
-  static bool try_fused(at::Tensor& Y, const at::Tensor& X, const at::Tensor& B1, const at::Tensor& s_acc,
-                        const at::Tensor& B2, bool nmajor, int64_t r, const at::Tensor* bias, void* stream,
-                        const char* op) {
+  // Y = ((X·B1) ⊙ s)·B2 + bias by the fused kernel when its switch and shape allow; else undefined.
+  // B1, B2 are (K1, r) and (r, N) when nmajor, else given transposed as (r, K1) and (N, r).
+  static at::Tensor try_fused(const at::Tensor& X_in, const at::Tensor& B1_in, const at::Tensor& s,
+                              const at::Tensor& B2_in, bool nmajor, const at::Tensor* bias, void* stream,
+                              const char* op) {
+    const int m = mode(kChain);
+    if (m == kOff) return {};
+    const auto X = X_in.contiguous(), B1 = B1_in.contiguous(), B2 = B2_in.contiguous();
+    const auto s32 = s.to(at::kFloat).contiguous();
     imse_cuda::Fused f;
     f.dtype = kernel_dtype(X.scalar_type());
     f.M = X.size(0);
     f.K1 = X.size(1);
-    f.R = r;
-    f.N = Y.size(1);
+    f.R = nmajor ? B1.size(1) : B1.size(0);
+    f.N = nmajor ? B2.size(1) : B2.size(0);
     f.X = X.data_ptr();
     f.ldx = X.size(1);
     f.B1 = B1.data_ptr();
     f.ldb1 = B1.size(1);
     f.b1_nmajor = nmajor;
-    f.s = s_acc.data_ptr();
+    f.s = s32.data_ptr();
     f.B2 = B2.data_ptr();
     f.ldb2 = B2.size(1);
     f.b2_nmajor = nmajor;
     f.bias = bias ? bias->data_ptr() : nullptr;
+    if (!imse_cuda::fused_wanted(f, m)) return {};
+    auto Y = at::empty({f.M, f.N}, X.options());
     f.Y = Y.data_ptr();
-    f.ldy = Y.size(1);
-    if (!imse_cuda::fused_wanted(f)) return false;
+    f.ldy = f.N;
     ok(imse_cuda::run_fused(f, stream), op);
-    return true;
+    return Y;
   }
 
   // ------------------------------------------------------------------------------------------
   // The five primitives (schema in csrc/spectral_schema.h)
 
-  static std::tuple<at::Tensor, at::Tensor> factorized_forward(const at::Tensor& x_in, const at::Tensor& U_in,
-                                                               const at::Tensor& s_in, const at::Tensor& Vh_in,
+  static std::tuple<at::Tensor, at::Tensor> factorized_forward(const at::Tensor& x, const at::Tensor& U,
+                                                               const at::Tensor& s_in, const at::Tensor& Vh,
                                                                const std::optional<at::Tensor>& bias_in, bool save_h) {
     const char* op = "imse_ext.factorized_forward";
-    TORCH_CHECK(x_in.defined(), op, ": x is undefined");
-    const auto device = x_in.device();
-    check_tensor(x_in, op, "x", 2, device);
-    check_compute_dtype(x_in, op, "x");
-    const auto dtype = x_in.scalar_type();
-    check_factors(U_in, s_in, Vh_in, op, dtype, device);
-    TORCH_CHECK(x_in.size(1) == Vh_in.size(1), op, ": x has shape ", x_in.sizes(), " but Vh ", Vh_in.sizes(),
-                " expects d_in = ", Vh_in.size(1));
+    TORCH_CHECK(x.defined(), op, ": x is undefined");
+    const auto device = x.device();
+    check_tensor(x, op, "x", 2, device);
+    check_compute_dtype(x, op, "x");
+    const auto dtype = x.scalar_type();
+    check_factors(U, s_in, Vh, op, dtype, device);
+    TORCH_CHECK(x.size(1) == Vh.size(1), op, ": x has shape ", x.sizes(), " but Vh ", Vh.sizes(), " expects d_in = ",
+                Vh.size(1));
     const bool has_bias = bias_in.has_value() && bias_in->defined();
     if (has_bias) {
       check_tensor(*bias_in, op, "bias", 1, device);
       check_dtype(*bias_in, op, "bias", dtype);
-      TORCH_CHECK(bias_in->size(0) == U_in.size(0), op, ": bias has shape ", bias_in->sizes(), " but d_out is ",
-                  U_in.size(0));
+      TORCH_CHECK(bias_in->size(0) == U.size(0), op, ": bias has shape ", bias_in->sizes(), " but d_out is ",
+                  U.size(0));
     }
     typename Dev::Guard guard(device);
-    void* stream = Dev::stream(device);
-    const auto x = x_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
-    const auto s = s_in.to(acc_type(dtype)).contiguous();
+    const auto s = s_in.to(acc_type(dtype));
     const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
-    const int64_t n = x.size(0), d_out = U.size(0), r = U.size(1);
-    auto y = at::empty({n, d_out}, x.options());
-    const at::Tensor* bias_p = has_bias ? &bias : nullptr;
+    const auto none = at::empty({0}, x.options());
     if (!save_h) {
-      // Fused: h stays in shared memory (fp16/bf16 when it fits; see fused_wanted).
-      const auto s32 = s.scalar_type() == at::kFloat ? s : s.to(at::kFloat);
-      if (try_fused(y, x, Vh, s32, U, /*nmajor=*/false, r, bias_p, stream, op)) return {y, at::empty({0}, x.options())};
+      auto y = try_fused(x, Vh, s, U, /*nmajor=*/false, has_bias ? &bias : nullptr, Dev::stream(device), op);
+      if (y.defined()) return {y, none};
     }
-    auto h = at::empty({n, r}, x.options());
-    gemm_into(h, x, Vh, /*b_nmajor=*/false, nullptr, nullptr, nullptr, stream, op);
-    gemm_into(y, h, U, /*b_nmajor=*/false, &s, nullptr, bias_p, stream, op);
-    return {y, save_h ? h : at::empty({0}, x.options())};
+    const auto h = at::mm(x, Vh.t());
+    // s scales the smaller of h (N × r) and U (d_out × r); h itself is returned unscaled.
+    const bool scale_h = x.size(0) < U.size(0);
+    const auto a = scale_h ? scaled(h, s, 1) : h;
+    const auto w = scale_h ? U : scaled(U, s, 1);
+    auto y = has_bias ? at::addmm(bias, a, w.t()) : at::mm(a, w.t());
+    return {y, save_h ? h : none};
   }
 
-  static at::Tensor recompose(const at::Tensor& U_in, const at::Tensor& s_in, const at::Tensor& Vh_in) {
+  static at::Tensor recompose(const at::Tensor& U, const at::Tensor& s, const at::Tensor& Vh) {
     const char* op = "imse_ext.recompose";
-    TORCH_CHECK(U_in.defined(), op, ": U is undefined");
-    const auto device = U_in.device();
-    check_tensor(U_in, op, "U", 2, device);
-    check_compute_dtype(U_in, op, "U");
-    const auto dtype = U_in.scalar_type();
-    check_factors(U_in, s_in, Vh_in, op, dtype, device);
+    TORCH_CHECK(U.defined(), op, ": U is undefined");
+    const auto device = U.device();
+    check_tensor(U, op, "U", 2, device);
+    check_compute_dtype(U, op, "U");
+    check_factors(U, s, Vh, op, U.scalar_type(), device);
     typename Dev::Guard guard(device);
-    void* stream = Dev::stream(device);
-    const auto U = U_in.contiguous(), Vh = Vh_in.contiguous();
-    const auto s = s_in.to(acc_type(dtype)).contiguous();
-    auto W = at::empty({U.size(0), Vh.size(1)}, U.options());
-    gemm_into(W, U, Vh, /*b_nmajor=*/true, &s, nullptr, nullptr, stream, op);
-    return W;
+    return at::mm(scaled(U, s.to(acc_type(U.scalar_type())), 1), Vh);
   }
 
   // The backward ops' common checks: grad (N, d_out) in a compute dtype, then U, s, Vh against it.
@@ -251,105 +254,49 @@ struct Ops {
                 " = (", rows, ", ", cols, ")");
   }
 
-  static std::tuple<at::Tensor, at::Tensor> factorized_backward(const at::Tensor& grad_in, const at::Tensor& h_in,
-                                                                const at::Tensor& U_in, const at::Tensor& s_in,
-                                                                const at::Tensor& Vh_in, bool need_dx) {
+  static std::tuple<at::Tensor, at::Tensor> factorized_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                                const at::Tensor& U, const at::Tensor& s_in,
+                                                                const at::Tensor& Vh, bool need_dx) {
     const char* op = "imse_ext.factorized_backward";
-    check_grad(grad_in, U_in, s_in, Vh_in, op);
-    const auto device = grad_in.device();
-    const auto dtype = grad_in.scalar_type();
-    check_operand(h_in, op, "h", dtype, device, "(N, r)", grad_in.size(0), U_in.size(1));
+    check_grad(grad, U, s_in, Vh, op);
+    const auto device = grad.device();
+    const auto dtype = grad.scalar_type();
+    check_operand(h, op, "h", dtype, device, "(N, r)", grad.size(0), U.size(1));
     typename Dev::Guard guard(device);
-    void* stream = Dev::stream(device);
-    const auto grad = grad_in.contiguous(), h = h_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
-    const auto s = s_in.to(acc_type(dtype)).contiguous();
-    const int64_t n = grad.size(0), d_out = U.size(0), r = U.size(1), d_in = Vh.size(1);
-    // t = grad·U; ds = colsum(t ⊙ h) (per-block partials, fixed-order sum); ts = t ⊙ s kept for dx.
-    imse_cuda::Gemm g = gemm_for(grad);
-    g.M = n;
-    g.N = r;
-    g.K = d_out;
-    g.A = grad.data_ptr();
-    g.lda = d_out;
-    g.a_kmajor = true;
-    g.B = U.data_ptr();
-    g.ldb = r;
-    g.b_nmajor = true;
-    g.red = imse_cuda::kRedCols;
-    g.R = h.data_ptr();
-    g.ldr = r;
-    at::Tensor ts;
-    if (need_dx) {
-      ts = at::empty({n, r}, grad.options());
-      g.C = ts.data_ptr();
-      g.ldc = r;
-      g.scale_n = s.data_ptr();
-    }
-    at::Tensor ds = run(g, grad, stream, op);
-    at::Tensor dx;
-    if (need_dx) {
-      dx = at::empty({n, d_in}, grad.options());
-      gemm_into(dx, ts, Vh, /*b_nmajor=*/true, nullptr, nullptr, nullptr, stream, op);
-    } else {
-      dx = at::empty({0}, grad.options());
-    }
+    const auto s = s_in.to(acc_type(dtype));
+    const auto t = at::mm(grad, U);  // N × r
+    const auto ds = colsum(t, h, Dev::stream(device), op);
+    const auto dx = need_dx ? scaled_mm(t, s, Vh) : at::empty({0}, grad.options());
     return {dx, ds.to(s_in.scalar_type())};
   }
 
-  static at::Tensor factorized_input_grad(const at::Tensor& grad_in, const at::Tensor& U_in, const at::Tensor& s_in,
-                                          const at::Tensor& Vh_in) {
+  static at::Tensor factorized_input_grad(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& s_in,
+                                          const at::Tensor& Vh) {
     const char* op = "imse_ext.factorized_input_grad";
-    check_grad(grad_in, U_in, s_in, Vh_in, op);
-    const auto device = grad_in.device();
-    const auto dtype = grad_in.scalar_type();
+    check_grad(grad, U, s_in, Vh, op);
+    const auto device = grad.device();
     typename Dev::Guard guard(device);
-    void* stream = Dev::stream(device);
-    const auto grad = grad_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
-    const auto s = s_in.to(acc_type(dtype)).contiguous();
-    const int64_t n = grad.size(0), r = U.size(1), d_in = Vh.size(1);
-    auto dx = at::empty({n, d_in}, grad.options());
-    const auto s32 = s.scalar_type() == at::kFloat ? s : s.to(at::kFloat);
-    if (try_fused(dx, grad, U, s32, Vh, /*nmajor=*/true, r, nullptr, stream, op)) return dx;
-    auto ts = at::empty({n, r}, grad.options());
-    gemm_into(ts, grad, U, /*b_nmajor=*/true, nullptr, &s, nullptr, stream, op);
-    gemm_into(dx, ts, Vh, /*b_nmajor=*/true, nullptr, nullptr, nullptr, stream, op);
-    return dx;
+    const auto s = s_in.to(acc_type(grad.scalar_type()));
+    auto dx = try_fused(grad, U, s, Vh, /*nmajor=*/true, nullptr, Dev::stream(device), op);
+    return dx.defined() ? dx : scaled_mm(at::mm(grad, U), s, Vh);
   }
 
-  static std::tuple<at::Tensor, at::Tensor> recomposed_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                                const at::Tensor& U_in, const at::Tensor& s_in,
-                                                                const at::Tensor& Vh_in, const at::Tensor& W_in,
+  static std::tuple<at::Tensor, at::Tensor> recomposed_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                const at::Tensor& U, const at::Tensor& s_in,
+                                                                const at::Tensor& Vh, const at::Tensor& W,
                                                                 bool need_dx) {
     const char* op = "imse_ext.recomposed_backward";
-    check_grad(grad_in, U_in, s_in, Vh_in, op);
-    const auto device = grad_in.device();
-    const auto dtype = grad_in.scalar_type();
-    check_operand(x_in, op, "x", dtype, device, "(N, d_in)", grad_in.size(0), Vh_in.size(1));
-    if (need_dx) {
-      check_operand(W_in, op, "W", dtype, device, "(d_out, d_in)", U_in.size(0), Vh_in.size(1));
-    }
+    check_grad(grad, U, s_in, Vh, op);
+    const auto device = grad.device();
+    const auto dtype = grad.scalar_type();
+    check_operand(x, op, "x", dtype, device, "(N, d_in)", grad.size(0), Vh.size(1));
+    if (need_dx) check_operand(W, op, "W", dtype, device, "(d_out, d_in)", U.size(0), Vh.size(1));
     typename Dev::Guard guard(device);
-    void* stream = Dev::stream(device);
-    const auto grad = grad_in.contiguous(), x = x_in.contiguous(), U = U_in.contiguous(), Vh = Vh_in.contiguous();
-    const int64_t d_out = U.size(0), r = U.size(1), d_in = Vh.size(1);
-    // G = gradᵀ·x (cuBLAS through ATen), then ds[k] = Σ_j (Uᵀ·G)[k,j] · Vh[k,j] fused: the (r × d_in)
-    // product never reaches memory; per-column-block partials, fixed-order sum.
-    const auto G = at::mm(grad.t(), x).contiguous();
-    imse_cuda::Gemm g = gemm_for(grad);
-    g.M = r;
-    g.N = d_in;
-    g.K = d_out;
-    g.A = U.data_ptr();
-    g.lda = r;
-    g.a_kmajor = false;  // A(k_out, j) = U[o*r + j]: column-major view of Uᵀ
-    g.B = G.data_ptr();
-    g.ldb = d_in;
-    g.b_nmajor = true;
-    g.red = imse_cuda::kRedRows;
-    g.R = Vh.data_ptr();
-    g.ldr = d_in;
-    at::Tensor ds = run(g, grad, stream, op);
-    at::Tensor dx = need_dx ? at::mm(grad, W_in) : at::empty({0}, grad.options());
+    // ds[k] = Σ_j (Uᵀ·G)[k,j]·Vh[k,j] = Σ_o U[o,k]·(G·Vhᵀ)[o,k] with G = gradᵀ·x: the same FLOPs,
+    // and the same column reduction as route F.
+    const auto Q = at::mm(at::mm(grad.t(), x), Vh.t());  // d_out × r
+    const auto ds = colsum(U, Q, Dev::stream(device), op);
+    const auto dx = need_dx ? at::mm(grad, W) : at::empty({0}, grad.options());
     return {dx, ds.to(s_in.scalar_type())};
   }
 };
@@ -362,3 +309,6 @@ struct Ops {
   m.impl("factorized_backward", &OPS::factorized_backward);       \
   m.impl("factorized_input_grad", &OPS::factorized_input_grad);   \
   m.impl("recomposed_backward", &OPS::recomposed_backward)
+
+// The switch op, defined in the namespace of the primitives it steers (no tensor arguments).
+#define IMSE_DEFINE_SWITCH(m, OPS) m.def("cuda_fused_mode(str kernel, int? mode=None) -> int", &OPS::fused_mode)

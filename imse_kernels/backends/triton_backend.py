@@ -186,6 +186,52 @@ class TritonBackend(SpectralBackend):
                          lambda: _torch.recomposed_backward(grad, x, U, s, Vh, W, need_dx), "triton", n)
 
     # ---------------------------------------------------------------------------------------
+    # Per-sample codes (docs/design.md §8): the gather is folded into `chain`'s scale step and its
+    # ds partials (per row tile and code); "blas" is the protocol's ATen default.
+
+    def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
+        if not self._native(x):
+            return super().indexed_forward(x, U, S, Vh, bias, index, save_h)
+        self._check("indexed_forward", S[0], x=x, U=U, Vh=Vh, bias=bias)
+
+        def fused(cfg):
+            y, h, _ = chain(x, Vh.t(), S, U.t(), bias, save_h=save_h, index=index, cfg=cfg)
+            return y, h
+
+        key = self._key("fwd_idx", x.device, x.shape[0], (x.shape[1], *U.shape, S.shape[0]), x.dtype, save_h,
+                        bias is not None)
+        return self._run(key, x, {"fused": ("chain", fused)},
+                         lambda: super(TritonBackend, self).indexed_forward(x, U, S, Vh, bias, index, save_h),
+                         "fused", x.shape[0])
+
+    def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
+        if not self._native(grad) or not need_dx:  # dS alone: t = grad·U and a segmented sum
+            return super().indexed_backward(grad, h, U, S, Vh, index, need_dx)
+        self._check("indexed_backward", S[0], grad=grad, h=h, U=U, Vh=Vh)
+
+        def fused(cfg):
+            dx, _, dS = chain(grad, U, S, Vh, h=h, index=index, cfg=cfg)
+            return dx, dS.to(S.dtype)
+
+        key = self._key("bwd_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
+        return self._run(key, grad, {"fused": ("chain", fused)},
+                         lambda: super(TritonBackend, self).indexed_backward(grad, h, U, S, Vh, index, True),
+                         "fused", grad.shape[0])
+
+    def indexed_input_grad(self, grad, U, S, Vh, index):
+        if not self._native(grad):
+            return super().indexed_input_grad(grad, U, S, Vh, index)
+        self._check("indexed_input_grad", S[0], grad=grad, U=U, Vh=Vh)
+
+        def fused(cfg):
+            return chain(grad, U, S, Vh, index=index, cfg=cfg)[0]
+
+        key = self._key("dx_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
+        return self._run(key, grad, {"fused": ("chain", fused)},
+                         lambda: super(TritonBackend, self).indexed_input_grad(grad, U, S, Vh, index),
+                         "fused", grad.shape[0])
+
+    # ---------------------------------------------------------------------------------------
     # Route choice by measurement (for the planner)
 
     def measured_route(self, n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool,

@@ -143,8 +143,11 @@ class Barrier {
 };
 
 extern Barrier* g_barrier;
+extern std::atomic<int64_t> g_launches;  // launches so far (tests tell the custom-kernel path from ATen's)
 #ifdef IMSE_EMU_DEFINE_GLOBALS
 Barrier* g_barrier = nullptr;
+std::atomic<int64_t> g_launches{0};
+int64_t launch_count() { return g_launches.load(); }
 #endif
 
 inline void syncthreads() { g_barrier->arrive_and_wait(); }
@@ -205,6 +208,7 @@ cudaError_t launch(void (*kernel)(P), dim3 grid, dim3 block, size_t smem, const 
   if (smem > static_cast<size_t>(max_dyn_smem_of(reinterpret_cast<const void*>(kernel)))) return cudaErrorInvalidValue;
   static std::mutex launch_mutex;  // one emulated launch at a time (the globals below are shared)
   std::lock_guard<std::mutex> launch_lock(launch_mutex);
+  ++g_launches;
   std::vector<unsigned char> storage(smem + 256);
   unsigned char* base = storage.data();
   base += (256 - reinterpret_cast<uintptr_t>(base) % 256) % 256;
@@ -278,20 +282,16 @@ struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
 enum layout_t { mem_row_major, mem_col_major };
-namespace precision { struct tf32 {}; }
 
 template <typename Use, int M, int N, int K> struct dims;
 template <int M, int N, int K> struct dims<matrix_a, M, N, K> { static constexpr int R = M, C = K; };
 template <int M, int N, int K> struct dims<matrix_b, M, N, K> { static constexpr int R = K, C = N; };
 template <int M, int N, int K> struct dims<accumulator, M, N, K> { static constexpr int R = M, C = N; };
 
-template <typename T> struct storage { using type = T; };
-template <> struct storage<precision::tf32> { using type = float; };
-
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int R = dims<Use, M, N, K>::R, C = dims<Use, M, N, K>::C;
-  using element_type = typename storage<T>::type;
+  using element_type = T;
   static constexpr int num_elements = R * C;
   element_type x[R * C] = {};
 };
@@ -303,25 +303,6 @@ inline bool warp_leader() {
 inline float to_f(float v) { return v; }
 inline float to_f(__half v) { return __half2float(v); }
 inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// What the tensor core reads of a tf32 operand: sign, exponent and the top 10 mantissa bits.
-inline float tf32_truncate(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u &= 0xFFFFE000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
-template <typename T> inline float operand(T v) { return to_f(v); }
-
-inline float __float_to_tf32(float v) {  // round to nearest, ties away from zero (cvt.rna.tf32.f32)
-  if (!std::isfinite(v)) return v;
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  u = (u + 0x1000u) & 0xFFFFE000u;
-  std::memcpy(&v, &u, 4);
-  return v;
-}
 
 template <typename P>
 inline void check_pointer(const P* p, unsigned ldm, const char* what) {
@@ -361,10 +342,9 @@ template <int M, int N, int K, typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
                      const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   if (!warp_leader()) return;
-  constexpr bool tf32 = std::is_same<T, precision::tf32>::value;
   float af[M * K], bf[K * N], out[M * N];
-  for (int i = 0; i < M * K; ++i) af[i] = tf32 ? tf32_truncate(operand(a.x[i])) : operand(a.x[i]);
-  for (int i = 0; i < K * N; ++i) bf[i] = tf32 ? tf32_truncate(operand(b.x[i])) : operand(b.x[i]);
+  for (int i = 0; i < M * K; ++i) af[i] = to_f(a.x[i]);
+  for (int i = 0; i < K * N; ++i) bf[i] = to_f(b.x[i]);
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
       float acc = c.x[i * N + j];
