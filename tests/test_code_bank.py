@@ -320,3 +320,41 @@ def test_mismatched_model_is_rejected(tmp_path):
         other_weights.load(path)
     with pytest.raises(BankFileError, match="channels"):
         make_bank().load(path, channels=C + 1)
+
+
+# ------------------------------------------------------------------------- state dicts
+
+def test_state_dict_resumes_the_stream_and_refuses_other_banks(tmp_path):
+    """A bank restored from its state_dict (saved weights_only-loadable) mid-stream continues exactly as the
+    original: same entries, events, tracker and retrievals; a bank of other settings or layers is refused."""
+    order = [0, 0, 1, 1, 2, 0, 0, 1]
+    bank = make_bank(max_entries=3, policy="merge_nearest")
+    model, _ = run_stream(bank, order[:5])
+    torch.save(bank.state_dict(), tmp_path / "bank.pt")
+    twin = CodeBank({"blocks.0.attn.qkv": torch.zeros(6), "blocks.0.mlp.fc1": torch.zeros(4)}, window=8,
+                    max_entries=3, policy="merge_nearest")
+    twin.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
+    doms = domains()
+    for i, d in enumerate(order[5:], start=5):
+        x = tokens(doms[d], 8, 1000 + i)
+        a, b = bank.observe(x, model.snapshot), twin.observe(x, model.snapshot)
+        assert (a is None) == (b is None) and (a is None or (a.entry == b.entry and a.distances == b.distances))
+    assert twin.events == bank.events and any(e.kind == "merge" for e in bank.events)
+    assert [(e.entry_id, e.created_at, e.weight) for e in twin.entries] == \
+        [(e.entry_id, e.created_at, e.weight) for e in bank.entries]
+    for a, b in zip(bank.entries, twin.entries):
+        assert all(torch.equal(a.codes[k], b.codes[k]) for k in a.codes)
+        assert (a.stats is None) == (b.stats is None)
+        assert a.stats is None or (torch.equal(a.stats.mean, b.stats.mean) and torch.equal(a.stats.var, b.stats.var))
+    assert torch.equal(twin.tracker.running.mean, bank.tracker.running.mean)
+    assert twin.tracker._fresh == bank.tracker._fresh
+    state = bank.state_dict()
+    other = make_bank()
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="policy: 'merge_nearest' in the state, 'keep_all' here"):
+        other.load_state_dict(state)
+    narrow = CodeBank({"blocks.0.attn.qkv": torch.zeros(5), "blocks.0.mlp.fc1": torch.zeros(4)}, window=8,
+                      max_entries=3, policy="merge_nearest")
+    with pytest.raises(ValueError, match="does not match this model's spectral layers"):
+        narrow.load_state_dict(state)
+    assert other.state_dict()["events"] == before["events"] and len(other.entries) == 1

@@ -116,3 +116,25 @@ def test_lr_change_reaches_the_base_optimizer_and_bad_args_raise():
         SAM(params, torch.optim.SGD, rho=-1.0, lr=0.1)
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(params, torch.optim.SGD(params, lr=0.1), lr=0.1)
+
+
+def test_deepcopy_keeps_the_base_optimizer_and_its_state():
+    """copy.deepcopy (e.g. of an IMSE adapter) must copy the base optimizer too, bound to the copied params."""
+    params = make_params()
+    sam = SAM(params, torch.optim.Adam, rho=0.05, lr=1e-2)
+
+    def step(opt, ps):
+        loss_fn(*ps).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(*ps).backward()
+        opt.second_step(zero_grad=True)
+
+    step(sam, params)
+    twin_params, twin = copy.deepcopy((params, sam))
+    assert twin.param_groups is twin.base_optimizer.param_groups
+    assert all(p is q for p, q in zip(twin.param_groups[0]["params"], twin_params))
+    step(sam, params)
+    step(twin, twin_params)
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q) and p is not q
+    assert int(twin.state_dict()["state"][0]["step"]) == 2

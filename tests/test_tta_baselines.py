@@ -35,7 +35,7 @@ def test_tent_step_matches_hand_written(optimizer):
         p.requires_grad_(True)
     grads, expected_out = entropy_grads(model, x)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tent = Tent(model, lr=1e-3, optimizer=optimizer)
+    tent = Tent(model, optim=optimizer, lr=1e-3)
     out = tent(x)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
     for n, p in model.named_parameters():
@@ -63,9 +63,51 @@ def test_tent_reset_non_finite_and_bad_args():
     assert all(torch.equal(p, start[n]) for n, p in norm_params(model).items())
     assert tent.optimizer.state_dict()["state"] == {}
     with pytest.raises(ValueError, match="optimizer"):
-        Tent(tiny_vit(), optimizer="rmsprop")
+        Tent(tiny_vit(), optim="rmsprop")
+    with pytest.raises(TypeError, match="keyword"):
+        Tent(tiny_vit(), 1e-3)  # the second argument is the optimizer now
     with pytest.raises(ValueError, match="normalisation"):
         Tent(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_tent_old_optimizer_string_warns_and_works_the_same():
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    new = Tent(tiny_vit(), optim="sgd", lr=1e-3)
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match="optim='sgd'"):
+        old = Tent(tiny_vit(), optimizer="sgd", lr=1e-3)
+    assert isinstance(old.optimizer, torch.optim.SGD)
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    torch.testing.assert_close(old(x), new(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="once"):
+        Tent(tiny_vit(), optimizer="adam", optim="adam")
+
+
+def test_tent_takes_a_ready_optimizer():
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    built = Tent(tiny_vit(), lr=1e-3)
+    torch.manual_seed(0)
+    model = tiny_vit()
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if ".norm" in n or n.startswith("norm")], lr=1e-3)
+    given = Tent(model, opt)
+    assert given.optimizer is opt and given.param_names == [n for n, _ in norm_params(model).items()]
+    torch.testing.assert_close(given(x), built(x), rtol=0, atol=0)
+    torch.testing.assert_close(given(x), built(x), rtol=0, atol=0)
+    # any parameters of the model the user chose: here only the head's bias
+    model = tiny_vit()
+    tent = Tent(model, torch.optim.SGD([model.head.bias], lr=0.1))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tent(x)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), start[n])]
+    assert changed == ["head.bias"] and tent.param_names == ["head.bias"]
+    tent.reset()
+    assert torch.equal(model.head.bias.detach(), start["head.bias"])
+    with pytest.raises(ValueError, match="lr"):
+        Tent(tiny_vit(), torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), lr=1e-3)
+    with pytest.raises(ValueError, match="not the model's"):
+        Tent(tiny_vit(), torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
 
 
 def test_source_is_the_frozen_model():

@@ -21,7 +21,7 @@ class MethodOptions:
     """Hyper-parameters the CLI exposes; None keeps the adapter's own default."""
 
     tent_lr: Optional[float] = None
-    tent_optimizer: Optional[str] = None
+    tent_optimizer: Optional[str] = None  # "adam" or "sgd": Tent's optim=
     imse_lr: Optional[float] = None
     imse_overrides: dict = field(default_factory=dict)
 
@@ -64,7 +64,7 @@ def build_method(name: str, model: nn.Module, opts: MethodOptions, source_batche
         if opts.tent_lr is not None:
             kw["lr"] = opts.tent_lr
         if opts.tent_optimizer is not None:
-            kw["optimizer"] = opts.tent_optimizer
+            kw["optim"] = opts.tent_optimizer
         return Tent(m, **kw)
     if name in ("imse", "imse-mix", "imse-nodiv"):
         adapter = IMSE(m, imse_config(name, opts))

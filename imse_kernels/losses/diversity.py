@@ -11,7 +11,7 @@ from typing import Iterable
 
 from torch import Tensor
 
-from ..ops.expert_stats import ExpertMoments, std_from_moments
+from .expert_stats import ExpertMoments, std_from_moments
 
 
 def lowest_k(r: int, ratio: float) -> int:

@@ -26,6 +26,14 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # one set of groups: lr changes reach both
         self.defaults.update(self.base_optimizer.defaults)
 
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles/copies only defaults, state and param_groups: keep the base optimizer
+        return dict(super().__getstate__(), base_optimizer=self.base_optimizer)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.param_groups = self.base_optimizer.param_groups
+
     def _perturbed(self):
         for group in self.param_groups:
             for p in group["params"]:

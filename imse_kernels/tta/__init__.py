@@ -1,8 +1,11 @@
 """Test-time adaptation: IMSE (spectral codes, diversity loss, SAM, code bank) and the Tent/Source baselines.
 
-All adapters share one call: `logits = adapter(x)` (predict, and adapt where the method does) and
-`adapter.reset()`, so an evaluation harness can swap them.
+All adapters are `nn.Module`s wrapping the model (`adapter.model`) with one call: `logits = adapter(x)`
+(predict, and adapt where the method does) and `adapter.reset()`, so an evaluation harness can swap them.
+`state_dict()` / `load_state_dict()` (and `save_state` / `load_state`, safetensors) carry the whole
+adaptation state, loadable with `torch.load(weights_only=True)`; see `tta.adapter`.
 """
+from .adapter import Adapter, AdapterStateError
 from .bank_io import BankFileError
 from .code_bank import BankEntry, BankEvent, CodeBank, Retrieval
 from .config import IMSEConfig
@@ -13,7 +16,7 @@ from .source import Source
 from .tent import Tent
 
 __all__ = [
-    "IMSE", "IMSEConfig", "Tent", "Source",
+    "IMSE", "IMSEConfig", "Tent", "Source", "Adapter", "AdapterStateError",
     "CodeBank", "BankEntry", "BankEvent", "Retrieval", "BankFileError",
     "DomainStats", "DomainTracker", "Observation", "patch_embedding_tokens", "symmetric_kl",
     "DiversityProbe",

@@ -10,15 +10,17 @@ of the new domain the bank is searched by symmetric KL and a code is retrieved:
 A bound on the number of entries (source included) is enforced by dropping the oldest non-source
 entry or merging the two nearest non-source entries. Every decision is logged in `events`.
 Files are safetensors with checksummed JSON metadata (no pickle), written atomically; see `bank_io`.
+`state_dict()` / `load_state_dict()` carry the whole bank, stream position included, for adapter states.
 """
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
+from .adapter import differences
 from .bank_io import BankFileError, read_bank_file, write_bank_file
-from .domain_stats import DomainStats, DomainTracker, symmetric_kl
+from .domain_stats import DomainStats, DomainTracker, stats_from_state, stats_state, symmetric_kl
 
 Codes = dict[str, Tensor]
 Snapshot = Callable[[], tuple[Codes, Optional[dict]]]
@@ -186,6 +188,55 @@ class CodeBank:
         new.weight = wa + wb
         del self.entries[a]
         self.events.append(BankEvent(batch, "merge", new.entry_id, kl=best[0], merged=(old.entry_id, new.entry_id)))
+
+    # ------------------------------------------------------------------ state dict
+    def config(self) -> dict:
+        """The bank's settings; a state loads only into a bank with the same ones."""
+        t = self.tracker
+        return {"retrieval": self.retrieval, "temperature": self.temperature, "max_entries": self.max_entries,
+                "policy": self.policy, "window": t.window, "momentum": t.momentum, "threshold": t.threshold}
+
+    def state_dict(self) -> dict:
+        """Everything the bank holds (entries, log, stream position, tracker, source code and descriptor) as
+        tensors by reference and plain numbers, strings, lists and dicts: `torch.load(weights_only=True)`-safe."""
+        return {"config": self.config(), "source_codes": dict(self._source_codes),
+                "source_stats": stats_state(self._source_stats),
+                "entries": [{"id": e.entry_id, "stats": stats_state(e.stats), "codes": dict(e.codes),
+                             "optimizer": e.optimizer_state, "created_at": e.created_at, "weight": e.weight}
+                            for e in self.entries],
+                "events": [asdict(e) for e in self.events],
+                "next_id": self._next_id, "batch": self.batch, "pending": self._pending,
+                "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()`. It must fit: same settings, same layers and shapes. Everything is
+        checked and converted before the first assignment, so on any error the bank is unchanged."""
+        found, want = state["config"], self.config()
+        if found != want:
+            raise ValueError(f"CodeBank: the state has other settings: {'; '.join(differences(found, want))}")
+        device = next(iter(self._source_codes.values())).device
+        shapes = self.layer_shapes
+
+        def codes(c: dict, what: str) -> Codes:
+            got = {k: tuple(v.shape) for k, v in c.items()}
+            if got != shapes:
+                diff = sorted(set(got.items()) ^ set(shapes.items()))[:6]
+                raise ValueError(f"CodeBank: {what} does not match this model's spectral layers "
+                                 f"(differences, name → shape: {diff})")
+            return {k: v.to(device=device, dtype=self._source_codes[k].dtype) for k, v in c.items()}
+
+        source = codes(state["source_codes"], "the source code")
+        entries = [BankEntry(int(e["id"]), stats_from_state(e["stats"], device), codes(e["codes"], f"entry {e['id']}"),
+                             _to_device(e["optimizer"], device), int(e["created_at"]), float(e["weight"]))
+                   for e in state["entries"]]
+        if not entries or entries[0].entry_id != 0:
+            raise ValueError("CodeBank: the state's first entry is not the source entry 0")
+        events = [BankEvent(**dict(e, merged=tuple(e["merged"]))) for e in state["events"]]
+        source_stats = stats_from_state(state["source_stats"], device)
+        next_id, batch, pending = int(state["next_id"]), int(state["batch"]), bool(state["pending"])
+        self.tracker.load_state_dict(state["tracker"], device)  # checks, then assigns: the last step that can fail
+        self._source_codes, self._source_stats, self.entries, self.events = source, source_stats, entries, events
+        self._next_id, self.batch, self._pending = next_id, batch, pending
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator, Optional
 from torch import Tensor
 
 from ..layers import FusedSpectralLinear
-from ..ops.expert_stats import ExpertMoments, expert_alignment_moments
+from ..losses import ExpertMoments, expert_alignment_moments
 
 MomentsFn = Callable[..., ExpertMoments]  # moments_fn(x_rows, Vh, h=None)
 

@@ -34,6 +34,21 @@ def symmetric_kl(a: DomainStats, b: DomainStats) -> float:
     return float(((va + d2) / (2 * vb) + (vb + d2) / (2 * va) - 1).mean())
 
 
+def stats_state(stats: Optional[DomainStats]) -> Optional[dict]:
+    """A descriptor as {"mean", "var"} (None stays None), for state dicts."""
+    return None if stats is None else {"mean": stats.mean, "var": stats.var}
+
+
+def stats_from_state(state: Optional[dict], device=None) -> Optional[DomainStats]:
+    """Inverse of `stats_state` (float64, on `device`); raises ValueError on a malformed descriptor."""
+    if state is None:
+        return None
+    mean, var = state["mean"], state["var"]
+    if not (isinstance(mean, Tensor) and isinstance(var, Tensor) and mean.dim() == 1 and mean.shape == var.shape):
+        raise ValueError("malformed domain descriptor in the state (mean and var must be 1-D, same shape)")
+    return DomainStats(mean.to(device=device, dtype=torch.float64), var.to(device=device, dtype=torch.float64))
+
+
 def ema(old: DomainStats, new: DomainStats, momentum: float) -> DomainStats:
     """momentum · old + (1 − momentum) · new, channel-wise (the official update)."""
     return DomainStats(momentum * old.mean + (1 - momentum) * new.mean.to(old.mean.device),
@@ -104,6 +119,25 @@ class DomainTracker:
         self.running: Optional[DomainStats] = None
         self._moments: Optional[tuple[Tensor, Tensor, Tensor]] = None  # count, mean, M2 per image
         self._fresh = 0  # images since the running descriptor last moved
+
+    def state_dict(self) -> dict:
+        """Running descriptor, window moments and images since the last EMA move (tensors by reference)."""
+        return {"running": stats_state(self.running), "moments": None if self._moments is None else list(self._moments),
+                "fresh": self._fresh}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore a `state_dict()` (tensors moved to `device`); checked before anything changes."""
+        running = stats_from_state(state["running"], device)
+        moments = state["moments"]
+        if moments is not None:
+            if len(moments) != 3 or moments[1].dim() != 2 or moments[2].shape != moments[1].shape \
+                    or moments[0].shape != moments[1].shape[:1]:
+                raise ValueError("DomainTracker: malformed window moments in the state")
+            moments = tuple(t.to(device=device, dtype=torch.float64) for t in moments)
+        fresh = state["fresh"]
+        if isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 0:
+            raise ValueError(f"DomainTracker: 'fresh' is {fresh!r}, not a count")
+        self.running, self._moments, self._fresh = running, moments, fresh
 
     def _push(self, moments: tuple[Tensor, Tensor, Tensor]) -> None:
         """Append a batch; keep the last max(window, batch) images."""

@@ -7,8 +7,13 @@ Per batch, the tent way (`logits = adapter(x)` predicts and adapts):
      forward → L → backward → ascend → forward (reliable set re-filtered) → L → backward →
      restore → Adam step. The predictions are the first forward's logits.
 A step whose loss or gradient is not finite is skipped (counted in `skipped_steps`); `s` is left as it was.
+
+`IMSE` is an `nn.Module` holding the model as `self.model`; `state_dict()` carries the whole adaptation
+state (model with its codes, Adam state, code bank, counters; see `tta.adapter`), so a stream resumes
+from a saved state with identical results.
 """
 import copy
+import dataclasses
 import re
 from typing import Iterable, Optional
 
@@ -18,6 +23,7 @@ from torch import Tensor, nn
 from ..layers import FusedSpectralLinear, spectral_layers, spectralize
 from ..losses import diversity_loss, entropy_threshold, reliable_entropy, reliable_mask, softmax_entropy
 from ..optim import SAM
+from .adapter import Adapter, AdapterStateError, check_optimizer_state, differences
 from .code_bank import BankEvent, CodeBank, Retrieval
 from .config import IMSEConfig
 from .diversity_probe import DiversityProbe
@@ -31,13 +37,22 @@ def _block_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-class IMSE:
-    """IMSE(model, config=None): spectralizes `model` in place if needed and adapts it on every call."""
+class IMSE(Adapter):
+    """IMSE(model, config=None): spectralizes `model` in place if needed and adapts it on every call.
+
+    `adapter.train()` / `eval()` leave the model in train mode (see `tta.adapter`); adaptation goes on.
+    """
+
+    kind = "IMSE"
 
     def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None) -> None:
-        self.config = cfg = IMSEConfig() if config is None else config
+        super().__init__()
+        cfg = IMSEConfig() if config is None else config
         if not isinstance(cfg, IMSEConfig):
             raise TypeError(f"IMSE: config must be an IMSEConfig, got {type(cfg).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"IMSE: model must be an nn.Module, got {type(model).__name__}")
+        self.config = cfg
         self.model = model
         if not spectral_layers(model):
             spectralize(model)
@@ -87,7 +102,7 @@ class IMSE:
         """The code bank's log: shifts, retrievals (with distances), drops and merges."""
         return self.bank.events
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """Predict `x` (the first forward's logits, detached) and adapt."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("IMSE adapts with gradients: call it outside torch.inference_mode()")
@@ -134,6 +149,41 @@ class IMSE:
         On any failure (`BankFileError`, `FileNotFoundError`, ...) the adapter is unchanged: bank, `s`,
         optimizer and counters are as they were."""
         self.bank.load(path, channels=getattr(self.model, "embed_dim", None))
+
+    # ------------------------------------------------------------------ state (tta.adapter)
+    def _adaptation_state(self) -> dict:
+        """config (as a dict), layer names, counters, optimizer (Adam inside SAM) and code bank."""
+        return {"config": dataclasses.asdict(self.config), "layers": list(self.layers), "adapted": list(self.adapted),
+                "counters": {"steps_taken": self.steps_taken, "skipped_steps": self.skipped_steps},
+                "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict()}
+
+    def _check_adaptation_state(self, state: dict) -> None:
+        try:
+            found, want = state["config"], dataclasses.asdict(self.config)
+            if found != want:
+                raise AdapterStateError(f"IMSE: the state was saved with another config: "
+                                        f"{'; '.join(differences(found, want))}")
+            for key, own in (("layers", list(self.layers)), ("adapted", list(self.adapted))):
+                if list(state[key]) != own:
+                    diff = sorted(set(state[key]) ^ set(own))[:6]
+                    raise AdapterStateError(f"IMSE: the state's {key} spectral layers differ from this model's "
+                                            f"({len(state[key])} vs {len(own)}; differences: {diff})")
+            counters = state["counters"]
+            if not all(isinstance(counters[k], int) for k in ("steps_taken", "skipped_steps")):
+                raise AdapterStateError(f"IMSE: malformed counters in the state: {counters!r}")
+            check_optimizer_state(state["optimizer"], self.optimizer, "IMSE")
+        except KeyError as err:
+            raise AdapterStateError(f"IMSE: the adapter state lacks {err}") from err
+
+    def _load_adaptation_state(self, state: dict) -> None:
+        try:
+            self.bank.load_state_dict(state["bank"])  # checked and converted before it changes anything
+        except (KeyError, TypeError, ValueError) as err:
+            raise AdapterStateError(f"IMSE: the code bank state does not fit: {err}") from err
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._start_codes = {k: v.detach().clone() for k, v in self.bank._source_codes.items()}
+        self.steps_taken = state["counters"]["steps_taken"]
+        self.skipped_steps = state["counters"]["skipped_steps"]
 
     # ------------------------------------------------------------------ internals
     def _codes(self) -> dict[str, Tensor]:
