@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,17 @@ def test_quickstart_runs():
     model = namespace["model"]
     assert not any(type(m).__name__ == "FusedSpectralLinear" for m in model.modules())
     assert len(namespace["names"]) == 12 * 4  # vit_tiny: 12 blocks x (qkv, proj, fc1, fc2)
+
+
+def test_many_streams_example_runs():
+    code = next(b for b in _blocks("python") if "stream_codes" in b)
+    namespace = {}
+    exec(compile(code, "README many streams", "exec"), namespace)
+    tables, streams = namespace["tables"], namespace["streams"]
+    assert len(tables) == 12 * 4 and all(t.shape[0] == 4 for t in tables)
+    for t in tables:
+        assert torch.equal(t.grad[2], torch.zeros_like(t.grad[2]))
+        assert t.grad[[0, 1, 3]].abs().sum() > 0
 
 
 def test_ci_runs_readme_test_command_in_a_fresh_venv():
