@@ -125,3 +125,16 @@ def test_targets_come_from_the_data_file_and_can_fail():
     assert "FAIL  qkv: 1.20" in tp.bars_report([rec], [], "cpu", [target])
     assert "PASS  qkv" in tp.bars_report([rec], [], "cpu", [dict(target, value=1.3)])
     assert "n/a   qkv" in tp.bars_report([], [], "cpu", [target])
+
+
+def test_streams_bench_quick(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "streams_bench.py"), "--quick",
+                           "--out-dir", str(tmp_path), "--tag", "smoke"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "measuring imse_kernels" in proc.stdout and "codes/one_code" in proc.stdout
+    data = json.loads((tmp_path / "streams_smoke_quick.json").read_text())
+    (row,) = data["layer"]
+    assert row["streams"] == 2 and row["codes_over_one_code"] > 0 and row["loop_over_codes"] > 0
