@@ -116,6 +116,109 @@ at::Tensor rowdot(const at::Tensor& M_in, const at::Tensor& V_in, at::ScalarType
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-sample codes (docs/design.md, section 8): S is a (K x r) code table, row n uses S[index[n]].
+
+// out[n,:] = in[n,:] * S[index[n],:] in acc_t (in, out: N x r, contiguous; out may be in).
+template <typename scalar_t, typename acc_t>
+void gather_scale_kernel(const scalar_t* in, const acc_t* S, const int64_t* index, int64_t N, int64_t r,
+                         scalar_t* out) {
+  at::parallel_for(0, N, kRowChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const acc_t* sn = S + index[n] * r;
+      for (int64_t k = 0; k < r; ++k) {
+        out[n * r + k] = static_cast<scalar_t>(static_cast<acc_t>(in[n * r + k]) * sn[k]);
+      }
+    }
+  });
+}
+
+// dS[c,:] = sum_{n : index[n] = c} h[n,:] * t[n,:]  (h, t: N x r, contiguous), accumulated in acc_t.
+// The rows of each code, in increasing n, are cut into fixed chunks of kRowChunk rows; every chunk
+// has its own partial row and each code sums its chunks in order: no atomics, and the result does
+// not depend on the thread count. With `S`, t is also overwritten by t * S[index] in the same pass.
+template <typename scalar_t, typename acc_t>
+void segment_product_kernel(const scalar_t* h, scalar_t* t, const int64_t* index, int64_t N, int64_t r, int64_t K,
+                            acc_t* out, const acc_t* S) {
+  std::vector<int64_t> start(K + 1, 0), order(N), first_chunk(K + 1, 0);
+  for (int64_t n = 0; n < N; ++n) ++start[index[n] + 1];  // stable counting sort of the rows by code
+  for (int64_t c = 0; c < K; ++c) start[c + 1] += start[c];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t n = 0; n < N; ++n) order[fill[index[n]]++] = n;
+  for (int64_t c = 0; c < K; ++c) {
+    first_chunk[c + 1] = first_chunk[c] + (start[c + 1] - start[c] + kRowChunk - 1) / kRowChunk;
+  }
+  const int64_t chunks = first_chunk[K];
+  std::vector<int64_t> chunk_code(chunks);
+  for (int64_t c = 0; c < K; ++c) std::fill(chunk_code.begin() + first_chunk[c], chunk_code.begin() + first_chunk[c + 1], c);
+  std::vector<acc_t> partial(static_cast<size_t>(std::max<int64_t>(chunks, 1) * r), acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t c = chunk_code[j];
+      const int64_t i0 = start[c] + (j - first_chunk[c]) * kRowChunk, i1 = std::min(i0 + kRowChunk, start[c + 1]);
+      acc_t* p = partial.data() + j * r;
+      const acc_t* sc = S != nullptr ? S + c * r : nullptr;
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* hn = h + order[i] * r;
+        scalar_t* tn = t + order[i] * r;
+        for (int64_t k = 0; k < r; ++k) p[k] += static_cast<acc_t>(hn[k]) * static_cast<acc_t>(tn[k]);
+        if (sc != nullptr) {
+          for (int64_t k = 0; k < r; ++k) tn[k] = static_cast<scalar_t>(static_cast<acc_t>(tn[k]) * sc[k]);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < r; ++k) {
+        acc_t acc = 0;
+        for (int64_t j = first_chunk[c]; j < first_chunk[c + 1]; ++j) acc += partial[j * r + k];
+        out[c * r + k] = acc;
+      }
+    }
+  });
+}
+
+// out = rows * S[index] row by row (rows, out: N x r, contiguous; out may be rows).
+void gather_scale(const at::Tensor& rows, const at::Tensor& S, const at::Tensor& index, at::Tensor& out) {
+  auto acc = acc_type(rows.scalar_type());
+  auto table = S.to(acc).contiguous();
+  const int64_t N = rows.size(0), r = rows.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "imse_gather_scale", [&] {
+    if (acc == at::kDouble) {
+      gather_scale_kernel<scalar_t, double>(rows.const_data_ptr<scalar_t>(), table.const_data_ptr<double>(),
+                                            index.const_data_ptr<int64_t>(), N, r, out.mutable_data_ptr<scalar_t>());
+    } else {
+      gather_scale_kernel<scalar_t, float>(rows.const_data_ptr<scalar_t>(), table.const_data_ptr<float>(),
+                                           index.const_data_ptr<int64_t>(), N, r, out.mutable_data_ptr<scalar_t>());
+    }
+  });
+}
+
+// dS (K x r, in S's dtype) = per-code sums of h * t; with `scale_t`, t (contiguous, owned by the
+// caller) is also scaled in place by S[index] in the same pass.
+at::Tensor segment_product(const at::Tensor& h_in, at::Tensor& t, const at::Tensor& S, const at::Tensor& index,
+                           bool scale_t) {
+  TORCH_CHECK(t.is_contiguous(), "imse_ext: internal: t must be contiguous");
+  auto h = h_in.contiguous();
+  const int64_t N = h.size(0), r = h.size(1), K = S.size(0);
+  auto acc = acc_type(h.scalar_type());
+  auto dS = at::empty({K, r}, h.options().dtype(acc));
+  auto table = S.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "imse_segment_product", [&] {
+    if (acc == at::kDouble) {
+      segment_product_kernel<scalar_t, double>(h.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(),
+                                               index.const_data_ptr<int64_t>(), N, r, K, dS.mutable_data_ptr<double>(),
+                                               scale_t ? table.const_data_ptr<double>() : nullptr);
+    } else {
+      segment_product_kernel<scalar_t, float>(h.const_data_ptr<scalar_t>(), t.mutable_data_ptr<scalar_t>(),
+                                              index.const_data_ptr<int64_t>(), N, r, K, dS.mutable_data_ptr<float>(),
+                                              scale_t ? table.const_data_ptr<float>() : nullptr);
+    }
+  });
+  return dS.to(S.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
 // Ops (inputs are validated in Python; the checks here guard direct calls).
 
 void check_2d(const at::Tensor& t, const char* name) {
@@ -178,9 +281,84 @@ std::tuple<at::Tensor, at::Tensor> recomposed_backward(const at::Tensor& grad, c
   return {dx, ds};
 }
 
+// The checks of the indexed ops; `a` is x (N x d_in) or grad (N x d_out). Returns index, contiguous.
+at::Tensor check_indexed(const char* op, const at::Tensor& a, bool a_is_grad, const at::Tensor& U,
+                         const at::Tensor& S, const at::Tensor& Vh, const at::Tensor& index) {
+  const char* a_name = a_is_grad ? "grad" : "x";
+  const std::pair<const at::Tensor*, const char*> mats[] = {{&a, a_name}, {&U, "U"}, {&S, "S"}, {&Vh, "Vh"}};
+  for (const auto& [t, name] : mats) {
+    TORCH_CHECK(t->dim() == 2, "imse_ext.", op, ": ", name, " must be 2-D, got shape ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu(), "imse_ext.", op, ": ", name, " must be on the CPU, got ", t->device());
+  }
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "imse_ext.", op, ": ", a_name, " must be floating point, got ",
+              a.scalar_type());
+  TORCH_CHECK(U.scalar_type() == a.scalar_type() && Vh.scalar_type() == a.scalar_type(), "imse_ext.", op,
+              ": U and Vh must have ", a_name, "'s dtype ", a.scalar_type(), ", got U ", U.scalar_type(), ", Vh ",
+              Vh.scalar_type());
+  TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, "imse_ext.", op,
+              ": S must be float32 or float64, got ", S.scalar_type());
+  TORCH_CHECK(U.size(1) == Vh.size(0) && S.size(1) == Vh.size(0), "imse_ext.", op, ": rank mismatch U ", U.sizes(),
+              " S ", S.sizes(), " Vh ", Vh.sizes());
+  const int64_t cols = a_is_grad ? U.size(0) : Vh.size(1);
+  TORCH_CHECK(a.size(1) == cols, "imse_ext.", op, ": ", a_name, " must have ", cols, " columns, got shape ",
+              a.sizes());
+  TORCH_CHECK(index.scalar_type() == at::kLong, "imse_ext.", op, ": index must be int64, got ", index.scalar_type());
+  TORCH_CHECK(index.device().is_cpu(), "imse_ext.", op, ": index must be on the CPU, got ", index.device());
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == a.size(0), "imse_ext.", op, ": index must have shape (N,) = (",
+              a.size(0), ",), got ", index.sizes());
+  auto idx = index.contiguous();
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  const int64_t K = S.size(0);
+  for (int64_t n = 0; n < idx.numel(); ++n) {
+    TORCH_CHECK(p[n] >= 0 && p[n] < K, "imse_ext.", op, ": index values must be in [0, K=", K, "), got ", p[n],
+                " at row ", n);
+  }
+  return idx;
+}
+
+std::tuple<at::Tensor, at::Tensor> indexed_forward(const at::Tensor& x, const at::Tensor& U, const at::Tensor& S,
+                                                   const at::Tensor& Vh, const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& index, bool save_h) {
+  auto idx = check_indexed("indexed_forward", x, false, U, S, Vh, index);
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == U.size(0) && bias->scalar_type() == x.scalar_type()),
+              "imse_ext.indexed_forward: bias must be (", U.size(0), ",) of dtype ", x.scalar_type(), ", got ",
+              bias->sizes(), " ", bias->scalar_type());
+  auto h = at::mm(x, Vh.t()).contiguous();
+  auto hs = save_h ? at::empty_like(h) : h;  // h itself is saved unscaled
+  gather_scale(h, S, idx, hs);
+  auto y = has_bias ? at::addmm(*bias, hs, U.t()) : at::mm(hs, U.t());
+  return {y, save_h ? h : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> indexed_backward(const at::Tensor& grad, const at::Tensor& h, const at::Tensor& U,
+                                                    const at::Tensor& S, const at::Tensor& Vh,
+                                                    const at::Tensor& index, bool need_dx) {
+  auto idx = check_indexed("indexed_backward", grad, true, U, S, Vh, index);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == grad.size(0) && h.size(1) == Vh.size(0) &&
+                  h.scalar_type() == grad.scalar_type() && h.device().is_cpu(),
+              "imse_ext.indexed_backward: h must be (", grad.size(0), ", ", Vh.size(0), ") of dtype ",
+              grad.scalar_type(), " on the CPU, got ", h.sizes(), " ", h.scalar_type(), " on ", h.device());
+  auto t = at::mm(grad, U).contiguous();
+  auto dS = segment_product(h, t, S, idx, need_dx);  // t becomes t * S[index] when need_dx
+  auto dx = need_dx ? at::mm(t, Vh) : at::empty({0}, grad.options());
+  return {dx, dS};
+}
+
+at::Tensor indexed_input_grad(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& S, const at::Tensor& Vh,
+                              const at::Tensor& index) {
+  auto idx = check_indexed("indexed_input_grad", grad, true, U, S, Vh, index);
+  auto t = at::mm(grad, U).contiguous();
+  gather_scale(t, S, idx, t);
+  return at::mm(t, Vh);
+}
+
 }  // namespace
 
-TORCH_LIBRARY(imse_ext, m) { IMSE_DEFINE_SCHEMA(m); }
+TORCH_LIBRARY(imse_ext, m) {
+  IMSE_DEFINE_SCHEMA(m);
+  IMSE_DEFINE_INDEXED_SCHEMA(m);
+}
 
 TORCH_LIBRARY_IMPL(imse_ext, CPU, m) {
   m.impl("factorized_forward", &factorized_forward);
@@ -188,6 +366,9 @@ TORCH_LIBRARY_IMPL(imse_ext, CPU, m) {
   m.impl("factorized_backward", &factorized_backward);
   m.impl("factorized_input_grad", &factorized_input_grad);
   m.impl("recomposed_backward", &recomposed_backward);
+  m.impl("indexed_forward", &indexed_forward);
+  m.impl("indexed_backward", &indexed_backward);
+  m.impl("indexed_input_grad", &indexed_input_grad);
 }
 
 }  // namespace imse

@@ -64,6 +64,19 @@ class CpuBackend(CompiledBackend):
     def unavailable_reason(self) -> Optional[str]:
         return _extension.reason("_C")
 
+    # Per-sample codes (docs/design.md §8): CPU-only ops of `_C` (h·S[index] gather-scale fused, dS by
+    # fixed-order per-code chunk sums). The CUDA flavour keeps the base class's ATen defaults.
+    def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
+        y, h = self._ops.indexed_forward(x, U, S, Vh, bias, index, save_h)
+        return y, (h if save_h else None)
+
+    def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
+        dx, dS = self._ops.indexed_backward(grad, h, U, S, Vh, index, need_dx)
+        return (dx if need_dx else None), dS
+
+    def indexed_input_grad(self, grad, U, S, Vh, index):
+        return self._ops.indexed_input_grad(grad, U, S, Vh, index)
+
 
 def _cuda_built() -> Optional[bool]:
     try:
