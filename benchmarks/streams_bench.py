@@ -5,7 +5,9 @@
     python benchmarks/streams_bench.py --quick     # smoke run, seconds
 
 Layer level, forward + backward with the codes trained and dx needed, at the same N (batch × 197 tokens):
-  one_code   FusedSpectralLinear with its single s (what one stream of that total batch costs)
+  one_code   FusedSpectralLinear with its single s (what one stream of that total batch costs; the
+             planner may pick route R, which a (K, r) table cannot use without K recompositions)
+  one_code_F the same with the route pinned to F, the route the codes take (isolates the gather cost)
   codes      the same layer with a (K, r) table, each sample using its stream's row (stream_codes)
   loop       the PEFT way: one call per stream on that stream's samples, each with its own s
 The ratios are medians of ratios measured side by side (codes/one_code is the overhead of the index).
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from imse_kernels import FusedSpectralLinear, stream_codes
+from imse_kernels.ops import force_route
 
 TOKENS = 197
 VIT_S = {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)}
@@ -61,6 +64,10 @@ def layer_case(d_in: int, d_out: int, batch: int, k: int, seed: int = 0) -> dict
         y = one(x)
         return torch.autograd.grad(y, (x, one.layer.s), grad)
 
+    def one_code_F():
+        with force_route("factorized"):
+            return one_code()
+
     def codes():
         with stream_codes(coded, streams):
             y = coded(x)
@@ -74,7 +81,7 @@ def layer_case(d_in: int, d_out: int, batch: int, k: int, seed: int = 0) -> dict
                 out.append(torch.autograd.grad(y, (x, loop_layers[c].s), grad[rows]))
         return out
 
-    return {"one_code": one_code, "codes": codes, "loop": loop}
+    return {"one_code": one_code, "one_code_F": one_code_F, "codes": codes, "loop": loop}
 
 
 def main(argv=None) -> int:
@@ -101,20 +108,23 @@ def main(argv=None) -> int:
                 t = measure_interleaved(fns, args.device, args.rounds, args.min_block_s, args.warmup,
                                         min_rounds=args.min_rounds, max_case_s=args.max_case_s)
                 row = {"layer": f"vit_s.{name}", "batch": batch, "tokens": batch * TOKENS, "streams": k,
-                       "one_code_ms": t["one_code"].median() * 1e3, "codes_ms": t["codes"].median() * 1e3,
-                       "loop_ms": t["loop"].median() * 1e3,
+                       "one_code_ms": t["one_code"].median() * 1e3, "one_code_F_ms": t["one_code_F"].median() * 1e3,
+                       "codes_ms": t["codes"].median() * 1e3, "loop_ms": t["loop"].median() * 1e3,
                        "codes_over_one_code": paired_ratio(t["codes"], t["one_code"]),
+                       "codes_over_one_code_F": paired_ratio(t["codes"], t["one_code_F"]),
                        "loop_over_codes": paired_ratio(t["loop"], t["codes"]), "load1": load1()}
                 rows.append(row)
                 print(f"  {row['layer']} b{batch} K={k}: one_code {BC.fmt(row['one_code_ms'])} ms, codes "
                       f"{BC.fmt(row['codes_ms'])} ms, loop {BC.fmt(row['loop_ms'])} ms; codes/one_code "
-                      f"{BC.fmt(row['codes_over_one_code'], 2)}, loop/codes {BC.fmt(row['loop_over_codes'], 2)}",
+                      f"{BC.fmt(row['codes_over_one_code'], 2)}, codes/one_code_F {BC.fmt(row['codes_over_one_code_F'], 2)}, "
+                      f"loop/codes {BC.fmt(row['loop_over_codes'], 2)}",
                       flush=True)
     lines = [f"streams_bench on {BC.machine_tag(args.device)}, fp32, fwd+bwd (codes trained, dx needed); "
              f"medians of paired ratios; total {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f} at end",
-             "layer          batch  K   one_code ms  codes ms  loop ms  codes/one_code  loop/codes"]
+             "layer          batch  K   one_code ms  codes ms  loop ms  codes/one_code  codes/one_code_F  loop/codes"]
     lines += [f"{r['layer']:<14} {r['batch']:>5} {r['streams']:>3} {r['one_code_ms']:>11.3f} {r['codes_ms']:>9.3f} "
-              f"{r['loop_ms']:>8.3f} {r['codes_over_one_code']:>15.2f} {r['loop_over_codes']:>11.2f}" for r in rows]
+              f"{r['loop_ms']:>8.3f} {r['codes_over_one_code']:>15.2f} {r['codes_over_one_code_F']:>17.2f} "
+              f"{r['loop_over_codes']:>11.2f}" for r in rows]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_save:
