@@ -4,7 +4,7 @@ from .backends import available_backends, backend_status, use_backend
 from .layers import FusedSpectralLinear, spectral_layers, spectralize, stream_codes, unspectralize
 from .ops import spectral_linear
 from . import losses, optim, tta  # noqa: E402  (IMSE on top of the layers)
-from .tta import IMSE, IMSEConfig, Source, Tent
+from .tta import IMSE, IMSEConfig, MultiStreamIMSE, Source, Tent
 
 __version__ = "0.1.0"
 
@@ -13,5 +13,5 @@ _extension.load("_C")  # registers the C++ CPU ops; warns once and falls back if
 __all__ = [
     "spectral_linear", "FusedSpectralLinear", "spectralize", "unspectralize", "spectral_layers", "stream_codes",
     "available_backends", "backend_status", "use_backend", "__version__",
-    "IMSE", "IMSEConfig", "Tent", "Source", "losses", "optim", "tta",
+    "IMSE", "IMSEConfig", "MultiStreamIMSE", "Tent", "Source", "losses", "optim", "tta",
 ]
