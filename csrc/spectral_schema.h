@@ -12,8 +12,8 @@
   m.def("recomposed_backward(Tensor grad, Tensor x, Tensor U, Tensor s, Tensor Vh, Tensor W, bool need_dx) -> (Tensor, Tensor)")
 
 // Per-sample codes (docs/design.md, section 8): S is a (K x r) code table, row n of x uses
-// S[index[n]], index int64 (N). Defined and implemented by the CPU extension only; the CUDA
-// extension and its emulator register nothing for these (CUDA tensors keep the backend's ATen path).
+// S[index[n]], index int64 (N). Defined by the CPU extension (with its CPU kernels); the CUDA
+// extension registers CUDA kernels for them, and the emulator its own copies under imse_emu.
 #define IMSE_DEFINE_INDEXED_SCHEMA(m)                                                                      \
   m.def("indexed_forward(Tensor x, Tensor U, Tensor S, Tensor Vh, Tensor? bias, Tensor index, bool save_h) -> (Tensor, Tensor)"); \
   m.def("indexed_backward(Tensor grad, Tensor h, Tensor U, Tensor S, Tensor Vh, Tensor index, bool need_dx) -> (Tensor, Tensor)"); \

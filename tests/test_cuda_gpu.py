@@ -5,12 +5,16 @@ TF32), fp64, bf16 and fp16, at odd shapes, N = 1, truncated rank, no bias and Vi
 (batch 1 and 64); the custom kernels (fused chain, deterministic ds) against the cuBLAS/ATen path
 and the oracle, and the switch between them (`cuda_fused_kernels`, IMSE_CUDA_FUSED); ds bitwise
 deterministic across runs; the public op end to end (autograd, both routes, frozen s, 3-D input);
-streams and input checks. The emulated CPU runs of the same kernels are in tests/test_cuda_build.py.
+streams and input checks. Per-sample codes (docs/design.md §8): the three indexed ops (gather-scale
+and segmented dS kernels, or their ATen path) against a float64 per-code loop with the switch on and
+off, bitwise deterministic dS, and which kernels each setting launches. The emulated CPU runs of the
+same kernels are in tests/test_cuda_build.py.
 """
 import pytest
 import torch
 
 import cuda_memcheck_case as case
+from test_cuda_build import INDEXED_SHAPES, check_indexed, make_indexed_inputs, run_indexed
 
 pytestmark = pytest.mark.gpu
 
@@ -159,6 +163,108 @@ def test_input_checks_on_cuda(ops):
         ops.factorized_forward(x, U, s, Vh.half(), b, True)
     with pytest.raises(RuntimeError, match=r"grad has shape \[6, 4\]"):
         ops.factorized_backward(grad[:, :4], x[:, :4], U, s, Vh, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample codes (docs/design.md §8): indexed_forward / indexed_backward / indexed_input_grad
+
+INDEXED_KERNELS = ("gather_scale_kernel", "segment_partial_kernel", "segment_reduce_kernel")
+
+
+def _launched(fn, names) -> set:
+    """Which of this package's CUDA kernels `names` fn() launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launched = [e.name for e in prof.events() if "imse_cuda" in e.name]
+    return {k for k in names if any(k in n for n in launched)}
+
+
+def _per_sample_index(batch, tokens, k, seed=0):
+    """One code per sample (codes 0..k-1 drawn at random; some may be unused), repeated over tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, k, (batch,), generator=g).repeat_interleave(tokens).to(CUDA)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_indexed_small_shapes_match_float64_loop(ops, dtype, fused):
+    from imse_kernels.backends.compiled_backend import cuda_fused_kernels
+
+    with cuda_fused_kernels(fused):
+        for i, shape in enumerate(INDEXED_SHAPES):
+            check_indexed(ops, *shape, dtype, CUDA, bias=(i % 2 == 0), seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4, 197, 768, 768, 768, 3), (64, 197, 768, 3072, 700, 64), (1, 1, 3072, 768, 300, 1)])
+def test_indexed_vit_shapes_kernels_and_aten_path(ops, dtype, shape):
+    from imse_kernels.backends.compiled_backend import cuda_fused_kernels
+    from test_cuda_build import indexed_reference
+
+    b_, t_, d_in, d_out, r, k = shape
+    x, U, S, Vh, b, grad, _ = make_indexed_inputs(b_ * t_, d_in, d_out, r, k, dtype, CUDA)
+    index = _per_sample_index(b_, t_, k)
+    ref = indexed_reference(x, U, S, Vh, b, grad, index)
+    outs = {}
+    for fused in (True, False):
+        with cuda_fused_kernels(fused):
+            outs[fused] = run_indexed(ops, x, U, S, Vh, b, grad, index)
+    tol = case.tol_for(dtype)
+    for fused, out in outs.items():
+        bad = {key: e for key, e in ((key, case.rel_err(out[key], ref[key])) for key in ref) if not e <= tol}
+        assert not bad, f"fused={fused}, {dtype}, {shape}: errors over {tol:g}: {bad}"
+    bad = {key: e for key, e in ((key, case.rel_err(outs[True][key], outs[False][key])) for key in ref)
+           if not e <= 2 * tol}
+    assert not bad, f"kernels vs ATen path, {dtype}, {shape}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_indexed_deterministic(ops, dtype, fused):
+    from imse_kernels.backends.compiled_backend import cuda_fused_kernels
+
+    for b_, t_, k in ((64, 197, 64), (16, 197, 1), (3, 1000, 5)):
+        x, U, S, Vh, b, grad, _ = make_indexed_inputs(b_ * t_, 768, 768, 768, k, dtype, CUDA, seed=2)
+        index = _per_sample_index(b_, t_, k, seed=2)
+        with cuda_fused_kernels(fused):
+            first = run_indexed(ops, x, U, S, Vh, b, grad, index)
+            for _ in range(2):
+                again = run_indexed(ops, x, U, S, Vh, b, grad, index)
+                for key, v in first.items():
+                    assert torch.equal(v, again[key]), f"{key} differs between runs ({dtype}, fused={fused}, K={k})"
+
+
+def test_indexed_switch_selects_aten_path(ops):
+    from imse_kernels.backends.compiled_backend import cuda_fused_kernels
+
+    x, U, S, Vh, b, grad, _ = make_indexed_inputs(4 * 197, 768, 768, 768, 4, torch.bfloat16, CUDA)
+    index = _per_sample_index(4, 197, 4)
+
+    def run():
+        run_indexed(ops, x, U, S, Vh, b, grad, index)
+
+    with case.env(IMSE_CUDA_FUSED=None):  # auto: both always run
+        assert _launched(run, INDEXED_KERNELS) == set(INDEXED_KERNELS)
+    with cuda_fused_kernels(True):
+        assert _launched(run, INDEXED_KERNELS) == set(INDEXED_KERNELS)
+    with cuda_fused_kernels(True, kernels="ds"), case.env(IMSE_CUDA_FUSED="0"):
+        assert _launched(run, INDEXED_KERNELS) == {"segment_partial_kernel", "segment_reduce_kernel"}
+    with cuda_fused_kernels(True, kernels="chain"), case.env(IMSE_CUDA_FUSED="0"):
+        assert _launched(run, INDEXED_KERNELS) == {"gather_scale_kernel"}
+    for off in (cuda_fused_kernels(False), case.env(IMSE_CUDA_FUSED="0")):
+        with off:
+            assert _launched(run, INDEXED_KERNELS + ("fused_kernel", "colsum_kernel", "reduce_kernel")) == set()
+
+
+def test_indexed_input_checks_on_cuda(ops):
+    x, U, S, Vh, b, grad, index = make_indexed_inputs(6, 8, 5, 4, 3, torch.float32, CUDA)
+    with pytest.raises(RuntimeError, match="index must be a CUDA tensor"):
+        ops.indexed_forward(x, U, S, Vh, b, index.cpu(), True)
+    with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
+        ops.indexed_input_grad(grad, U, S.cpu(), Vh, index)
 
 
 def test_memcheck_case_script_runs(ops):

@@ -193,3 +193,21 @@ def test_route_timing_is_opt_in(monkeypatch):
     assert not tuning.enabled(torch.device("cuda"))
     monkeypatch.setenv("IMSE_TRITON_TUNE", "1")
     assert tuning.enabled(torch.device("cuda"))
+
+
+def test_per_sample_codes_are_guarded_too(gpu_like_chain, monkeypatch):
+    """The indexed primitives go through the chain as well: a wrong result is caught at first use."""
+    def broken(self, x, U, S, Vh, bias, index, save_h):
+        y, h = SpectralBackend.indexed_forward(self, x, U, S, Vh, bias, index, save_h)
+        return y * 1.01, h
+
+    monkeypatch.setattr(type(gpu_like_chain), "indexed_forward", broken)
+    U, _, Vh, b = factors(24, 20, 12)
+    S = torch.rand(3, 12) + 0.5
+    x = torch.randn(5, 24)
+    index = torch.tensor([2, 0, 2, 1, 1])
+    with pytest.warns(RuntimeWarning, match="triton backend is disabled for 'auto'"):
+        y = ik.spectral_linear(x, U, S, Vh, b, index=index)
+    ref = torch.stack([oracle(x[n:n + 1], U, S[index[n]], Vh, b)[0] for n in range(5)])
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert "indexed_forward" in fallback.disabled_backends()["triton"]

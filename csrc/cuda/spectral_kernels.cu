@@ -3,7 +3,10 @@
 //   fused_kernel   Y = ((X·B1) ⊙ s)·B2 + bias with the (rows × r) intermediate in shared memory
 //                  (fp16/bf16 WMMA, fp32 accumulation; docs/design.md §3, "the fused chain kernel");
 //   colsum_kernel  per-row-block partials of Σ_n A[n,k]·B[n,k] (ds, no materialised product), and
-//   reduce_kernel  their fixed-order sum: deterministic ds without float atomics (§3).
+//   reduce_kernel  their fixed-order sum: deterministic ds without float atomics (§3);
+//   gather_scale_kernel   per-sample codes: hs[n] = h[n] ⊙ S[index[n]] in one pass (docs/design.md §8);
+//   segment_partial_kernel / segment_reduce_kernel   per-sample codes: the deterministic segmented
+//                  dS[k] = Σ_{n: index[n]=k} h_n ⊙ t_n over code-sorted rows, no float atomics (§8).
 // No torch headers: nvcc compiles this file alone, and tests/test_cuda_build.py also compiles it with
 // the host compiler against emu/cuda_emu.h (IMSE_EMU) to run every kernel on a CPU.
 #ifdef IMSE_EMU
@@ -15,6 +18,7 @@
 #include <mma.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -46,10 +50,12 @@ template <typename T> struct Num;
 template <> struct Num<float> {
   using acc = float;
   static __device__ __forceinline__ float to_acc(float v) { return v; }
+  static __device__ __forceinline__ float from_acc(float v) { return v; }
 };
 template <> struct Num<double> {
   using acc = double;
   static __device__ __forceinline__ double to_acc(double v) { return v; }
+  static __device__ __forceinline__ double from_acc(double v) { return v; }
 };
 template <> struct Num<__half> {
   using acc = float;
@@ -371,6 +377,124 @@ __global__ void __launch_bounds__(256) reduce_kernel(ReduceArgs<Acc> p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-sample codes (docs/design.md §8): row n of h uses row index[n] of the (K × r) code table S.
+//
+// gather_scale_kernel: out[n,k] = h[n,k]·S[index[n],k] in the accumulation type, rounded once to T.
+// One warp per row (lanes stride over the r columns, so every access is coalesced and index[n] is
+// read once per lane), rows in a grid-stride loop. A code outside [0, K) (the Python op rejects
+// those) never reads outside S: its row comes out NaN.
+
+constexpr int kGatherThreads = 256, kGatherRowsPerBlock = kGatherThreads / 32;
+constexpr int64_t kGatherMaxBlocks = 8192;
+
+template <typename T>
+struct GatherArgs {
+  const T* h;
+  const typename Num<T>::acc* S;
+  const int64_t* index;
+  int64_t N, r, K;
+  T* out;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kGatherThreads) gather_scale_kernel(GatherArgs<T> p) {
+  using acc_t = typename Num<T>::acc;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kGatherRowsPerBlock + warp; n < p.N;
+       n += static_cast<int64_t>(gridDim.x) * kGatherRowsPerBlock) {
+    const int64_t c = p.index[n];
+    const bool valid = c >= 0 && c < p.K;
+    const acc_t* sc = p.S + (valid ? c : 0) * p.r;
+    for (int64_t k = lane; k < p.r; k += 32) {
+      const acc_t v = valid ? Num<T>::to_acc(p.h[n * p.r + k]) * sc[k] : static_cast<acc_t>(NAN);
+      p.out[n * p.r + k] = Num<T>::from_acc(v);
+    }
+  }
+}
+
+// Deterministic segmented dS. The rows are taken in code-sorted order (a stable sort, so the order
+// is a function of `index` alone): position i of that order is row perm[i], of code code[i]
+// (non-decreasing). segment_partial_kernel cuts the positions into fixed chunks of kSegRows; the
+// thread of (chunk j, column k) walks its chunk in order and writes one partial sum of h ⊙ t per
+// code it meets, at partial[(j + c)·r + k]: along the sorted order neither j nor c decreases, so
+// distinct (chunk, code) pairs have distinct j + c, and the table has (chunks + K − 1) rows, the
+// product h ⊙ t is never written. segment_reduce_kernel then sums, for each code c and column k, the
+// partials of c's chunks in increasing chunk order (c's segment is found by binary search in code);
+// codes no row uses get zeros. No atomics: the result depends on the shape and `index` only.
+// Codes outside [0, K) are skipped (never written out of bounds).
+
+constexpr int kSegCols = 32, kSegLanes = 8, kSegThreads = kSegCols * kSegLanes;
+constexpr int64_t kSegRows = 64;
+constexpr int kSegReduceThreads = 256;
+constexpr int64_t kSegReduceMaxBlocks = 8192;
+
+template <typename T>
+struct SegPartialArgs {
+  const T* h;
+  const T* t;
+  const int64_t* perm;
+  const int64_t* code;
+  int64_t N, r, K, chunks;
+  typename Num<T>::acc* partial;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kSegThreads) segment_partial_kernel(SegPartialArgs<T> p) {
+  using acc_t = typename Num<T>::acc;
+  const int tx = threadIdx.x % kSegCols, ty = threadIdx.x / kSegCols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kSegLanes + ty;
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kSegCols + tx;
+  if (j >= p.chunks || k >= p.r) return;
+  const int64_t i0 = j * kSegRows, i1 = p.N - i0 < kSegRows ? p.N : i0 + kSegRows;
+  int64_t cur = p.code[i0];
+  acc_t sum = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t c = p.code[i];
+    if (c != cur) {
+      if (cur >= 0 && cur < p.K) p.partial[(j + cur) * p.r + k] = sum;
+      cur = c;
+      sum = 0;
+    }
+    const int64_t n = p.perm[i];
+    sum += Num<T>::to_acc(p.h[n * p.r + k]) * Num<T>::to_acc(p.t[n * p.r + k]);
+  }
+  if (cur >= 0 && cur < p.K) p.partial[(j + cur) * p.r + k] = sum;
+}
+
+// First position i in [0, N) with code[i] >= c (N when none).
+__device__ __forceinline__ int64_t lower_bound(const int64_t* code, int64_t N, int64_t c) {
+  int64_t lo = 0, hi = N;
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (code[mid] < c) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+template <typename Acc>
+struct SegReduceArgs {
+  const Acc* partial;
+  const int64_t* code;
+  int64_t N, r, K;
+  Acc* out;
+};
+
+template <typename Acc>
+__global__ void __launch_bounds__(kSegReduceThreads) segment_reduce_kernel(SegReduceArgs<Acc> p) {
+  const int64_t total = p.K * p.r;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kSegReduceThreads + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kSegReduceThreads) {
+    const int64_t c = idx / p.r, k = idx % p.r;
+    const int64_t s = lower_bound(p.code, p.N, c), e = lower_bound(p.code, p.N, c + 1);
+    Acc sum = 0;
+    if (s < e)
+      for (int64_t j = s / kSegRows; j <= (e - 1) / kSegRows; ++j) sum += p.partial[(j + c) * p.r + k];
+    p.out[idx] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side
 
 template <typename P>
@@ -468,6 +592,36 @@ int colsum_typed(const void* A, const void* B, int64_t M, int64_t L, void* works
   return launch(reduce_kernel<acc_t>, dim3(static_cast<unsigned>((L + 255) / 256)), dim3(256), 0, stream, r);
 }
 
+template <typename T>
+int gather_scale_typed(const void* h, const void* S, const int64_t* index, int64_t N, int64_t r, int64_t K, void* out,
+                       void* stream) {
+  const GatherArgs<T> p{static_cast<const T*>(h), static_cast<const typename Num<T>::acc*>(S), index, N, r, K,
+                        static_cast<T*>(out)};
+  const int64_t want = (N + kGatherRowsPerBlock - 1) / kGatherRowsPerBlock;
+  const int64_t blocks = want < kGatherMaxBlocks ? want : kGatherMaxBlocks;
+  return launch(gather_scale_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kGatherThreads), 0, stream, p);
+}
+
+template <typename T>
+int segment_typed(const void* h, const void* t, const int64_t* perm, const int64_t* code, int64_t N, int64_t r,
+                  int64_t K, void* workspace, void* out, void* stream) {
+  using acc_t = typename Num<T>::acc;
+  const int64_t chunks = segment_chunks(N);
+  if (chunks > 0) {
+    const SegPartialArgs<T> p{static_cast<const T*>(h), static_cast<const T*>(t), perm, code, N, r, K, chunks,
+                              static_cast<acc_t*>(workspace)};
+    const dim3 grid(static_cast<unsigned>((chunks + kSegLanes - 1) / kSegLanes),
+                    static_cast<unsigned>((r + kSegCols - 1) / kSegCols));
+    const int e = launch(segment_partial_kernel<T>, grid, dim3(kSegThreads), 0, stream, p);
+    if (e != 0) return e;
+  }
+  const SegReduceArgs<acc_t> q{static_cast<const acc_t*>(workspace), code, N, r, K, static_cast<acc_t*>(out)};
+  const int64_t want = (K * r + kSegReduceThreads - 1) / kSegReduceThreads;
+  const int64_t blocks = want < kSegReduceMaxBlocks ? want : kSegReduceMaxBlocks;
+  return launch(segment_reduce_kernel<acc_t>, dim3(static_cast<unsigned>(blocks)), dim3(kSegReduceThreads), 0, stream,
+                q);
+}
+
 constexpr int64_t kIntMax = 2147483647;
 
 }  // namespace
@@ -483,6 +637,41 @@ int colsum_product(DType dtype, const void* A, const void* B, int64_t M, int64_t
     case kBF16: return colsum_typed<__nv_bfloat16>(A, B, M, L, workspace, out, stream);
     case kF32: return colsum_typed<float>(A, B, M, L, workspace, out, stream);
     case kF64: return colsum_typed<double>(A, B, M, L, workspace, out, stream);
+  }
+  return kErrUnsupported;
+}
+
+int64_t segment_chunks(int64_t N) { return (N + kSegRows - 1) / kSegRows; }
+
+int64_t segment_workspace_rows(int64_t N, int64_t K) {
+  const int64_t chunks = segment_chunks(N);
+  return chunks > 0 && K > 0 ? chunks + K - 1 : 0;
+}
+
+int gather_scale(DType dtype, const void* h, const void* S, const int64_t* index, int64_t N, int64_t r, int64_t K,
+                 void* out, void* stream) {
+  if (N == 0 || r == 0) return 0;
+  if (N < 0 || r < 0 || K < 0) return kErrTooLarge;
+  switch (dtype) {
+    case kF16: return gather_scale_typed<__half>(h, S, index, N, r, K, out, stream);
+    case kBF16: return gather_scale_typed<__nv_bfloat16>(h, S, index, N, r, K, out, stream);
+    case kF32: return gather_scale_typed<float>(h, S, index, N, r, K, out, stream);
+    case kF64: return gather_scale_typed<double>(h, S, index, N, r, K, out, stream);
+  }
+  return kErrUnsupported;
+}
+
+int segment_product(DType dtype, const void* h, const void* t, const int64_t* perm, const int64_t* code, int64_t N,
+                    int64_t r, int64_t K, void* workspace, void* out, void* stream) {
+  if (K == 0 || r == 0) return 0;
+  if (N < 0 || r < 0 || K < 0 || (segment_chunks(N) + kSegLanes - 1) / kSegLanes > kIntMax ||
+      (r + kSegCols - 1) / kSegCols > 65535 || K > INT64_MAX / r)
+    return kErrTooLarge;
+  switch (dtype) {
+    case kF16: return segment_typed<__half>(h, t, perm, code, N, r, K, workspace, out, stream);
+    case kBF16: return segment_typed<__nv_bfloat16>(h, t, perm, code, N, r, K, workspace, out, stream);
+    case kF32: return segment_typed<float>(h, t, perm, code, N, r, K, workspace, out, stream);
+    case kF64: return segment_typed<double>(h, t, perm, code, N, r, K, workspace, out, stream);
   }
   return kErrUnsupported;
 }

@@ -28,6 +28,26 @@ int64_t colsum_blocks(int64_t M);
 int colsum_product(DType dtype, const void* A, const void* B, int64_t M, int64_t L, void* workspace, void* out,
                    void* stream);
 
+// Per-sample codes (docs/design.md §8): S is a (K × r) code table in the accumulation type (float64
+// for kF64, else float32), index / perm / code int64 device arrays.
+//
+// gather_scale: out[n,k] = h[n,k]·S[index[n],k] (h, out: N × r; out may be h), computed in the
+// accumulation type and rounded once to the dtype. One pass. A code outside [0, K) gives a NaN row
+// (the Python op rejects such codes; nothing is read out of bounds).
+int gather_scale(DType dtype, const void* h, const void* S, const int64_t* index, int64_t N, int64_t r, int64_t K,
+                 void* out, void* stream);
+
+// Deterministic segmented dS: out[c,k] = Σ_{n: index[n]=c} h[n,k]·t[n,k] (out K × r, accumulation
+// type), with the rows given in code-sorted order: perm (N) the rows of a stable sort of index by
+// code, code (N) the sorted codes. Fixed chunks of the sorted rows write one partial per (chunk,
+// code) pair to `workspace` (segment_workspace_rows(N, K) × r accumulation values), then each code
+// sums its chunks in increasing order: no atomics, bitwise repeatable for a given shape and index,
+// h ⊙ t never written. Codes no row uses get zeros; codes outside [0, K) are skipped.
+int64_t segment_chunks(int64_t N);
+int64_t segment_workspace_rows(int64_t N, int64_t K);
+int segment_product(DType dtype, const void* h, const void* t, const int64_t* perm, const int64_t* code, int64_t N,
+                    int64_t r, int64_t K, void* workspace, void* out, void* stream);
+
 // The fused chain with h kept in shared memory (fp16/bf16 only):
 //   Y(M,N) = ((X·B1) ⊙ s)·B2 + bias,  X (M,K1) row-major, B1 (K1,R), B2 (R,N), s float32 (R).
 // B1(k,j) = B1[k*ldb1 + j] when b1_nmajor else B1[j*ldb1 + k]; likewise B2.

@@ -1,4 +1,5 @@
-// CUDA registration of the imse_ext backend primitives (schema defined by the CPU extension,
+// CUDA registration of the imse_ext backend primitives, the five of route F/R and the three of
+// per-sample codes (schema defined by the CPU extension,
 // csrc/cpu/spectral_linear_cpu.cpp, from csrc/spectral_schema.h) and of the switch op
 // imse_ext::cuda_fused_mode. Compiled by the host compiler: the custom kernels live in
 // spectral_kernels.cu, the torch-facing logic in spectral_ops.h. Launches go to torch's current
@@ -25,7 +26,10 @@ using CudaOps = imse_cuda_ops::Ops<CudaDevice>;
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(imse_ext, CUDA, m) { IMSE_REGISTER_IMPLS(m, CudaOps); }
+TORCH_LIBRARY_IMPL(imse_ext, CUDA, m) {
+  IMSE_REGISTER_IMPLS(m, CudaOps);
+  IMSE_REGISTER_INDEXED_IMPLS(m, CudaOps);  // per-sample codes, docs/design.md §8
+}
 
 TORCH_LIBRARY_FRAGMENT(imse_ext, m) { IMSE_DEFINE_SWITCH(m, CudaOps); }
 

@@ -1,8 +1,12 @@
 // The torch-facing implementations of the imse_ext backend primitives on CUDA. Plain GEMMs are ATen
 // calls (cuBLAS on CUDA tensors; TF32 exactly when torch's own fp32 matmuls use it); the custom
 // kernels of spectral_kernels.cu serve only the fused chain (fp16/bf16, h kept in shared memory) and
-// the deterministic ds reduction. Each has a run-time switch back to the ATen path (docs/design.md
-// §3): `cuda_fused_mode(kernel, mode)`, registered next to the primitives, and IMSE_CUDA_FUSED.
+// the deterministic ds reduction, and for per-sample codes (docs/design.md §8) the gather-scale
+// h ⊙ S[index] and the deterministic segmented dS. Each has a run-time switch back to the ATen path
+// (docs/design.md §3): `cuda_fused_mode(kernel, mode)`, registered next to the primitives, and
+// IMSE_CUDA_FUSED. The gather-scale follows the "chain" switch (it is the scale step of the forward
+// and input-gradient chain; under auto it always runs: one pass, never slower than index_select +
+// mul), the segmented dS the "ds" switch (auto: on, like the ds reduction).
 // Included by spectral_linear_cuda.cpp (CUDA tensors, torch's current stream) and by emu/emu_ops.cpp
 // (the same code over CPU tensors with the kernels emulated, for the tests). `Dev` supplies: kType
 // (c10::DeviceType), kName, Guard (RAII device guard), stream(device).
@@ -299,6 +303,136 @@ struct Ops {
     const auto dx = need_dx ? at::mm(grad, W) : at::empty({0}, grad.options());
     return {dx, ds.to(s_in.scalar_type())};
   }
+
+  // ------------------------------------------------------------------------------------------
+  // Per-sample codes (docs/design.md §8)
+
+  // rows ⊙ S[index] row by row (S already in the accumulation type), in rows' dtype: the one-pass
+  // kernel, or with the "chain" switch off ATen's index_select + mul (base.py's gather_scale).
+  static at::Tensor gather_scale(const at::Tensor& rows_in, const at::Tensor& S, const at::Tensor& index, void* stream,
+                                 const char* op) {
+    if (mode(kChain) == kOff) return at::mul(rows_in.to(S.scalar_type()), S.index_select(0, index)).to(rows_in.scalar_type());
+    const auto rows = rows_in.contiguous();
+    auto out = at::empty_like(rows);
+    ok(imse_cuda::gather_scale(kernel_dtype(rows.scalar_type()), rows.data_ptr(), S.data_ptr(),
+                               index.data_ptr<int64_t>(), rows.size(0), rows.size(1), S.size(0), out.data_ptr(), stream),
+       op);
+    return out;
+  }
+
+  // dS[c] = Σ_{n: index[n]=c} h_n ⊙ t_n (K × r, accumulation type), deterministic either way: the
+  // rows are stably sorted by code (ATen), then the segmented kernel (h ⊙ t never written); with the
+  // "ds" switch off, ATen's product and segment_reduce over the sorted rows (base.py's
+  // sorted_segment_sum).
+  static at::Tensor segment_ds(const at::Tensor& h_in, const at::Tensor& t_in, const at::Tensor& index, int64_t K,
+                               void* stream, const char* op) {
+    const auto acc = acc_type(h_in.scalar_type());
+    const int64_t N = h_in.size(0), r = h_in.size(1);
+    const auto sorted = at::sort(index, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto& code = std::get<0>(sorted);
+    const auto& perm = std::get<1>(sorted);
+    if (mode(kDs) == kOff) {
+      const auto rows = at::mul(h_in.index_select(0, perm).to(acc), t_in.index_select(0, perm).to(acc));
+      // Segment c is [offsets[c], offsets[c+1]) of the sorted rows (binary search, no atomics).
+      const auto offsets = at::searchsorted(code, at::arange(K + 1, code.options()));
+      return at::segment_reduce(rows, "sum", {}, {}, offsets, 0, /*unsafe=*/true);
+    }
+    const auto h = h_in.contiguous(), t = t_in.contiguous();
+    auto out = at::empty({K, r}, h.options().dtype(acc));
+    auto work = at::empty({imse_cuda::segment_workspace_rows(N, K), r}, h.options().dtype(acc));
+    ok(imse_cuda::segment_product(kernel_dtype(h.scalar_type()), h.data_ptr(), t.data_ptr(), perm.data_ptr<int64_t>(),
+                                  code.data_ptr<int64_t>(), N, r, K, work.data_ptr(), out.data_ptr(), stream),
+       op);
+    return out;
+  }
+
+  // The indexed ops' checks: `a` is x (N, d_in) or grad (N, d_out), in a compute dtype; U, Vh in its
+  // dtype; S (K, r) float32/float64; index int64 (N) on the same device. The values of index are the
+  // Python op's to check (a host sync); the kernels never read out of bounds with bad ones.
+  static void check_indexed(const at::Tensor& a, bool is_grad, const at::Tensor& U, const at::Tensor& S,
+                            const at::Tensor& Vh, const at::Tensor& index, const char* op) {
+    const char* a_name = is_grad ? "grad" : "x";
+    TORCH_CHECK(a.defined(), op, ": ", a_name, " is undefined");
+    const auto device = a.device();
+    check_tensor(a, op, a_name, 2, device);
+    check_compute_dtype(a, op, a_name);
+    check_tensor(U, op, "U", 2, device);
+    check_tensor(Vh, op, "Vh", 2, device);
+    check_dtype(U, op, "U", a.scalar_type());
+    check_dtype(Vh, op, "Vh", a.scalar_type());
+    TORCH_CHECK(U.size(1) == Vh.size(0), op, ": rank mismatch: U has shape ", U.sizes(), " (r = ", U.size(1),
+                ") but Vh has shape ", Vh.sizes(), " (r = ", Vh.size(0), ")");
+    check_tensor(S, op, "S", 2, device);
+    TORCH_CHECK(S.scalar_type() == at::kFloat || S.scalar_type() == at::kDouble, op,
+                ": S must be float32 or float64, got ", S.scalar_type());
+    TORCH_CHECK(S.size(1) == U.size(1), op, ": S has shape ", S.sizes(), " but the rank r (U.shape[1] = Vh.shape[0]) is ",
+                U.size(1), "; S must be (K, r)");
+    if (is_grad) {
+      TORCH_CHECK(a.size(1) == U.size(0), op, ": grad has shape ", a.sizes(), " but U has shape ", U.sizes(),
+                  " (d_out = U.shape[0])");
+    } else {
+      TORCH_CHECK(a.size(1) == Vh.size(1), op, ": x has shape ", a.sizes(), " but Vh ", Vh.sizes(), " expects d_in = ",
+                  Vh.size(1));
+    }
+    check_tensor(index, op, "index", 1, device);
+    TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ", index.scalar_type());
+    TORCH_CHECK(index.size(0) == a.size(0), op, ": index has ", index.size(0), " entries but ", a_name, " has ",
+                a.size(0), " rows");
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> indexed_forward(const at::Tensor& x, const at::Tensor& U,
+                                                            const at::Tensor& S_in, const at::Tensor& Vh,
+                                                            const std::optional<at::Tensor>& bias_in,
+                                                            const at::Tensor& index_in, bool save_h) {
+    const char* op = "imse_ext.indexed_forward";
+    check_indexed(x, false, U, S_in, Vh, index_in, op);
+    const auto device = x.device();
+    const auto dtype = x.scalar_type();
+    const bool has_bias = bias_in.has_value() && bias_in->defined();
+    if (has_bias) {
+      check_tensor(*bias_in, op, "bias", 1, device);
+      check_dtype(*bias_in, op, "bias", dtype);
+      TORCH_CHECK(bias_in->size(0) == U.size(0), op, ": bias has shape ", bias_in->sizes(), " but d_out is ",
+                  U.size(0));
+    }
+    typename Dev::Guard guard(device);
+    const auto S = S_in.to(acc_type(dtype)).contiguous();
+    const auto index = index_in.contiguous();
+    const auto h = at::mm(x, Vh.t());  // N × r, returned unscaled
+    const auto hs = gather_scale(h, S, index, Dev::stream(device), op);
+    auto y = has_bias ? at::addmm(*bias_in, hs, U.t()) : at::mm(hs, U.t());
+    return {y, save_h ? h : at::empty({0}, x.options())};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> indexed_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                             const at::Tensor& U, const at::Tensor& S_in,
+                                                             const at::Tensor& Vh, const at::Tensor& index_in,
+                                                             bool need_dx) {
+    const char* op = "imse_ext.indexed_backward";
+    check_indexed(grad, true, U, S_in, Vh, index_in, op);
+    const auto device = grad.device();
+    const auto dtype = grad.scalar_type();
+    check_operand(h, op, "h", dtype, device, "(N, r)", grad.size(0), U.size(1));
+    typename Dev::Guard guard(device);
+    const auto S = S_in.to(acc_type(dtype)).contiguous();
+    const auto index = index_in.contiguous();
+    const auto t = at::mm(grad, U);  // N × r
+    const auto dS = segment_ds(h, t, index, S.size(0), Dev::stream(device), op);
+    const auto dx = need_dx ? at::mm(gather_scale(t, S, index, Dev::stream(device), op), Vh)
+                            : at::empty({0}, grad.options());
+    return {dx, dS.to(S_in.scalar_type())};
+  }
+
+  static at::Tensor indexed_input_grad(const at::Tensor& grad, const at::Tensor& U, const at::Tensor& S_in,
+                                       const at::Tensor& Vh, const at::Tensor& index_in) {
+    const char* op = "imse_ext.indexed_input_grad";
+    check_indexed(grad, true, U, S_in, Vh, index_in, op);
+    const auto device = grad.device();
+    typename Dev::Guard guard(device);
+    const auto S = S_in.to(acc_type(grad.scalar_type())).contiguous();
+    const auto index = index_in.contiguous();
+    return at::mm(gather_scale(at::mm(grad, U), S, index, Dev::stream(device), op), Vh);
+  }
 };
 
 }  // namespace imse_cuda_ops
@@ -309,6 +443,12 @@ struct Ops {
   m.impl("factorized_backward", &OPS::factorized_backward);       \
   m.impl("factorized_input_grad", &OPS::factorized_input_grad);   \
   m.impl("recomposed_backward", &OPS::recomposed_backward)
+
+// The per-sample-code primitives (schema IMSE_DEFINE_INDEXED_SCHEMA in csrc/spectral_schema.h).
+#define IMSE_REGISTER_INDEXED_IMPLS(m, OPS)                     \
+  m.impl("indexed_forward", &OPS::indexed_forward);             \
+  m.impl("indexed_backward", &OPS::indexed_backward);           \
+  m.impl("indexed_input_grad", &OPS::indexed_input_grad)
 
 // The switch op, defined in the namespace of the primitives it steers (no tensor arguments).
 #define IMSE_DEFINE_SWITCH(m, OPS) m.def("cuda_fused_mode(str kernel, int? mode=None) -> int", &OPS::fused_mode)

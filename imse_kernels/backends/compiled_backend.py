@@ -6,7 +6,9 @@ kernel registered for the tensors' device (docs/design.md §3).
 The CUDA ops run every plain GEMM on cuBLAS through ATen (so fp32 uses TF32 exactly when torch's own
 matmuls do, docs/design.md §4) and keep two custom kernels: `chain`, the fused factorized forward /
 input gradient with h = x·Vhᵀ kept on chip (fp16/bf16), and `ds`, the deterministic reduction
-ds = Σ_n (grad·U) ⊙ h without float atomics. Each can be switched back to the ATen path at run time:
+ds = Σ_n (grad·U) ⊙ h without float atomics. For per-sample codes (docs/design.md §8) the gather-scale
+kernel follows the `chain` switch and the segmented dS kernel the `ds` switch. Each can be switched
+back to the ATen path at run time:
 
 - `cuda_fused_kernels(False)` (context manager, process-wide, restores on exit), or `True` to force
   the kernels wherever they can run, or `None` for the automatic rule; `kernels=("chain",)` or
@@ -56,16 +58,9 @@ class CompiledBackend(SpectralBackend):
         dx, ds = self._ops.recomposed_backward(grad, x, U, s, Vh, W, need_dx)
         return (dx if need_dx else None), ds
 
-
-class CpuBackend(CompiledBackend):
-    """ATen GEMMs plus fused, deterministic OpenMP reductions for ds."""
-    name = device_type = "cpu"
-
-    def unavailable_reason(self) -> Optional[str]:
-        return _extension.reason("_C")
-
-    # Per-sample codes (docs/design.md §8): CPU-only ops of `_C` (h·S[index] gather-scale fused, dS by
-    # fixed-order per-code chunk sums). The CUDA flavour keeps the base class's ATen defaults.
+    # Per-sample codes (docs/design.md §8): on the CPU (`_C`) the gather-scale and the segmented dS are
+    # fused OpenMP passes; on CUDA (`_C_cuda`) cuBLAS GEMMs around the gather-scale kernel, dS by the
+    # deterministic segmented kernel (switches "chain" and "ds" respectively).
     def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
         y, h = self._ops.indexed_forward(x, U, S, Vh, bias, index, save_h)
         return y, (h if save_h else None)
@@ -76,6 +71,14 @@ class CpuBackend(CompiledBackend):
 
     def indexed_input_grad(self, grad, U, S, Vh, index):
         return self._ops.indexed_input_grad(grad, U, S, Vh, index)
+
+
+class CpuBackend(CompiledBackend):
+    """ATen GEMMs plus fused, deterministic OpenMP reductions for ds."""
+    name = device_type = "cpu"
+
+    def unavailable_reason(self) -> Optional[str]:
+        return _extension.reason("_C")
 
 
 def _cuda_built() -> Optional[bool]:

@@ -19,7 +19,7 @@ from ..precision import tf32_matmul_enabled
 from .base import SpectralBackend
 
 PRIMITIVES = ("factorized_forward", "recompose", "factorized_backward", "factorized_input_grad",
-              "recomposed_backward")
+              "recomposed_backward", "indexed_forward", "indexed_backward", "indexed_input_grad")
 
 # One-time result check: max |out - torch| <= tol * max |torch|, per output tensor.
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float64: 1e-10}
@@ -163,6 +163,15 @@ class FallbackChain(SpectralBackend):
 
     def recomposed_backward(self, grad, x, U, s, Vh, W, need_dx):
         return self._call("recomposed_backward", (grad, x, U, s, Vh, W, need_dx))
+
+    def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
+        return self._call("indexed_forward", (x, U, S, Vh, bias, index, save_h))
+
+    def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
+        return self._call("indexed_backward", (grad, h, U, S, Vh, index, need_dx))
+
+    def indexed_input_grad(self, grad, U, S, Vh, index):
+        return self._call("indexed_input_grad", (grad, U, S, Vh, index))
 
     def measured_route(self, n, d_in, d_out, r, need_ds, need_dx, has_weight, dtype, device):
         if self._route_timing_failed:

@@ -1,6 +1,6 @@
 // The CUDA backend's torch-facing code (../spectral_ops.h) over CPU tensors, with the kernels run by
-// the emulator (emu_kernels.cpp). Registers the imse_ext schema again under the namespace imse_emu,
-// so that tests reach exactly the code paths of the CUDA ops without a GPU, with the switch op
+// the emulator (emu_kernels.cpp). Registers the imse_ext schema (with the per-sample-code ops of
+// docs/design.md §8) again under the namespace imse_emu, so that tests reach exactly the code paths of the CUDA ops without a GPU, with the switch op
 // imse_emu::cuda_fused_mode and imse_emu::launches() (emulated kernel launches so far: 0 more after a
 // call means the call took the ATen path).
 // Built only by the tests (tests/test_cuda_build.py), never by setup.py.
@@ -28,8 +28,12 @@ int64_t launch_count();  // cuda_emu.h
 
 TORCH_LIBRARY(imse_emu, m) {
   IMSE_DEFINE_SCHEMA(m);
+  IMSE_DEFINE_INDEXED_SCHEMA(m);
   IMSE_DEFINE_SWITCH(m, EmuOps);
   m.def("launches() -> int", &imse_emu_rt::launch_count);
 }
 
-TORCH_LIBRARY_IMPL(imse_emu, CPU, m) { IMSE_REGISTER_IMPLS(m, EmuOps); }
+TORCH_LIBRARY_IMPL(imse_emu, CPU, m) {
+  IMSE_REGISTER_IMPLS(m, EmuOps);
+  IMSE_REGISTER_INDEXED_IMPLS(m, EmuOps);
+}

@@ -1,5 +1,6 @@
 // Standalone check of the kernels in ../spectral_kernels.cu under the emulator, without torch: the ds
-// column reduction in every dtype and the fused kernel in both layouts, against a float64 reference. Built with ThreadSanitizer by tests/test_cuda_build.py, where any read of shared memory
+// column reduction in every dtype, the fused kernel in both layouts, and the per-sample-code kernels
+// (gather-scale, segmented dS; docs/design.md §8) in every dtype, against a float64 reference. Built with ThreadSanitizer by tests/test_cuda_build.py, where any read of shared memory
 // that is not ordered after its write by a __syncthreads (a missing barrier) is a reported data race:
 //
 //   g++ -std=c++17 -O1 -g -fsanitize=thread -Wno-unknown-pragmas emu_selftest.cpp emu_kernels.cpp -lpthread
@@ -9,6 +10,7 @@
 #include "cuda_emu.h"
 
 #include <cstdio>
+#include <algorithm>
 #include <random>
 
 #include "../spectral_kernels.h"
@@ -138,6 +140,46 @@ void fused_case(DType t, bool nmajor, int M, int K1, int Rk, int N, bool bias) {
   expect_close(what, got, ref, tol_for(t));
 }
 
+
+// Per-sample codes: K codes of which only the even ones are used (odd codes: no rows, zero dS).
+void indexed_case(DType t, int N, int R, int K) {
+  const DType acc = t == kF64 ? kF64 : kF32;
+  Buffer h(t, size_t(N) * R, true), tt(t, size_t(N) * R, true), S(acc, size_t(K) * R, true), hs(t, size_t(N) * R, false);
+  std::vector<int64_t> index(N), perm(N), code(N);
+  for (int n = 0; n < N; ++n) index[n] = (static_cast<int64_t>(rng() % ((K + 1) / 2)) * 2) % K;
+  for (int n = 0; n < N; ++n) perm[n] = n;
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return index[a] < index[b]; });
+  for (int n = 0; n < N; ++n) code[n] = index[perm[n]];
+  char what[128];
+  std::snprintf(what, sizeof what, "gather_scale %s N=%d r=%d K=%d", name_of(t), N, R, K);
+  int e = gather_scale(t, h.ptr(), S.ptr(), index.data(), N, R, K, hs.ptr(), nullptr);
+  if (e != 0) {
+    ++failures;
+    std::printf("FAIL %s: %s\n", what, error_string(e));
+    return;
+  }
+  std::vector<double> ref(size_t(N) * R), got(size_t(N) * R);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < R; ++k) {
+      ref[size_t(n) * R + k] = h.values[size_t(n) * R + k] * S.values[size_t(index[n]) * R + k];
+      got[size_t(n) * R + k] = hs.get(size_t(n) * R + k);
+    }
+  expect_close(what, got, ref, t == kF64 ? 1e-12 : (t == kF32 ? 1e-6 : tol_for(t)));  // one rounding
+  Buffer out(acc, size_t(K) * R, false), work(acc, size_t(std::max<int64_t>(segment_workspace_rows(N, K), 1)) * R, false);
+  std::snprintf(what, sizeof what, "segment_product %s N=%d r=%d K=%d", name_of(t), N, R, K);
+  e = segment_product(t, h.ptr(), tt.ptr(), perm.data(), code.data(), N, R, K, work.ptr(), out.ptr(), nullptr);
+  if (e != 0) {
+    ++failures;
+    std::printf("FAIL %s: %s\n", what, error_string(e));
+    return;
+  }
+  std::vector<double> dref(size_t(K) * R, 0.0), dgot(size_t(K) * R);
+  for (int n = 0; n < N; ++n)
+    for (int k = 0; k < R; ++k) dref[size_t(index[n]) * R + k] += h.values[size_t(n) * R + k] * tt.values[size_t(n) * R + k];
+  for (size_t i = 0; i < dgot.size(); ++i) dgot[i] = out.get(i);
+  expect_close(what, dgot, dref, t == kF64 ? 1e-12 : 1e-5);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -150,6 +192,9 @@ int main(int argc, char** argv) {
       fused_case(t, nm != 0, 70, 40, 136, 150, true);
       if (!quick) fused_case(t, nm != 0, 65, 24, 20, 130, false);
     }
+  const int icases[][3] = {{1, 8, 1}, {130, 40, 5}, {300, 33, 1}, {200, 70, 9}};
+  for (DType t : {kF16, kBF16, kF32, kF64})
+    for (int ci = 0; ci < (quick ? 2 : 4); ++ci) indexed_case(t, icases[ci][0], icases[ci][1], icases[ci][2]);
   std::printf("emu_selftest: %d checks, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }
