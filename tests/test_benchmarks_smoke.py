@@ -135,6 +135,10 @@ def test_streams_bench_quick(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "measuring imse_kernels" in proc.stdout and "codes/one_code" in proc.stdout
-    data = json.loads((tmp_path / "streams_smoke_quick.json").read_text())
+    data = json.loads((tmp_path / "streams_smoke_quick_layer_model.json").read_text())
     (row,) = data["layer"]
     assert row["streams"] == 2 and row["codes_over_one_code"] > 0 and row["loop_over_codes"] > 0
+    layouts = [r for r in data["model"] if "streams" in r]
+    assert [(r["streams"], r["per_stream"]) for r in layouts] == [(2, 1), (2, 2)]
+    assert all(r["multi_over_imse"] > 0 and r["separate_over_multi"] > 0 for r in layouts)
+    assert "batching pays up to batch" in proc.stdout

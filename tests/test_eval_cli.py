@@ -146,3 +146,19 @@ def test_imagenet_c_folder_run_with_a_local_timm_checkpoint(tmp_path, capsys):
         correct = sum(int((m(x).argmax(1) == y).sum()) for x, y in data.domain("gaussian_noise", 5).batches(4))
     assert res["methods"]["source"]["correct"][0] == correct
     assert "source" in stdout and "imse" in stdout
+
+
+def test_multi_stream_setting_equals_separate_adapters(tmp_path, cache, capsys):
+    """--setting multi_stream: K streams in mixed batches through MultiStreamIMSE give the accuracy of K
+    separate IMSE adapters (the adapter's contract), per stream, with each one's throughput."""
+    out = tmp_path / "ms"
+    rc, text, err = _run(CI + ["--cache-dir", cache, "--setting", "multi_stream", "--streams", "3", "--batch-size",
+                               "16", "--corruptions", "gaussian_noise,fog,pixelate", "--output-dir", str(out)], capsys)
+    assert rc == 0, err
+    data = json.loads((out / "results.json").read_text())
+    multi, sep = data["methods"]["multi_stream"], data["methods"]["separate"]
+    assert multi["correct"] == sep["correct"] and len(multi["accuracy"]) == 3
+    assert all(t == 3 * 64 for t in multi["total"])  # every stream sees every domain once
+    assert multi["max_logit_diff"] < 1e-3
+    assert sorted(map(sorted, data["orders"])) == [sorted(["gaussian_noise", "fog", "pixelate"])] * 3
+    assert "multi_stream" in text and "separate" in text and "img/s" in text

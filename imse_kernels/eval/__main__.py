@@ -5,6 +5,7 @@ the 15 corruptions as a continual stream), on CPU, with no network. See `--help`
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", help="where the embedded model is cached (default $IMSE_KERNELS_CACHE or "
                                        "~/.cache/imse_kernels)")
     r = p.add_argument_group("run")
-    r.add_argument("--setting", choices=SETTINGS, default="continual")
+    r.add_argument("--setting", choices=SETTINGS + ("multi_stream",), default="continual",
+                   help="multi_stream: --streams K streams, each its own order of the domains, in mixed batches "
+                        "(MultiStreamIMSE against K separate IMSE adapters)")
+    r.add_argument("--streams", type=int, default=4, help="multi_stream: number of streams K")
     r.add_argument("--method", default="all", help=f"comma-separated, side by side on the same stream: "
                                                    f"{', '.join(METHODS)} (or all)")
     r.add_argument("--rounds", type=int, default=3, help="recurring: passes over the corruptions")
@@ -171,6 +175,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if source is not None:
         source = [x.to(device) for x in source]
 
+    if args.setting == "multi_stream":
+        return _evaluate_multi_stream(args, model, data, source, info, corruptions, severity, device, t_start)
     stream = build_stream(args.setting, corruptions, severity, args.rounds, domain_size, args.batch_size)
     domain_of = lambda seg: data.domain(seg.corruption, seg.severity)  # noqa: E731
     opts = MethodOptions(args.tent_lr, args.tent_optimizer,
@@ -229,6 +235,39 @@ def evaluate(args: argparse.Namespace) -> dict:
     print(f"wrote {', '.join(str(out / f) for f in files)}" + (f"; PNG: {plot_note}" if plot_note else ""))
     print(f"wall time {meta['wall_seconds']:.1f} s")
     data_out["table"] = text
+    return data_out
+
+
+def _evaluate_multi_stream(args, model, data, source, info, corruptions, severity, device, t_start) -> dict:
+    """`--setting multi_stream`: MultiStreamIMSE against K separate IMSE adapters on the same K streams."""
+    from .multi_stream import multi_stream_table, run_multi_stream
+    from ..backends import use_backend
+    from ..tta import IMSEConfig
+
+    config = IMSEConfig(**({"lr": args.imse_lr} if args.imse_lr is not None else {}))
+    torch.manual_seed(args.seed)
+    with use_backend(args.backend) if args.backend else contextlib.nullcontext():
+        orders, results = run_multi_stream(model, lambda c: data.domain(c, severity), corruptions, args.streams,
+                                           args.batch_size, device, config, source, args.seed,
+                                           show_progress=not args.no_progress)
+    text = multi_stream_table(orders, results)
+    meta = {"data": args.data, "setting": "multi_stream", "streams": args.streams, "severity": severity,
+            "corruptions": corruptions, "batch_size_per_stream": args.batch_size, "seed": args.seed,
+            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "imse_config": dataclasses.asdict(config), **info,
+            "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    data_out = {"meta": meta, "orders": orders, "methods": {r.method: {
+        "accuracy": r.accuracy, "correct": r.correct, "total": r.total, "mean_accuracy": r.mean_accuracy,
+        "seconds": r.seconds, "images_per_s": r.images_per_s, "max_logit_diff": r.max_logit_diff} for r in results},
+        "table": text}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", data_out)
+    print(f"{args.data} · multi_stream · K={args.streams} streams · severity {severity} · {args.batch_size} images "
+          f"per stream per batch · seed {args.seed} · {device} · {torch.get_num_threads()} threads")
+    print(text)
+    print(f"wrote {out / 'results.json'}")
+    print(f"wall time {meta['wall_seconds']:.1f} s")
     return data_out
 
 

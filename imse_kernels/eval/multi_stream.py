@@ -1,0 +1,119 @@
+"""The `multi_stream` setting: K streams, each its own random order of the domains, in mixed batches.
+
+Every step takes the next `batch_size` images of each stream and interleaves them sample by sample
+into one mixed batch of K · batch_size images. `MultiStreamIMSE` adapts on the mixed batches; K
+separate `IMSE` adapters, each given only its own stream's images, are the reference: by the
+adapter's contract (docs/design.md §8) both give the same predictions, so the table shows equal
+accuracy side by side with the throughput of each.
+"""
+import copy
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..tta import IMSE, IMSEConfig, MultiStreamIMSE
+from .progress import Progress
+
+
+@dataclass
+class MultiStreamResult:
+    method: str               # "multi_stream" or "separate"
+    correct: list[int]        # per stream
+    total: list[int]
+    seconds: float            # adapter calls only
+    max_logit_diff: Optional[float] = None  # against the other method, over every image
+
+    @property
+    def accuracy(self) -> list[float]:
+        return [c / t if t else float("nan") for c, t in zip(self.correct, self.total)]
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(self.accuracy) / len(self.accuracy)
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(self.total) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def stream_orders(corruptions: Sequence[str], k: int, seed: int) -> list[list[str]]:
+    """K random orders of the domains, one per stream (seeded, so every method sees the same)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[corruptions[i] for i in torch.randperm(len(corruptions), generator=g).tolist()] for _ in range(k)]
+
+
+def _stream_batches(domain_of: Callable[[str], object], order: Sequence[str], batch_size: int):
+    for corruption in order:
+        yield from domain_of(corruption).batches(batch_size)
+
+
+def run_multi_stream(model: torch.nn.Module, domain_of: Callable[[str], object], corruptions: Sequence[str],
+                     k: int, batch_size: int, device: torch.device, config: Optional[IMSEConfig] = None,
+                     source: Optional[list] = None, seed: int = 0, show_progress: bool = True):
+    """(orders, [multi_stream result, separate result]) over the same K streams."""
+    if k < 1:
+        raise ValueError(f"--streams must be >= 1, got {k}")
+    orders = stream_orders(corruptions, k, seed)
+    steps = []  # per step: K chunks (x, y), one per stream
+    for chunks in zip(*(_stream_batches(domain_of, order, batch_size) for order in orders)):
+        steps.append(list(chunks))
+    multi = MultiStreamIMSE(copy.deepcopy(model), k, config)
+    separate = [IMSE(copy.deepcopy(model), config) for _ in range(k)]
+    if source is not None:
+        multi.source_statistics(source)
+        for a in separate:
+            a.source_statistics(source)
+    results = {m: MultiStreamResult(m, [0] * k, [0] * k, 0.0) for m in ("multi_stream", "separate")}
+    max_diff = 0.0
+    bar = Progress(len(steps), f"multi_stream K={k}") if show_progress else None
+    for chunks in steps:
+        n = min(len(y) for _, y in chunks)  # streams end a domain together: equal domain sizes
+        x = torch.stack([c[0][:n] for c in chunks], 1).flatten(0, 1).to(device)  # sample-interleaved
+        y = torch.stack([c[1][:n] for c in chunks], 1).flatten(0, 1)
+        streams = torch.arange(k).repeat(n).to(device)
+        t0 = time.perf_counter()
+        logits_multi = multi(x, streams)
+        _sync(device)
+        t1 = time.perf_counter()
+        logits_sep = torch.empty_like(logits_multi)
+        for s, adapter in enumerate(separate):
+            logits_sep[streams == s] = adapter(x[streams == s])
+        _sync(device)
+        t2 = time.perf_counter()
+        results["multi_stream"].seconds += t1 - t0
+        results["separate"].seconds += t2 - t1
+        max_diff = max(max_diff, float((logits_multi - logits_sep).abs().max()))
+        for name, logits in (("multi_stream", logits_multi), ("separate", logits_sep)):
+            hit = (logits.argmax(1).cpu() == y)
+            for s in range(k):
+                results[name].correct[s] += int(hit[streams.cpu() == s].sum())
+                results[name].total[s] += n
+        if bar is not None:
+            bar.update(1, f"acc {results['multi_stream'].mean_accuracy:.2f}")
+    if bar is not None:
+        bar.close()
+    for r in results.values():
+        r.max_logit_diff = max_diff
+    return orders, list(results.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def multi_stream_table(orders: list[list[str]], results: list[MultiStreamResult]) -> str:
+    """Per-stream and mean accuracy of each method, with its throughput."""
+    k = len(orders)
+    head = f"{'method':<14}" + "".join(f"{'s' + str(s):>7}" for s in range(k)) + f"{'mean':>8}{'img/s':>9}"
+    lines = [head]
+    for r in results:
+        lines.append(f"{r.method:<14}" + "".join(f"{100 * a:>7.1f}" for a in r.accuracy)
+                     + f"{100 * r.mean_accuracy:>8.1f}{r.images_per_s:>9.1f}")
+    speed = results[0].images_per_s / results[1].images_per_s
+    lines.append(f"one batched step / {k} separate steps: {speed:.2f}x the throughput; max |logit difference| "
+                 f"{results[0].max_logit_diff:.2e}")
+    lines += [f"stream {s}: {' > '.join(o)}" for s, o in enumerate(orders)]
+    return "\n".join(lines)
