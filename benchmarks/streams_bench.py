@@ -91,11 +91,11 @@ def layer_case(d_in: int, d_out: int, batch: int, k: int, seed: int = 0) -> dict
     return {"one_code": one_code, "one_code_F": one_code_F, "codes": codes, "loop": loop}
 
 
-def model_cases(quick: bool) -> tuple[list, list]:
+def model_cases(args) -> tuple[list, list]:
     """(IMSE batch sizes for the per-image table, (K, b) stream layouts)."""
-    if quick:
-        return [2, 4], [(2, 1), (2, 2)]
-    return [1, 8, 16, 64], [(16, 1), (8, 8)]
+    batches = BC.csv_list(args.model_batches) or ([2, 4] if args.quick else [1, 8, 16, 64])
+    layouts = BC.csv_list(args.layouts) or (["2x1", "2x2"] if args.quick else ["16x1", "8x8"])
+    return [int(b) for b in batches], [tuple(int(v) for v in lay.split("x")) for lay in layouts]
 
 
 def model_level(args, log=print) -> list:
@@ -110,7 +110,7 @@ def model_level(args, log=print) -> list:
     base = make_model(name, args.device, depth=4 if args.quick else None, img_size=32 if args.quick else None)
     size = tuple(base.patch_embed.img_size)
     cfg = IMSEConfig(retrieval="none")  # the step itself; no shift is staged here
-    batches, layouts = model_cases(args.quick)
+    batches, layouts = model_cases(args)
     g = torch.Generator().manual_seed(0)
     rows = []
 
@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default=None, help="ViT-S layers (default qkv,proj,fc1,fc2)")
     ap.add_argument("--batches", default=None, help="default 64,16")
     ap.add_argument("--streams", default=None, help="K values (default 16)")
+    ap.add_argument("--model-batches", default=None, help="model level: IMSE batch sizes (default 1,8,16,64)")
+    ap.add_argument("--layouts", default=None, help="model level: KxB stream layouts (default 16x1,8x8)")
     ap.add_argument("--level", default=None, help="layer, model or layer,model (default layer; --quick: both)")
     args = ap.parse_args(argv)
     BC.resolve_common(args, ap)
