@@ -3,6 +3,7 @@
 
     python benchmarks/model_bench.py --models vit_small --model-batches 8
     python benchmarks/model_bench.py --quick                    # smoke run (4-block ViT-Tiny at 64 px)
+    python benchmarks/model_bench.py --model-providers imse,imse_compiled,imse_reference,imse_reference_compiled
 
 Providers (each on its own deep copy of one random-init model; nothing is downloaded)
   imse             imse_kernels.tta.IMSE (FusedSpectralLinear, its own SAM/losses), retrieval "none"
@@ -11,6 +12,9 @@ Providers (each on its own deep copy of one random-init model; nothing is downlo
   imse_reference   the same hand-written step the reference way: `ReferenceSVDLinear` recomposes
                    U @ torch.diag(s) @ Vh every call, every s gets a gradient (only blocks 0..depth-4 are
                    optimized), and the diversity statistics come from an extra GEMM x̂ @ Vhᵀ per probed layer
+  imse_compiled    `imse` with IMSE(..., compile=True): forward + loss through torch.compile (inductor)
+  imse_reference_compiled   `imse_reference` with its forward + loss through torch.compile (inductor; the
+                   reference loss indexes with boolean masks, so dynamo splits the graph there), same update
   tent             imse_kernels.tta.Tent (LayerNorm affine, entropy, Adam) on the nn.Linear model
   source           plain inference (no_grad) on the nn.Linear model
   source_spectral  plain inference on the spectralized model (s frozen: cached W', one GEMM per layer)
@@ -42,6 +46,7 @@ from imse_kernels import FusedSpectralLinear, spectralize
 MODEL_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                "vit_base": "vit_base_patch16_224"}
 PROVIDERS = ("imse", "imse_harness", "imse_reference", "tent", "source", "source_spectral")
+COMPILED_PROVIDERS = ("imse_compiled", "imse_reference_compiled")  # opt-in: compile time is paid in warm-up
 REFERENCE = "imse_reference"
 LAYER_PATTERNS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -96,7 +101,7 @@ class HandIMSE:
     """One SAM step of IMSE written out in plain PyTorch, on whatever spectral layer type the model has."""
 
     def __init__(self, model: nn.Module, layer_type, all_s_grad: bool, lr=7e-3, rho=0.05, margin=0.4,
-                 lam=50.0, ratio=1.0, div_blocks=3) -> None:
+                 lam=50.0, ratio=1.0, div_blocks=3, compile=False) -> None:
         self.model, self.rho, self.margin, self.lam, self.ratio, self.div_blocks = model, rho, margin, lam, ratio, div_blocks
         depth = len(model.blocks)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
@@ -111,6 +116,13 @@ class HandIMSE:
             if block[n] >= depth - div_blocks:
                 m.register_forward_pre_hook(self._hook)
         model.train()
+        # compile: forward + loss of each pass through torch.compile (the update stays eager, as in IMSE)
+        self._fwd_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+
+    def _forward_loss(self, x, keep=None):
+        logits = self.model(x)
+        loss, mask = self._loss(logits, keep)
+        return logits, loss, mask
 
     def _hook(self, module, args):
         if self.capture and torch.is_grad_enabled():
@@ -137,8 +149,7 @@ class HandIMSE:
         self.model.zero_grad(set_to_none=True)
         self.capture = True
         try:
-            logits = self.model(x)
-            loss, mask = self._loss(logits)
+            logits, loss, mask = self._fwd_loss(x)
             loss.backward()
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]))
@@ -149,7 +160,7 @@ class HandIMSE:
                     p.add_(e)
                     eps.append(e)
             self.model.zero_grad(set_to_none=True)
-            loss2, _ = self._loss(self.model(x), keep=mask)
+            _, loss2, _ = self._fwd_loss(x, mask)
             loss2.backward()
             with torch.no_grad():
                 for p, e in zip(self.params, eps):
@@ -208,9 +219,16 @@ def build_providers(base: nn.Module, providers: list, device: str, imse_retrieva
         elif p == "imse_harness":
             spectralize(m)
             out[p] = (HandIMSE(m, FusedSpectralLinear, all_s_grad=False), m)
+        elif p == "imse_compiled":
+            from imse_kernels.tta import IMSE, IMSEConfig
+
+            out[p] = (IMSE(m, IMSEConfig(retrieval=imse_retrieval), compile=True), m)
         elif p == "imse_reference":
             reference_spectralize(m)
             out[p] = (HandIMSE(m, ReferenceSVDLinear, all_s_grad=True), m)
+        elif p == "imse_reference_compiled":
+            reference_spectralize(m)
+            out[p] = (HandIMSE(m, ReferenceSVDLinear, all_s_grad=True, compile=True), m)
         elif p == "tent":
             try:
                 from imse_kernels.tta import Tent
@@ -291,9 +309,10 @@ def run_model_case(name: str, batch: int, device: str, precision: str, providers
                      speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
                      items_per_s=batch / med if med == med and med > 0 else math.nan, load1=load,
                      error=t.error or "")
-        if t.ok:
+        compiled = p in COMPILED_PROVIDERS  # FlopCounterMode and saved-tensor hooks would retrace the graphs
+        if t.ok and not compiled:
             rec.gflop = count_gflop(fns[p])
-        if memory and t.ok:
+        if memory and t.ok and not compiled:
             model = built[p][1]
             exclude = list(model.parameters()) + list(model.buffers())
             # cached recomposed weights (frozen-s layers) persist like weights; not activations

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tent-optimizer", choices=("adam", "sgd"), default=None)
     r.add_argument("--imse-lr", type=float, default=None,
                    help="IMSE learning rate (default 7e-3; 3e-3 in the recurring setting, as the official configs)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile forward + loss of Tent and the IMSE variants (the first batch compiles)")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="imse_eval_out", help="results.json, results.csv, accuracy.png go here")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -180,7 +182,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     stream = build_stream(args.setting, corruptions, severity, args.rounds, domain_size, args.batch_size)
     domain_of = lambda seg: data.domain(seg.corruption, seg.severity)  # noqa: E731
     opts = MethodOptions(args.tent_lr, args.tent_optimizer,
-                         args.imse_lr if args.imse_lr is not None else (3e-3 if args.setting == "recurring" else None))
+                         args.imse_lr if args.imse_lr is not None else (3e-3 if args.setting == "recurring" else None),
+                         compile=args.compile)
 
     from ..backends import use_backend
 
@@ -209,7 +212,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "seed": args.seed, "amp": args.amp, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "backend": args.backend or os.environ.get("IMSE_BACKEND", "auto"),
         "device": str(device), "threads": torch.get_num_threads(), "methods": methods,
-        "tent_lr": opts.tent_lr, "imse_lr": opts.imse_lr, "torch": torch.__version__, **info,
+        "tent_lr": opts.tent_lr, "imse_lr": opts.imse_lr, "compile": args.compile, "torch": torch.__version__, **info,
         "true_boundaries": boundaries,
         "wall_seconds": None,
     }

@@ -24,6 +24,7 @@ class MethodOptions:
     tent_optimizer: Optional[str] = None  # "adam" or "sgd": Tent's optim=
     imse_lr: Optional[float] = None
     imse_overrides: dict = field(default_factory=dict)
+    compile: "bool | str | dict" = False  # torch.compile of forward + loss in Tent and the IMSE variants
 
 
 def parse_methods(spec) -> list[str]:
@@ -65,9 +66,9 @@ def build_method(name: str, model: nn.Module, opts: MethodOptions, source_batche
             kw["lr"] = opts.tent_lr
         if opts.tent_optimizer is not None:
             kw["optim"] = opts.tent_optimizer
-        return Tent(m, **kw)
+        return Tent(m, compile=opts.compile, **kw)
     if name in ("imse", "imse-mix", "imse-nodiv"):
-        adapter = IMSE(m, imse_config(name, opts))
+        adapter = IMSE(m, imse_config(name, opts), compile=opts.compile)
         if source_batches is not None:
             adapter.source_statistics(source_batches)
         return adapter

@@ -4,6 +4,10 @@ Inside `capture()` each probed `FusedSpectralLinear` hands its input rows (and h
 forward computes h anyway) to `moments_fn` (by default `expert_alignment_moments`, which does its
 own GEMM when h is None); everything stays differentiable in x. Outside `capture()`, or without
 gradients, the layers run as usual.
+
+The taps are built once, so a forward that `torch.compile` traced inside `capture()` sees the same
+tap objects on every call and its guards hold (docs/design.md §6, compiled step); the compiled
+region may call `take()` itself.
 """
 from contextlib import contextmanager
 from functools import partial
@@ -27,6 +31,7 @@ class DiversityProbe:
         self.layers = list(layers.values())
         self.moments_fn = moments_fn
         self._moments: list[ExpertMoments] = []
+        self._taps = [partial(self._tap, m) for m in self.layers]  # stable objects (compile guards)
 
     def _tap(self, module: FusedSpectralLinear, x: Tensor, h: Optional[Tensor]) -> None:
         self._moments.append(self.moments_fn(x, module.Vh, h=h))
@@ -35,8 +40,8 @@ class DiversityProbe:
     def capture(self) -> Iterator[None]:
         """Collect moments from the forwards run inside the block (earlier ones are dropped)."""
         self._moments = []
-        for m in self.layers:
-            m.factor_tap = partial(self._tap, m)
+        for m, tap in zip(self.layers, self._taps):
+            m.factor_tap = tap
         try:
             yield
         finally:
@@ -53,3 +58,4 @@ class DiversityProbe:
         for m in self.layers:
             m.factor_tap = None
         self.layers = []
+        self._taps = []

@@ -8,6 +8,26 @@ Per batch, the tent way (`logits = adapter(x)` predicts and adapts):
      restore → Adam step. The predictions are the first forward's logits.
 A step whose loss or gradient is not finite is skipped (counted in `skipped_steps`); `s` is left as it was.
 
+Host syncs (docs/design.md §6). The SAM update itself reads nothing back from the device: the
+finiteness of L and ‖g‖ is a 0-dim bool tensor, the ascent, the restore and the Adam step
+(`SAM.first_step/second_step(ok=...)`, foreach ops) are applied through it, so a skipped step leaves
+`s`, Adam's moments and its step count bitwise unchanged; the reliable-sample filter is a mask (no
+boolean indexing). Both passes always run (a skipped batch costs its second pass too). `skipped_steps`
+and `steps_taken` are device counters, synced only when read. What remains per batch is the code
+bank's decision in step 1 (`tta.domain_stats`, `tta.code_bank`): the finiteness check of the batch's
+token moments (two reads), and, once the window has a descriptor, its token count and the SKL distance
+that decides shift and retrieval (one read each): at most four small reads, all before the update.
+
+`compile=True` (or a backend name such as "aot_eager", or a dict of `torch.compile` keywords) runs
+forward + loss (the model, the diversity probe, both losses) through `torch.compile`; both SAM passes
+call the same compiled function (the first with an all-true keep mask), and the batch dimension is
+marked dynamic (`torch._dynamo.maybe_mark_dynamic`), so a partial last batch reuses the graph. It
+recompiles only where N = batch × tokens crosses a route threshold of the planner (docs/design.md §2;
+one graph per route pattern, a few at small batches, none above them) and once for a batch of 1
+(dynamo specialises sizes 0 and 1); dynamo's recompile limit bounds it in any case. The update stays
+eager. A skipped first step leaves Adam's state created at step 0 (zero moments) rather than absent;
+the next step is the same either way.
+
 `IMSE` is an `nn.Module` holding the model as `self.model`; `state_dict()` carries the whole adaptation
 state (model with its codes, Adam state, code bank, counters; see `tta.adapter`), so a stream resumes
 from a saved state with identical results.
@@ -21,13 +41,14 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import FusedSpectralLinear, spectral_layers, spectralize
-from ..losses import diversity_loss, entropy_threshold, reliable_entropy, reliable_mask, softmax_entropy
+from ..losses import diversity_loss, entropy_threshold, reliable_mask, softmax_entropy
 from ..optim import SAM
 from .adapter import Adapter, AdapterStateError, check_optimizer_state, differences
 from .code_bank import BankEvent, CodeBank, Retrieval
 from .config import IMSEConfig
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, patch_embedding_tokens
+from .tent import compile_fn
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -38,14 +59,18 @@ def _block_of(name: str) -> Optional[int]:
 
 
 class IMSE(Adapter):
-    """IMSE(model, config=None): spectralizes `model` in place if needed and adapts it on every call.
+    """IMSE(model, config=None, *, compile=False): spectralizes `model` in place if needed and adapts it on
+    every call.
 
+    `compile`: False (eager), True (`torch.compile` with its defaults), a backend name (e.g. "aot_eager")
+    or a dict of `torch.compile` keywords; forward + loss are compiled, the update stays eager (module doc).
     `adapter.train()` / `eval()` leave the model in train mode (see `tta.adapter`); adaptation goes on.
     """
 
     kind = "IMSE"
 
-    def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None) -> None:
+    def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None, *,
+                 compile: "bool | str | dict" = False) -> None:
         super().__init__()
         cfg = IMSEConfig() if config is None else config
         if not isinstance(cfg, IMSEConfig):
@@ -81,8 +106,10 @@ class IMSE(Adapter):
         self._start_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.bank = CodeBank(self._start_codes, cfg.retrieval, cfg.shift_threshold, cfg.stats_momentum,
                              cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy)
-        self.skipped_steps = 0
-        self.steps_taken = 0
+        device = next(iter(self.adapted.values())).s.device
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # device counters (no sync)
+        self._taken = torch.zeros((), dtype=torch.int64, device=device)
+        self._compiled = compile_fn(self._forward_loss, compile, "IMSE")
         model.train()  # as the official code; timm ViTs have no batch statistics
 
     @staticmethod
@@ -101,6 +128,24 @@ class IMSE(Adapter):
     def events(self) -> list[BankEvent]:
         """The code bank's log: shifts, retrievals (with distances), drops and merges."""
         return self.bank.events
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped for a non-finite loss or gradient (a device counter: reading it syncs)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped.fill_(int(value))
+
+    @property
+    def steps_taken(self) -> int:
+        """SAM updates applied (a device counter: reading it syncs)."""
+        return int(self._taken)
+
+    @steps_taken.setter
+    def steps_taken(self, value: int) -> None:
+        self._taken.fill_(int(value))
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict `x` (the first forward's logits, detached) and adapt."""
@@ -208,50 +253,50 @@ class IMSE(Adapter):
             self._restore(found.codes, reset_optimizer=True, optimizer_state=found.optimizer_state if load else None)
         return found
 
-    def _loss(self, entropy: Tensor, mask: Tensor) -> Tensor:
-        loss = reliable_entropy(entropy, mask)
+    def _forward_loss(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, L, reliable mask) with the mask `keep & (H < E0)`; what `compile=True` compiles.
+
+        The probe's capture is opened by the caller (outside a compiled region); the moments are taken here."""
+        logits = self.model(x)
+        entropy = softmax_entropy(logits)
+        mask = keep & reliable_mask(entropy.detach(), entropy_threshold(logits.shape[1], self.config.entropy_margin))
+        loss = _masked_mean(entropy, mask)  # 0 (still in the graph) when none is reliable
         if self.probe is not None:
             div = diversity_loss(self.probe.take(), self.config.diversity_ratio, self.config.diversity_blocks)
             loss = loss - self.config.diversity_weight * div
-        return loss
-
-    def _healthy(self, loss: Tensor) -> bool:
-        """Loss and gradient norm finite (one device sync)."""
-        return bool(torch.isfinite(loss.detach() + self.optimizer.grad_norm()))
-
-    def _skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 1
+        return logits, loss, mask
 
     @torch.enable_grad()
-    def _forward(self, x: Tensor) -> Tensor:
+    def _pass(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        fn = self._forward_loss if self._compiled is None else self._compiled
+        if self._compiled is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(keep, 0)
         if self.probe is None:
-            return self.model(x)
+            return fn(x, keep)
         with self.probe.capture():
-            return self.model(x)
+            return fn(x, keep)
 
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
+        """One SAM update (docs/design.md §6, steps 2–6) without a host sync; returns the first logits."""
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
-        logits = self._forward(x)
-        entropy = softmax_entropy(logits)
-        e0 = entropy_threshold(logits.shape[1], self.config.entropy_margin)
-        mask = reliable_mask(entropy.detach(), e0)
-        loss = self._loss(entropy, mask)
+        logits, loss, mask = self._pass(x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
         loss.backward()
-        if not self._healthy(loss):
-            self._skip()
-            return logits.detach()
-        opt.first_step(zero_grad=True)
+        norm = opt.grad_norm()
+        ok = torch.isfinite(loss.detach() + norm)
+        opt.first_step(zero_grad=True, ok=ok, grad_norm=norm)  # no ascent where not ok
 
-        entropy2 = softmax_entropy(self._forward(x))[mask]  # the first pass's reliable set, filtered again
-        loss2 = self._loss(entropy2, reliable_mask(entropy2.detach(), e0))
+        _, loss2, _ = self._pass(x, mask)  # the first pass's reliable set, filtered again
         loss2.backward()
-        if not self._healthy(loss2):
-            opt.unperturb()
-            self._skip()
-            return logits.detach()
-        opt.second_step(zero_grad=True)
-        self.steps_taken += 1
+        ok = ok & torch.isfinite(loss2.detach() + opt.grad_norm())
+        opt.second_step(zero_grad=True, ok=ok)  # restore s, then Adam only where ok
+        self._taken += ok
+        self._skipped += ~ok
         return logits.detach()
+
+
+def _masked_mean(entropy: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `entropy` over `mask` (0 when it is empty): `reliable_entropy` without boolean indexing."""
+    return torch.where(mask, entropy, 0).sum() / mask.sum().clamp_min(1)

@@ -5,6 +5,8 @@ one update (per step) on the mean softmax entropy of the batch; `reset()` restor
 By default LayerNorm/GroupNorm/BatchNorm affine parameters are trained with Adam or SGD (`optim=`); a
 ready `torch.optim.Optimizer` over any of the model's parameters may be passed instead. BatchNorm
 layers use batch statistics, as in the original. Everything else (including spectral `s`) is frozen.
+`compile=` runs forward + loss through `torch.compile` (batch dimension dynamic), as IMSE's (docs/design.md §6);
+the finiteness check of the update still reads one flag on the host.
 `Tent` is an `nn.Module` holding the model as `self.model`; `state_dict()` carries the whole adaptation
 state (model, optimizer, start values, counters; see `tta.adapter`).
 """
@@ -22,6 +24,23 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 OPTIMS = ("adam", "sgd")
 
 
+def compile_fn(fn, option, who: str = "adapter"):
+    """`fn` through `torch.compile` as `option` says (docs/design.md §6, compiled step): False/None: None (eager);
+    True: torch.compile defaults (inductor); a str: that backend; a dict: `torch.compile` keywords."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        kw = {}
+    elif isinstance(option, str):
+        kw = {"backend": option}
+    elif isinstance(option, dict):
+        kw = dict(option)
+    else:
+        raise TypeError(f"{who}: compile must be a bool, a backend name or a dict of torch.compile keywords, "
+                        f"got {type(option).__name__}")
+    return torch.compile(fn, **kw)
+
+
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The affine parameters (weight, bias) of every LayerNorm, GroupNorm and BatchNorm in `model`."""
     params = []
@@ -33,7 +52,7 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 class Tent(Adapter):
     """Tent(model, optimizer=None, *, optim="adam", lr=1e-3, momentum=0.9, betas=(0.9, 0.999),
-    weight_decay=0.0, steps=1, episodic=False).
+    weight_decay=0.0, steps=1, episodic=False, compile=False).
 
     optimizer   None: Tent builds `optim` ("adam" or "sgd") over the normalisation parameters with
                 lr, momentum (SGD), betas (Adam) and weight_decay. A `torch.optim.Optimizer`: its
@@ -42,6 +61,8 @@ class Tent(Adapter):
                 momentum applies to SGD only, betas to Adam only (the other is ignored).
                 The strings "adam"/"sgd" are the deprecated spelling of `optim=`.
     steps, episodic   updates per batch; restore the start state before every batch.
+    compile     False, True, a backend name or a dict of `torch.compile` keywords: forward + loss compiled
+                (batch dimension dynamic), the update eager; the finiteness check reads one flag (a sync).
     `adapter.train()` / `eval()` leave the model in train mode (see `tta.adapter`); adaptation goes on.
     """
 
@@ -50,7 +71,7 @@ class Tent(Adapter):
     def __init__(self, model: nn.Module, optimizer: "Optional[torch.optim.Optimizer | str]" = None, *,
                  optim: Optional[str] = None, lr: Optional[float] = None, momentum: Optional[float] = None,
                  betas: Optional[tuple[float, float]] = None, weight_decay: Optional[float] = None,
-                 steps: int = 1, episodic: bool = False) -> None:
+                 steps: int = 1, episodic: bool = False, compile: "bool | str | dict" = False) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"Tent: model must be an nn.Module, got {type(model).__name__}")
@@ -110,6 +131,7 @@ class Tent(Adapter):
         self._start_optimizer = copy.deepcopy(optimizer.state_dict())
         self.skipped_steps = 0
         self.steps_taken = 0
+        self._compiled = compile_fn(self._forward_loss, compile, "Tent")
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict `x` (logits of the first step's forward, detached) and adapt."""
@@ -120,10 +142,17 @@ class Tent(Adapter):
             logits = self._step(x)
         return logits
 
+    def _forward_loss(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.model(x)
+        return logits, softmax_entropy(logits).mean()
+
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
-        logits = self.model(x)
-        loss = softmax_entropy(logits).mean()
+        if self._compiled is None:
+            logits, loss = self._forward_loss(x)
+        else:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            logits, loss = self._compiled(x)
         loss.backward()
         norms = [p.grad.norm() for p in self.params if p.grad is not None]
         health = loss.detach() + (torch.stack(norms).sum() if norms else 0.0)  # NaN/inf anywhere shows here
