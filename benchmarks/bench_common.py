@@ -36,6 +36,7 @@ import torch.utils.benchmark as tbench  # noqa: E402
 
 import imse_kernels  # noqa: E402
 from imse_kernels import _extension  # noqa: E402
+from imse_kernels.proc_status import proc_status_kib  # noqa: E402
 
 
 def describe_install() -> dict:
@@ -317,18 +318,6 @@ def saved_peak_bytes(fn: Callable[[], object], exclude=()) -> int:
         fn()
     gc.collect()
     return tracker.peak
-
-
-def proc_status_kib(field: str) -> Optional[int]:
-    """A kiB field of /proc/self/status (VmRSS, VmHWM); None where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def device_peak_bytes(fn: Callable[[], object], device: str) -> tuple[Optional[int], str]:

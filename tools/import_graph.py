@@ -5,7 +5,7 @@
 The allowed edges (docs/design.md §3): ops -> backends -> triton_kernels; layers -> ops;
 losses and optim are plain math (shared utilities only); tta -> layers, losses, optim; eval -> tta and
 the public layers; the package root re-exports everything; benchmarks use the library but not `eval`.
-Every package may use the shared utilities (`util`: _extension, overrides, precision, state_file).
+Every package may use the shared utilities (`util`: _extension, overrides, precision, proc_status, state_file).
 Any other edge is a violation. Imports inside functions count: a lazy import is still a dependency.
 Exit status 1 when a violation exists.
 """
@@ -28,7 +28,7 @@ ALLOWED = {
     "benchmarks": {"root", "backends", "ops", "layers", "losses", "optim", "tta", "triton_kernels"},
 }
 ORDER = list(ALLOWED)
-UTIL = {"_extension", "_build_info", "overrides", "precision", "state_file"}
+UTIL = {"_extension", "_build_info", "overrides", "precision", "proc_status", "state_file"}
 
 
 def node_of(module: str) -> str:

@@ -3,6 +3,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..proc_status import proc_status_kib
+
 
 def shift_detection(detected: Sequence[int], boundaries: Sequence[int], tolerance: int = 1) -> dict:
     """Match detected shift batches to true boundary batches.
@@ -30,18 +32,6 @@ def shift_detection(detected: Sequence[int], boundaries: Sequence[int], toleranc
         "recall": tp / len(bnd) if bnd else None,
         "false_alarms": len(det) - tp, "missed": len(bnd) - tp,
     }
-
-
-def proc_status_kib(field: str) -> Optional[int]:
-    """A kiB field of /proc/self/status (VmRSS, VmHWM, ...); None where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 class PeakMemory:

@@ -58,6 +58,28 @@ def _block_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def select_layers(model: nn.Module, cfg: IMSEConfig, owner: str) -> tuple[dict, dict, dict]:
+    """Spectralize `model` if needed and freeze it; returns its spectral layers, the adapted ones
+    (`cfg.adapt_blocks`) and the probed ones (the last `cfg.diversity_blocks` blocks), by name."""
+    if not spectral_layers(model):
+        spectralize(model)
+    model.requires_grad_(False)
+    layers: dict[str, FusedSpectralLinear] = spectral_layers(model)
+    blocks = {n: _block_of(n) for n in layers}
+    in_blocks = [b for b in blocks.values() if b is not None]
+    if not in_blocks:
+        raise ValueError(f"{owner}: no spectral layer lives in a `blocks.<i>` module; is this a timm ViT?")
+    depth = max(in_blocks) + 1
+    adapt = IMSE._resolve_blocks(cfg.adapt_blocks, depth)
+    if cfg.diversity_blocks > depth:
+        raise ValueError(f"{owner}: diversity_blocks={cfg.diversity_blocks} but the model has {depth} blocks")
+    div = set(range(depth - cfg.diversity_blocks, depth))
+    adapted = {n: m for n, m in layers.items() if blocks[n] in adapt}
+    if not adapted:
+        raise ValueError(f"{owner}: no spectral layer in the adapted blocks {sorted(adapt)} (depth {depth})")
+    return layers, adapted, {n: m for n, m in layers.items() if blocks[n] in div}
+
+
 class IMSE(Adapter):
     """IMSE(model, config=None, *, compile=False): spectralizes `model` in place if needed and adapts it on
     every call.
@@ -79,26 +101,9 @@ class IMSE(Adapter):
             raise TypeError(f"IMSE: model must be an nn.Module, got {type(model).__name__}")
         self.config = cfg
         self.model = model
-        if not spectral_layers(model):
-            spectralize(model)
-        model.requires_grad_(False)
-        self.layers: dict[str, FusedSpectralLinear] = spectral_layers(model)
-        blocks = {n: _block_of(n) for n in self.layers}
-        in_blocks = [b for b in blocks.values() if b is not None]
-        if not in_blocks:
-            raise ValueError("IMSE: no spectral layer lives in a `blocks.<i>` module; is this a timm ViT?")
-        depth = max(in_blocks) + 1
-        adapt = self._resolve_blocks(cfg.adapt_blocks, depth)
-        if cfg.diversity_blocks > depth:
-            raise ValueError(f"IMSE: diversity_blocks={cfg.diversity_blocks} but the model has {depth} blocks")
-        div = set(range(depth - cfg.diversity_blocks, depth))
-
-        self.adapted = {n: m for n, m in self.layers.items() if blocks[n] in adapt}
-        if not self.adapted:
-            raise ValueError(f"IMSE: no spectral layer in the adapted blocks {sorted(adapt)} (depth {depth})")
+        self.layers, self.adapted, probed = select_layers(model, cfg, "IMSE")
         for m in self.adapted.values():
             m.s.requires_grad_(True)
-        probed = {n: m for n, m in self.layers.items() if blocks[n] in div}
         self.probe = DiversityProbe(probed) if cfg.diversity_weight > 0 else None
         self.optimizer = SAM([m.s for m in self.adapted.values()], torch.optim.Adam, rho=cfg.rho,
                              adaptive=False, lr=cfg.lr, betas=cfg.betas)

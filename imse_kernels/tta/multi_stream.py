@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import FusedSpectralLinear, spectral_layers, spectralize
 from ..layers import stream_codes as select_codes
 from ..losses import entropy_threshold, lowest_k, softmax_entropy
 from ..optim import SAM
@@ -42,7 +41,7 @@ from .code_bank import BankEvent, CodeBank
 from .config import IMSEConfig
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, patch_embedding_tokens, stats_from_state, stats_state
-from .imse import IMSE, _block_of
+from .imse import select_layers
 
 __all__ = ["MultiStreamIMSE"]
 
@@ -160,22 +159,7 @@ class MultiStreamIMSE(Adapter):
                                               or not isinstance(max_group_samples, int) or max_group_samples < 1):
             raise ValueError(f"MultiStreamIMSE: max_group_samples must be None or an int >= 1, got {max_group_samples!r}")
         self.config, self.model, self.max_group_samples = cfg, model, max_group_samples
-        if not spectral_layers(model):
-            spectralize(model)
-        model.requires_grad_(False)
-        self.layers: dict[str, FusedSpectralLinear] = spectral_layers(model)
-        blocks = {n: _block_of(n) for n in self.layers}
-        in_blocks = [b for b in blocks.values() if b is not None]
-        if not in_blocks:
-            raise ValueError("MultiStreamIMSE: no spectral layer lives in a `blocks.<i>` module; is this a timm ViT?")
-        depth = max(in_blocks) + 1
-        adapt = IMSE._resolve_blocks(cfg.adapt_blocks, depth)
-        if cfg.diversity_blocks > depth:
-            raise ValueError(f"MultiStreamIMSE: diversity_blocks={cfg.diversity_blocks} but the model has {depth} blocks")
-        div = set(range(depth - cfg.diversity_blocks, depth))
-        self.adapted = {n: m for n, m in self.layers.items() if blocks[n] in adapt}
-        if not self.adapted:
-            raise ValueError(f"MultiStreamIMSE: no spectral layer in the adapted blocks {sorted(adapt)} (depth {depth})")
+        self.layers, self.adapted, probed = select_layers(model, cfg, "MultiStreamIMSE")
         stray = [n for n, m in self.layers.items() if n not in self.adapted and m.codes is not None]
         if stray:
             raise ValueError(f"MultiStreamIMSE: layers outside the adapted blocks hold code tables: {stray[:4]}; "
@@ -183,7 +167,6 @@ class MultiStreamIMSE(Adapter):
         self._start_codes = {n: m.s.detach().clone() for n, m in self.layers.items()}
         for m in self.adapted.values():
             m.enable_codes(num_streams).requires_grad_(True)
-        probed = {n: m for n, m in self.layers.items() if blocks[n] in div}
         self.probe = DiversityProbe(probed, moments_fn=self._stream_moments) if cfg.diversity_weight > 0 else None
         self._slots: Optional[Tensor] = None  # per sample of the running forward: its stream's slot
         self._num_slots = 0
