@@ -105,7 +105,7 @@ class CodeBank:
 
     # ------------------------------------------------------------------ stream
     def observe(self, tokens: Tensor, snapshot: Snapshot) -> Optional[Retrieval]:
-        """Process one test batch's patch tokens (B, T, C).
+        """Process one test batch's patch tokens (B, T, C), or their `image_moments` (see `DomainTracker.observe`).
 
         On a shift, `snapshot()` gives the (codes, optimizer state) adapted on the domain that
         ended, stored with its descriptor. Returns a `Retrieval` on the first full window of a

@@ -157,13 +157,14 @@ class DomainTracker:
         return pooled_stats(*self._moments)
 
     @torch.no_grad()
-    def observe(self, tokens: Tensor, detect: bool = True) -> Observation:
-        """Add a batch of patch tokens (B, T, C); detect a shift; move the running descriptor.
+    def observe(self, tokens: "Tensor | tuple[Tensor, Tensor, Tensor]", detect: bool = True) -> Observation:
+        """Add a batch of patch tokens (B, T, C), or their `image_moments`; detect a shift; move the
+        running descriptor. (Data-parallel IMSE passes the moments of every rank's images, in rank order.)
 
         On a shift the running descriptor and the window restart from this batch alone. A batch
         with non-finite tokens is ignored.
         """
-        moments = image_moments(tokens)
+        moments = tuple(tokens) if isinstance(tokens, (tuple, list)) else image_moments(tokens)
         if not bool(torch.isfinite(moments[1]).all() and torch.isfinite(moments[2]).all()):
             return Observation(None, None, None)  # a non-finite batch must not poison the running stats
         batch = moments[0].shape[0]
