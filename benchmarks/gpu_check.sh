@@ -13,7 +13,8 @@
 #   3 bench_bf16   layer_bench.py: ViT-B batch 64 and 1, bf16, fwdbwd + infer, every provider
 #   4 sanitizer    compute-sanitizer memcheck (no caching allocator) and racecheck, tests/cuda_memcheck_case.py --quick
 #   5 tests_gpu    TRITON_INTERPRET=0 pytest -m gpu tests -v
-#   6 bench_more   layer_bench.py in fp32, then model_bench.py (IMSE step on ViT-B)
+#   6 bench_more   layer_bench.py in fp32, then model_bench.py (IMSE step on ViT-B), then ViT-B b1 bf16 with
+#                  CUDA graphs (imse_cudagraphs) against the eager reference step
 #   7 bench_triton layer_bench.py --triton --dtypes bf16 (the triton backend's speed targets), if time is left
 # Files in $OUT (default ./gpu_out), flat, 7 of the device tool's 8:
 #   summary.log           environment, installed package and backends, one line per stage (rc, seconds),
@@ -206,6 +207,13 @@ if selected 6; then
   # shellcheck disable=SC2086
   stage 6 bench_model 150 "$OUT/bench.log" "$PY" benchmarks/model_bench.py $M_ARGS --out-dir "$BENCH_DIR" --tag gpu ${BENCH_ARGS:-}
   pack_bench
+  if [ "$DRY" != "1" ]; then
+    # the CUDA-graphs target: ViT-B batch 1, bf16, imse_cudagraphs against the eager reference step
+    stage 6 bench_graphs 90 "$OUT/bench.log" "$PY" benchmarks/model_bench.py --device cuda --models vit_base \
+      --model-batches 1 --precisions bf16 --model-providers imse,imse_cudagraphs,imse_reference --max-case-s 3 \
+      --no-memory --out-dir "$BENCH_DIR" --tag gpu_graphs ${BENCH_ARGS:-}
+    pack_bench
+  fi
   bench_lines_since "$MARK" '^\s+(PASS|FAIL)\s'
 fi
 

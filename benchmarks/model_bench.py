@@ -13,6 +13,7 @@ Providers (each on its own deep copy of one random-init model; nothing is downlo
                    U @ torch.diag(s) @ Vh every call, every s gets a gradient (only blocks 0..depth-4 are
                    optimized), and the diversity statistics come from an extra GEMM x̂ @ Vhᵀ per probed layer
   imse_compiled    `imse` with IMSE(..., compile=True): forward + loss through torch.compile (inductor)
+  imse_cudagraphs  `imse` with compile={"mode": "reduce-overhead"}: inductor + CUDA graphs (CUDA only)
   imse_reference_compiled   `imse_reference` with its forward + loss through torch.compile (inductor; the
                    reference loss indexes with boolean masks, so dynamo splits the graph there), same update
   tent             imse_kernels.tta.Tent (LayerNorm affine, entropy, Adam) on the nn.Linear model
@@ -46,7 +47,7 @@ from imse_kernels import FusedSpectralLinear, spectralize
 MODEL_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                "vit_base": "vit_base_patch16_224"}
 PROVIDERS = ("imse", "imse_harness", "imse_reference", "tent", "source", "source_spectral")
-COMPILED_PROVIDERS = ("imse_compiled", "imse_reference_compiled")  # opt-in: compile time is paid in warm-up
+COMPILED_PROVIDERS = ("imse_compiled", "imse_reference_compiled", "imse_cudagraphs")  # opt-in: compile time is paid in warm-up
 REFERENCE = "imse_reference"
 LAYER_PATTERNS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -223,6 +224,12 @@ def build_providers(base: nn.Module, providers: list, device: str, imse_retrieva
             from imse_kernels.tta import IMSE, IMSEConfig
 
             out[p] = (IMSE(m, IMSEConfig(retrieval=imse_retrieval), compile=True), m)
+        elif p == "imse_cudagraphs":
+            from imse_kernels.tta import IMSE, IMSEConfig
+
+            if device != "cuda":
+                raise SystemExit("model_bench: imse_cudagraphs needs --device cuda (CUDA graphs)")
+            out[p] = (IMSE(m, IMSEConfig(retrieval=imse_retrieval), compile={"mode": "reduce-overhead"}), m)
         elif p == "imse_reference":
             reference_spectralize(m)
             out[p] = (HandIMSE(m, ReferenceSVDLinear, all_s_grad=True), m)

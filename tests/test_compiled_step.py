@@ -212,6 +212,22 @@ def test_the_step_makes_no_cuda_sync():
     assert adapter.steps_taken == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_step_equals_eager_and_keeps_the_first_logits():
+    """compile={"mode": "reduce-overhead"}: CUDA graphs replayed for both SAM passes; s updated in place."""
+    model = tiny_vit().cuda()
+    eager = IMSE(copy.deepcopy(model), IMSEConfig(stats_window=8))
+    graphs = IMSE(model, IMSEConfig(stats_window=8), compile={"mode": "reduce-overhead"})
+    for i in range(4):
+        x = torch.randn(8, 3, 32, 32, device="cuda")
+        out_e, out_g = eager(x), graphs(x)
+        torch.testing.assert_close(out_g, out_e, rtol=1e-3, atol=1e-3)
+    for n, m in eager.layers.items():
+        torch.testing.assert_close(graphs.layers[n].s, m.s, rtol=0, atol=1e-5)
+    assert graphs.steps_taken == 4
+
+
 def test_tent_compiled_equals_eager():
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
     eager, compiled = Tent(copy.deepcopy(model), lr=1e-3), Tent(model, lr=1e-3, compile="aot_eager")

@@ -1,6 +1,8 @@
 """imse-eval end to end at CI size, through `main()` (the console script's code path)."""
 import csv
+import hashlib
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -39,12 +41,13 @@ def _source_accuracy(cache, corruption, severity, seed):
 
 
 def test_digits_continual_all_methods(tmp_path, cache, capsys):
+    # Source, Tent and the IMSE variants by name (`--method all` is the baselines' tests' business)
+    methods = ["source", "tent", "imse", "imse-mix", "imse-nodiv"]
     out = tmp_path / "out"
-    rc, stdout, err = _run(CI + ["--corruptions", "gaussian_noise,contrast", "--cache-dir", cache,
-                                 "--output-dir", str(out), "--seed", "3"], capsys)
+    rc, stdout, err = _run(CI + ["--corruptions", "gaussian_noise,contrast", "--cache-dir", cache, "--method",
+                                 ",".join(methods), "--output-dir", str(out), "--seed", "3"], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
-    methods = ["source", "tent", "imse", "imse-mix", "imse-nodiv"]
     assert list(res["methods"]) == methods and res["meta"]["setting"] == "continual"
     assert [s["corruption"] for s in res["segments"]] == ["gaussian_noise", "contrast"]
     assert res["meta"]["true_boundaries"] == [2]
@@ -57,7 +60,24 @@ def test_digits_continual_all_methods(tmp_path, cache, capsys):
     assert res["methods"]["source"]["shift_detection"] is None
     det = res["methods"]["imse"]["shift_detection"]
     assert det["boundaries"] == [2] and det["recall"] == 1.0, "noise -> contrast is a large shift"
-    assert det == shift_detection(det["detected"], [2], 2) | {"matched": [list(m) for m in det["matched"]]}
+    assert det == shift_detection(det["detected"], [2], 2, 4) | {"matched": [list(m) for m in det["matched"]]}
+    assert det["n_batches"] == 4 and det["false_positives_per_100_batches"] == 25.0 * det["false_alarms"]
+    assert len(det["delays_batches"]) == len(det["matched"]) and det["median_delay_batches"] is not None
+    # what was run
+    prov = res["provenance"]
+    assert prov["checkpoint"] == res["meta"]["cache"]
+    assert prov["checkpoint_sha256"] == hashlib.sha256(open(res["meta"]["cache"], "rb").read()).hexdigest()
+    assert prov["images_per_domain"] == 64 and prov["seeds"]["run"] == 3 and prov["setting"] == "continual"
+    assert prov["severity"] == 5 and prov["dirichlet"] is None and "digits_vit_" in prov["model"]
+    assert list(prov["methods"]) == methods and prov["methods"]["source"] == {"class": "Source"}
+    assert prov["methods"]["imse-mix"]["config"]["retrieval"] == "mix"
+    assert prov["methods"]["imse-nodiv"]["config"]["diversity_weight"] == 0.0
+    assert prov["methods"]["tent"]["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    assert res["methods"]["imse"]["hyperparameters"] == prov["methods"]["imse"]
+    for key in ("torch", "timm", "numpy", "safetensors", "triton", "python"):
+        assert key in prov["versions"]
+    assert set(prov["git"]) == {"commit", "dirty"} and prov["device"]["cpu"]
+    assert res["meta"]["stream_sha256"] is None and res["meta"]["images_per_domain"] == 64
     kinds = {e["kind"] for e in res["methods"]["imse-mix"]["events"]}
     assert {"source", "shift", "retrieve"} <= kinds
     # CSV rows agree with the JSON.
@@ -68,6 +88,8 @@ def test_digits_continual_all_methods(tmp_path, cache, capsys):
     for name in methods:
         assert name in stdout
     assert "mean accuracy (%)" in stdout and "shift recall" in stdout and "images/s" in stdout
+    assert "detection delay mean (batches)" in stdout and "false positives / 100 batches" in stdout
+    assert "sha256 " + prov["checkpoint_sha256"][:12] in stdout
     try:
         import matplotlib  # noqa: F401
 
@@ -135,6 +157,9 @@ def test_imagenet_c_folder_run_with_a_local_timm_checkpoint(tmp_path, capsys):
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["data_config"]["input_size"] == [3, 160, 160]
+    assert res["provenance"]["model"] == "test_vit" and res["provenance"]["images_per_domain"] == 6
+    assert res["provenance"]["checkpoint_sha256"] == hashlib.sha256(
+        (tmp_path / "test_vit.safetensors").read_bytes()).hexdigest()
     assert res["methods"]["imse"]["total"] == [6, 6] and res["methods"]["imse"]["batches"] == [2, 2]
     # Source's accuracy is the folded model's on the loaded images, labels 0 and 1 from the WordNet ids.
     from imse_kernels.eval.imagenet_c import ImageNetC
@@ -162,3 +187,75 @@ def test_multi_stream_setting_equals_separate_adapters(tmp_path, cache, capsys):
     assert multi["max_logit_diff"] < 1e-3
     assert sorted(map(sorted, data["orders"])) == [sorted(["gaussian_noise", "fog", "pixelate"])] * 3
     assert "multi_stream" in text and "separate" in text and "img/s" in text
+    prov = data["provenance"]
+    assert prov["methods"]["multi_stream"]["class"] == "MultiStreamIMSE" and prov["images_per_domain"] == 64
+    assert prov["checkpoint_sha256"] == hashlib.sha256(open(data["meta"]["cache"], "rb").read()).hexdigest()
+
+
+def test_correlated_setting(tmp_path, cache, capsys):
+    """Labels in Dirichlet runs inside each domain, the domains in the continual order: Source's per-domain
+    accuracy is the one computed without the harness (order does not matter to it), boundaries as continual."""
+    out = tmp_path / "cor"
+    rc, stdout, err = _run(CI + ["--cache-dir", cache, "--setting", "correlated", "--dirichlet", "0.05",
+                                 "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
+                                 "--output-dir", str(out)], capsys)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["dirichlet"] == 0.05 == res["provenance"]["dirichlet"]
+    assert res["meta"]["true_boundaries"] == [2] and len(res["meta"]["stream_sha256"]) == 64
+    for k, c in enumerate(["gaussian_noise", "contrast"]):
+        assert res["methods"]["source"]["accuracy"][k] == pytest.approx(_source_accuracy(cache, c, 5, 0))
+    imse = res["methods"]["imse"]
+    assert imse["total"] == [64, 64] and imse["batches"] == [2, 2] and imse["stream_batches"] == 4
+    det = imse["shift_detection"]
+    assert det == shift_detection(det["detected"], [2], 2, 4) | {"matched": [list(m) for m in det["matched"]]}
+    assert "correlated · dirichlet 0.05" in stdout
+
+
+def test_mixed_correlated_over_seeds(tmp_path, cache, capsys):
+    """--seeds: the comparison per seed, mean ± std and min-max of each method's mean accuracy; a mixed stream
+    still scores every image against its own domain (Source as computed without the harness, per seed)."""
+    out = tmp_path / "mix"
+    rc, stdout, err = _run(CI + ["--cache-dir", cache, "--setting", "mixed_correlated", "--seeds", "0,1",
+                                 "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
+                                 "--output-dir", str(out)], capsys)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["seeds"] == [0, 1] and res["provenance"]["seeds"]["run"] == [0, 1]
+    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["meta"]["true_boundaries"] is None
+    assert res["runs"][0]["stream_sha256"] != res["runs"][1]["stream_sha256"]
+    for run in res["runs"]:
+        for k, c in enumerate(["gaussian_noise", "contrast"]):
+            assert run["methods"]["source"]["accuracy"][k] == pytest.approx(
+                _source_accuracy(cache, c, 5, run["seed"]))
+        assert run["methods"]["imse"]["total"] == [64, 64] and run["methods"]["imse"]["stream_batches"] == 4
+        det = run["methods"]["imse"]["shift_detection"]
+        assert det["boundaries"] is None and det["precision"] is None
+        assert det["shifts_per_100_batches"] == 25.0 * len(det["detected"])
+    for name in ("source", "imse"):
+        per = [run["methods"][name]["mean_accuracy"] for run in res["runs"]]
+        agg = res["aggregate"][name]["mean_accuracy"]
+        assert agg["per_seed"] == pytest.approx(per) and agg["mean"] == pytest.approx(statistics.fmean(per))
+        assert agg["std"] == pytest.approx(statistics.stdev(per))
+        assert (agg["min"], agg["max"]) == pytest.approx((min(per), max(per)))
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 * 2 * 2 and {r["seed"] for r in rows} == {"0", "1"}
+    assert {r["setting"] for r in rows} == {"mixed_correlated"}
+    assert "mean of 2 seeds" in stdout and "±" in stdout and "shifts per 100 batches" in stdout
+
+
+def test_help_and_option_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for setting in ("continual", "reset_each_shift", "gradual", "recurring", "correlated", "mixed_domains",
+                    "mixed_correlated", "multi_stream"):
+        assert f"{setting}:" in text, setting
+    assert "--dirichlet" in text and "--seeds" in text
+    rc, _, err = _run(["--seeds", "0,x", "--no-progress"], capsys)
+    assert rc == 2 and "--seeds" in err
+    rc, _, err = _run(["--dirichlet", "0", "--setting", "correlated", "--no-progress"], capsys)
+    assert rc == 2 and "--dirichlet must be > 0" in err
+    rc, _, err = _run(["--setting", "multi_stream", "--seeds", "0,1", "--no-progress"], capsys)
+    assert rc == 2 and "--seeds" in err

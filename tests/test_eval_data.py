@@ -103,3 +103,20 @@ def test_streams_of_each_setting():
 def test_true_boundaries_are_domain_changes():
     segs = [Segment("fog", 5), Segment("fog", 5, 1), Segment("contrast", 5), Segment("fog", 4)]
     assert true_boundaries([3, 3, 2, 4], segs) == [6, 8]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagenet_c_images_by_index(tmp_path, workers):
+    """`get(indices)`: the images and labels `batches` gives, picked by index, in the asked order (the mixed
+    and correlated settings read images one by one, from several domains per batch)."""
+    root = _write_tree(tmp_path / "inc")
+    data = ImageNetC(str(root), ["gaussian_noise", "fog"], [5], input_size=32, crop_pct=1.0, seed=1, workers=workers)
+    dom = data.domain("fog", 5)
+    xs, ys = zip(*dom.batches(6))
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    assert dom.labels == y_all.tolist() == data.labels
+    x, y = dom.get([4, 0, 4, 5])
+    assert torch.equal(x, x_all[[4, 0, 4, 5]]) and y.tolist() == y_all[[4, 0, 4, 5]].tolist()
+    assert y.dtype == torch.long
+    with pytest.raises(IndexError):
+        dom.get([6])

@@ -23,6 +23,11 @@ class TensorDomain:
             j = idx[i:i + batch_size]
             yield self.images[j], self.labels[j]
 
+    def get(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels at `indices` (the image-by-image settings)."""
+        j = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[j], self.labels[j]
+
 
 class CorruptedDigits:
     """`domain(corruption, severity)` -> TensorDomain of the corrupted test split (deterministic for `seed`)."""
@@ -50,3 +55,7 @@ class _Float(TensorDomain):
     def batches(self, batch_size, start=0, count=-1):
         for x, y in super().batches(batch_size, start, count):
             yield x.float() / 255, y
+
+    def get(self, indices):
+        x, y = super().get(indices)
+        return x.float() / 255, y

@@ -64,6 +64,29 @@ class ImageFolderDomain:
             x = self._transform()(im.convert("RGB"))
         return x, self.classes[Path(rel).parts[0]]
 
+    @property
+    def labels(self) -> list[int]:
+        """The label of every image, in order (from the class folders; no image is read)."""
+        return [self.classes[Path(r).parts[0]] for r in self.relpaths]
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images `indices` (in that order) and their labels; `workers` > 0 decodes them in that many threads."""
+        n = len(self)
+        idx = [int(i) for i in indices]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"image index {bad[0]} out of range for a domain of {n} images")
+        if self.workers > 0 and len(idx) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.workers) as pool:
+                items = list(pool.map(self.__getitem__, idx))
+        else:
+            items = [self[i] for i in idx]
+        if not items:
+            raise ValueError("get() needs at least one index")
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
     def batches(self, batch_size: int, start: int = 0, count: int = -1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self) if count < 0 else count
         idx = [(start + k) % len(self) for k in range(n)]
@@ -105,6 +128,11 @@ class ImageNetC:
         if absent:
             raise FileNotFoundError(f"{d} lacks images present in the first domain, e.g. {absent[0]}")
         return ImageFolderDomain(d, self.relpaths, self.classes, **self.kw)
+
+    @property
+    def labels(self) -> list[int]:
+        """The labels of a domain's images, in order: the same images (by relative path) in every domain."""
+        return [self.classes[Path(r).parts[0]] for r in self.relpaths]
 
     @property
     def num_classes(self) -> int:

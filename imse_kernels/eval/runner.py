@@ -2,13 +2,13 @@
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from .metrics import PeakMemory
 from .progress import Progress
-from .streams import Segment, Stream
+from .streams import Segment, Stream, segment_batches
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -18,7 +18,7 @@ class MethodResult:
     method: str
     correct: list[int]
     total: list[int]
-    batches: list[int]
+    batches: list[int]  # per segment: the batches holding any of its images
     seconds: float
     peak_mib: Optional[float]
     start_mib: float
@@ -26,6 +26,12 @@ class MethodResult:
     shift_batches: Optional[list[int]] = None  # global batch indices of declared shifts (None: no detector)
     events: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    stream_batches: int = 0  # batches in the whole stream (0: sum(batches), a segment list's)
+    config: dict = field(default_factory=dict)  # the method's hyper-parameters (provenance.method_config)
+
+    def __post_init__(self):
+        if not self.stream_batches:
+            self.stream_batches = sum(self.batches)
 
     @property
     def accuracy(self) -> list[float]:
@@ -59,45 +65,105 @@ def _collect_events(adapter, offset: int, into: list[dict], shifts: list[int]) -
             shifts.append(batch)
 
 
-def run_method(name: str, adapter, stream: Stream, domain_of: Callable[[Segment], object], batch_size: int,
-               device: torch.device, amp: Optional[str] = None, show_progress: bool = True) -> MethodResult:
-    """Feed every segment's batches to `adapter(x)`; reset it at boundaries when the setting says so.
+def take(domain, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `indices` of a domain, in that order: `domain.get` where it has one, else one-image batches."""
+    get = getattr(domain, "get", None)
+    if get is not None:
+        return get(list(indices))
+    xs, ys = [], []
+    for i in indices:
+        x, y = next(iter(domain.batches(1, int(i), 1)))
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
 
+
+def schedule_batches(stream: Stream, domain_of: Callable[[Segment], object]
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, segment index per image) of every batch of a scheduled stream."""
+    domains = {}
+    for batch in stream.schedule:
+        segs = torch.tensor([s for s, _ in batch], dtype=torch.long)
+        parts = {}
+        for s in dict.fromkeys(int(s) for s in segs):
+            if s not in domains:
+                domains[s] = domain_of(stream.segments[s])
+            pos = (segs == s).nonzero().flatten()
+            parts[s] = (pos, take(domains[s], [batch[p][1] for p in pos.tolist()]))
+        if len(parts) == 1:
+            ((_, (x, y)),) = parts.values()
+        else:
+            first = next(iter(parts.values()))[1]
+            x = first[0].new_empty((len(batch),) + tuple(first[0].shape[1:]))
+            y = first[1].new_empty((len(batch),))
+            for pos, (xs, ys) in parts.values():
+                x[pos], y[pos] = xs, ys
+        yield x, torch.as_tensor(y), segs
+
+
+def run_method(name: str, adapter, stream: Stream, domain_of: Callable[[Segment], object], batch_size: int,
+               device: torch.device, amp: Optional[str] = None, show_progress: bool = True,
+               config: Optional[dict] = None, label: Optional[str] = None) -> MethodResult:
+    """Feed every segment's batches (or a scheduled stream's batches) to `adapter(x)`; reset it at boundaries
+    when the setting says so. In a scheduled stream every image counts for its own segment (domain), also
+    in a batch that mixes domains.
+
+    `config` (the method's hyper-parameters) is kept in the result; `label` names the progress bar.
     Only the adapter call is timed (after moving the batch to the device; synchronised on CUDA).
     """
     autocast = (torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext())
     has_detector = hasattr(adapter, "events")
-    sizes = [len(domain_of(s)) if s.count < 0 else s.count for s in stream.segments]
-    n_batches = [-(-n // batch_size) for n in sizes]
-    bar = Progress(sum(n_batches), name) if show_progress else None
-    correct, total, events, shifts = [], [], [], []
+    if stream.schedule is None:
+        sizes = [len(domain_of(s)) if s.count < 0 else s.count for s in stream.segments]
+        n_batches = segment_batches(stream, sizes, batch_size)
+        total_batches = sum(n_batches)
+    else:
+        n_batches = segment_batches(stream)
+        total_batches = len(stream.schedule)
+    bar = Progress(total_batches, label or name) if show_progress else None
+    n_seg = len(stream.segments)
+    correct, total, events, shifts = [0] * n_seg, [0] * n_seg, [], []
     seconds, offset, gbatch = 0.0, 0, 0
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        nonlocal seconds
+        x = x.to(device, non_blocking=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            logits = adapter(x)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        return logits.argmax(1).cpu()
+
     with PeakMemory(device) as mem:
-        for i, seg in enumerate(stream.segments):
-            if stream.resets_at_boundaries and i > 0:
-                _collect_events(adapter, offset, events, shifts)
-                adapter.reset()
-                offset = gbatch
-            c = t = 0
-            for x, y in domain_of(seg).batches(batch_size, seg.start, seg.count):
-                x = x.to(device, non_blocking=True)
-                _sync(device)
-                t0 = time.perf_counter()
-                with autocast:
-                    logits = adapter(x)
-                _sync(device)
-                seconds += time.perf_counter() - t0
-                c += int((logits.argmax(1).cpu() == y).sum())
-                t += len(y)
+        if stream.schedule is None:
+            for i, seg in enumerate(stream.segments):
+                if stream.resets_at_boundaries and i > 0:
+                    _collect_events(adapter, offset, events, shifts)
+                    adapter.reset()
+                    offset = gbatch
+                c = t = 0
+                for x, y in domain_of(seg).batches(batch_size, seg.start, seg.count):
+                    c += int((step(x) == y).sum())
+                    t += len(y)
+                    gbatch += 1
+                    if bar is not None:
+                        bar.update(1, f"{seg.label(stream.setting)} acc {c / t:.2f}")
+                correct[i], total[i] = c, t
+        else:
+            for x, y, segs in schedule_batches(stream, domain_of):
+                hit = (step(x) == y).long()
+                for s, c in zip(segs.tolist(), hit.tolist()):
+                    correct[s] += c
+                    total[s] += 1
                 gbatch += 1
                 if bar is not None:
-                    bar.update(1, f"{seg.label(stream.setting)} acc {c / t:.2f}")
-            correct.append(c)
-            total.append(t)
+                    bar.update(1, f"acc {sum(correct) / max(sum(total), 1):.2f}")
         peak = mem.peak_mib()
     _collect_events(adapter, offset, events, shifts)
     if bar is not None:
         bar.close()
     return MethodResult(name, correct, total, n_batches, seconds, peak, mem.start_mib, mem.kind,
                         sorted(shifts) if has_detector and not stream.resets_at_boundaries else None, events,
-                        int(getattr(adapter, "skipped_steps", 0)))
+                        int(getattr(adapter, "skipped_steps", 0)), total_batches, dict(config or {}))

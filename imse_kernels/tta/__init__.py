@@ -1,4 +1,6 @@
-"""Test-time adaptation: IMSE (spectral codes, diversity loss, SAM, code bank) and the Tent/Source baselines.
+"""Test-time adaptation: IMSE (spectral codes, diversity loss, SAM, code bank) and the baselines: Source, Tent,
+SAR, EATA, CoTTA and DeYO, whose configs default to their authors' ImageNet-C settings (ViT-B/16, batch 64,
+where the authors give one; CoTTA's are its ImageNet-C ones). The baselines' thresholds are fractions of ln C.
 
 All adapters are `nn.Module`s wrapping the model (`adapter.model`) with one call: `logits = adapter(x)`
 (predict, and adapt where the method does) and `adapter.reset()`, so an evaluation harness can swap them;
@@ -10,15 +12,20 @@ from .adapter import Adapter, AdapterStateError
 from .bank_io import BankFileError
 from .code_bank import BankEntry, BankEvent, CodeBank, Retrieval
 from .config import IMSEConfig
+from .cotta import CoTTA, CoTTAConfig
+from .deyo import DeYO, DeYOConfig
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, DomainTracker, Observation, patch_embedding_tokens, symmetric_kl
+from .eata import EATA, EATAConfig
 from .imse import IMSE
 from .multi_stream import MultiStreamIMSE
+from .sar import SAR, SARConfig
 from .source import Source
 from .tent import Tent
 
 __all__ = [
     "IMSE", "MultiStreamIMSE", "IMSEConfig", "Tent", "Source", "Adapter", "AdapterStateError",
+    "SAR", "SARConfig", "EATA", "EATAConfig", "CoTTA", "CoTTAConfig", "DeYO", "DeYOConfig",
     "CodeBank", "BankEntry", "BankEvent", "Retrieval", "BankFileError",
     "DomainStats", "DomainTracker", "Observation", "patch_embedding_tokens", "symmetric_kl",
     "DiversityProbe",

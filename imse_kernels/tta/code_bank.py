@@ -3,10 +3,18 @@
 Entries pair a domain descriptor (patch-embedding statistics) with that domain's spectral code
 (every spectral layer's `s`) and optimizer state. Entry 0 is the source: the pretrained code with
 statistics of clean source images. When `DomainTracker` declares a shift, the code adapted on the
-domain that just ended is appended with that domain's running descriptor; on the first full window
-of the new domain the bank is searched by symmetric KL and a code is retrieved:
-    top1   s ← s_j,  j = argmin_i KL_i
-    mix    s ← s₀ + Σ_i softmax(−KL/T)_i (s_i − s₀)
+domain that just ended is appended with that domain's running descriptor; on the first descriptor
+of the new domain (the shift batch itself for batches of at least the window) the bank is searched
+by the retrieval distance d (symmetric KL by default; `domain_stats.DISTANCE_FNS`) and a code is
+retrieved (official decompose_svd.py `_apply_mode_generic`):
+    top1       s ← s_j,  j = argmin_i d_i
+    mix        s ← s₀ + Σ_i softmax(−d/T)_i (s_i − s₀)
+    mean       s ← s₀ + mean_i (s_i − s₀), every entry (source included), distances unused
+    continual  s ← the newest entry's code (the code just adapted)
+    <mode>_no_adapt   as <mode>, after which `adapting` is False for the rest of the stream: the
+               adapter stops updating (official *_no_adapt); entries stored meanwhile carry no
+               optimizer state.
+The optimizer state handed back (`Retrieval.optimizer_state`) is the nearest entry's in every mode.
 A bound on the number of entries (source included) is enforced by dropping the oldest non-source
 entry or merging the two nearest non-source entries. Every decision is logged in `events`.
 Files are safetensors with checksummed JSON metadata (no pickle), written atomically; see `bank_io`.
@@ -20,7 +28,11 @@ from torch import Tensor
 
 from .adapter import differences
 from .bank_io import BankFileError, read_bank_file, write_bank_file
-from .domain_stats import DomainStats, DomainTracker, stats_from_state, stats_state, symmetric_kl
+from .config import BANK_POLICIES, RETRIEVAL_MODES, canonical_distance
+from .domain_stats import DISTANCE_FNS, DomainStats, DomainTracker, stats_from_state, stats_state
+
+#: CodeBank.config() keys added after the first state format, with the value an older state implies.
+_ADDED_SETTINGS = {"distance": "skl", "retrieval_distance": "skl", "partial_batch": "auto"}
 
 Codes = dict[str, Tensor]
 Snapshot = Callable[[], tuple[Codes, Optional[dict]]]
@@ -43,8 +55,8 @@ class BankEvent:
     batch: int
     kind: str
     entry: Optional[int] = None
-    kl: Optional[float] = None
-    distances: dict = field(default_factory=dict)  # entry id → symmetric KL
+    kl: Optional[float] = None  # the shift distance (symmetric KL by default)
+    distances: dict = field(default_factory=dict)  # entry id → retrieval distance
     weights: dict = field(default_factory=dict)  # entry id → retrieval weight
     merged: tuple = ()
 
@@ -56,20 +68,25 @@ class Retrieval:
     entry: int  # the nearest entry
     distances: dict
     weights: dict
-    optimizer_state: Optional[dict]
+    optimizer_state: Optional[dict]  # the nearest entry's
+    adapt: bool = True  # False for a *_no_adapt mode: adaptation stops from here on
 
 
 class CodeBank:
     """Entries + the domain tracker. `source_codes` is every spectral layer's pretrained `s` (entry 0);
-    `window`, `momentum`, `shift_threshold` configure the `DomainTracker`; `max_entries` counts entry 0."""
+    `window`, `momentum`, `shift_threshold`, `distance` (shift detection) and `partial_batch` configure the
+    `DomainTracker`; `retrieval_distance` (None: `distance`) ranks and weights the entries and picks the
+    pair to merge; `max_entries` counts entry 0. `adapting` turns False after the first retrieval of a
+    *_no_adapt mode (see `IMSEConfig` for every setting)."""
 
     def __init__(self, source_codes: Codes, retrieval: str = "top1", shift_threshold: float = 0.05,
                  momentum: float = 0.8, window: int = 64, temperature: float = 1.0,
-                 max_entries: Optional[int] = None, policy: str = "keep_all") -> None:
-        if retrieval not in ("top1", "mix", "none"):
-            raise ValueError(f"CodeBank: retrieval must be top1, mix or none, got {retrieval!r}")
-        if policy not in ("keep_all", "drop_oldest", "merge_nearest"):
-            raise ValueError(f"CodeBank: policy must be keep_all, drop_oldest or merge_nearest, got {policy!r}")
+                 max_entries: Optional[int] = None, policy: str = "keep_all", *, distance: str = "skl",
+                 retrieval_distance: Optional[str] = None, partial_batch: str = "auto") -> None:
+        if retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"CodeBank: retrieval must be one of {RETRIEVAL_MODES}, got {retrieval!r}")
+        if policy not in BANK_POLICIES:
+            raise ValueError(f"CodeBank: policy must be one of {BANK_POLICIES}, got {policy!r}")
         if (max_entries is None) != (policy == "keep_all") or (max_entries is not None and max_entries < 2):
             raise ValueError(f"CodeBank: policy {policy!r} with max_entries={max_entries} (keep_all takes no bound; "
                              "the others need max_entries >= 2)")
@@ -77,7 +94,10 @@ class CodeBank:
             raise ValueError("CodeBank: the source code is empty (no spectral layers?)")
         self.retrieval, self.temperature = retrieval, float(temperature)
         self.max_entries, self.policy = max_entries, policy
-        self.tracker = DomainTracker(window, momentum, shift_threshold)
+        self.tracker = DomainTracker(window, momentum, shift_threshold, distance=distance, partial_batch=partial_batch)
+        self.retrieval_distance = self.tracker.distance if retrieval_distance is None else \
+            canonical_distance(retrieval_distance, "CodeBank: retrieval_distance")
+        self._retrieval_fn = DISTANCE_FNS[self.retrieval_distance]
         self._source_codes = {k: v.detach().clone() for k, v in source_codes.items()}
         self._source_stats: Optional[DomainStats] = None
         self.reset()
@@ -93,6 +113,7 @@ class CodeBank:
         self.batch = 0
         self._next_id = 1
         self._pending = False
+        self.adapting = True
 
     @property
     def layer_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -115,6 +136,8 @@ class CodeBank:
         obs = self.tracker.observe(tokens)
         if obs.shift:
             codes, opt_state = snapshot()
+            if not self.adapting:
+                opt_state = None  # not adapted on that domain (a *_no_adapt mode): nothing to resume
             entry = BankEntry(self._next_id, obs.ended, {k: v.detach().clone() for k, v in codes.items()},
                               opt_state, created_at=batch)
             self._next_id += 1
@@ -128,35 +151,44 @@ class CodeBank:
             if result is not None:
                 self.events.append(BankEvent(batch, "retrieve", result.entry, distances=result.distances,
                                              weights=result.weights))
+                if not result.adapt:
+                    self.adapting = False
             return result
         return None
 
     def distances(self, stats: DomainStats) -> dict[int, float]:
-        """Symmetric KL from `stats` to every entry that has a descriptor, by entry id."""
-        return {e.entry_id: symmetric_kl(e.stats, stats) for e in self.entries if e.stats is not None}
+        """The retrieval distance from every entry that has a descriptor to `stats`, by entry id."""
+        return {e.entry_id: self._retrieval_fn(e.stats, stats) for e in self.entries if e.stats is not None}
 
     def retrieve(self, stats: DomainStats, mode: Optional[str] = None) -> Optional[Retrieval]:
-        """The code for a domain described by `stats` (mode defaults to the bank's)."""
+        """The code for a domain described by `stats` (mode defaults to the bank's); None for "none" or
+        when no entry has a descriptor."""
         mode = mode or self.retrieval
+        if mode not in RETRIEVAL_MODES:
+            raise ValueError(f"CodeBank.retrieve: mode must be one of {RETRIEVAL_MODES}, got {mode!r}")
         dist = self.distances(stats)
         if not dist or mode == "none":
             return None
+        base_mode = mode[:-len("_no_adapt")] if mode.endswith("_no_adapt") else mode
         by_id = {e.entry_id: e for e in self.entries}
         ids = list(dist)
         d = torch.tensor([dist[i] for i in ids], dtype=torch.float64)
         nearest = ids[int(d.argmin())]
-        if mode == "top1":
-            codes = {k: v.clone() for k, v in by_id[nearest].codes.items()}
-            weights = {nearest: 1.0}
+        s0 = self.entries[0].codes
+        if base_mode in ("top1", "continual"):
+            pick = nearest if base_mode == "top1" else self.entries[-1].entry_id
+            codes = {k: v.clone() for k, v in by_id[pick].codes.items()}
+            weights = {pick: 1.0}
         else:
-            w = torch.softmax(-d / self.temperature, dim=0)
-            weights = {i: float(wi) for i, wi in zip(ids, w)}
-            base = self.entries[0].codes
-            codes = {}
-            for name, s0 in base.items():
-                delta = sum(float(weights[i]) * (by_id[i].codes[name] - s0) for i in ids)
-                codes[name] = s0 + delta
-        return Retrieval(codes, nearest, dist, weights, by_id[nearest].optimizer_state)
+            if base_mode == "mix":
+                w = torch.softmax(-d / self.temperature, dim=0)
+                weights = {i: float(wi) for i, wi in zip(ids, w)}
+            else:  # mean: every stored code, with or without a descriptor (official: the whole code list)
+                weights = {e.entry_id: 1.0 / len(self.entries) for e in self.entries}
+            codes = {name: v + sum(float(wi) * (by_id[i].codes[name] - v) for i, wi in weights.items())
+                     for name, v in s0.items()}
+        return Retrieval(codes, nearest, dist, weights, by_id[nearest].optimizer_state,
+                         adapt=not mode.endswith("_no_adapt"))
 
     # ------------------------------------------------------------------ bound
     def _enforce_bound(self, batch: int) -> None:
@@ -176,7 +208,7 @@ class CodeBank:
         for a in cands:
             for b in cands:
                 if a < b:
-                    d = symmetric_kl(self.entries[a].stats, self.entries[b].stats)
+                    d = self._retrieval_fn(self.entries[a].stats, self.entries[b].stats)
                     if best is None or d < best[0]:
                         best = (d, a, b)
         _, a, b = best
@@ -194,7 +226,9 @@ class CodeBank:
         """The bank's settings; a state loads only into a bank with the same ones."""
         t = self.tracker
         return {"retrieval": self.retrieval, "temperature": self.temperature, "max_entries": self.max_entries,
-                "policy": self.policy, "window": t.window, "momentum": t.momentum, "threshold": t.threshold}
+                "policy": self.policy, "window": t.window, "momentum": t.momentum, "threshold": t.threshold,
+                "distance": t.distance, "retrieval_distance": self.retrieval_distance,
+                "partial_batch": t.partial_batch}
 
     def state_dict(self) -> dict:
         """Everything the bank holds (entries, log, stream position, tracker, source code and descriptor) as
@@ -206,12 +240,13 @@ class CodeBank:
                             for e in self.entries],
                 "events": [asdict(e) for e in self.events],
                 "next_id": self._next_id, "batch": self.batch, "pending": self._pending,
-                "tracker": self.tracker.state_dict()}
+                "adapting": self.adapting, "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a `state_dict()`. It must fit: same settings, same layers and shapes. Everything is
-        checked and converted before the first assignment, so on any error the bank is unchanged."""
-        found, want = state["config"], self.config()
+        checked and converted before the first assignment, so on any error the bank is unchanged. A state
+        of an older version (without the settings added since) reads as having their defaults."""
+        found, want = {**_ADDED_SETTINGS, **state["config"]}, self.config()
         if found != want:
             raise ValueError(f"CodeBank: the state has other settings: {'; '.join(differences(found, want))}")
         device = next(iter(self._source_codes.values())).device
@@ -234,9 +269,12 @@ class CodeBank:
         events = [BankEvent(**dict(e, merged=tuple(e["merged"]))) for e in state["events"]]
         source_stats = stats_from_state(state["source_stats"], device)
         next_id, batch, pending = int(state["next_id"]), int(state["batch"]), bool(state["pending"])
+        adapting = state.get("adapting", True)
+        if not isinstance(adapting, bool):
+            raise ValueError(f"CodeBank: 'adapting' is {adapting!r} in the state, not a bool")
         self.tracker.load_state_dict(state["tracker"], device)  # checks, then assigns: the last step that can fail
         self._source_codes, self._source_stats, self.entries, self.events = source, source_stats, entries, events
-        self._next_id, self.batch, self._pending = next_id, batch, pending
+        self._next_id, self.batch, self._pending, self.adapting = next_id, batch, pending, adapting
 
     # ------------------------------------------------------------------ files
     def save(self, path) -> None:
@@ -264,7 +302,7 @@ class CodeBank:
         self.entries = [self._entry_from_file(e, device) for e in raw]
         self._source_stats = self.entries[0].stats
         self._next_id = next_id
-        self.events, self.batch, self._pending = [], 0, False
+        self.events, self.batch, self._pending, self.adapting = [], 0, False, True
         self.tracker.reset()
 
     def _check_fits(self, raw: list[dict], next_id: int, channels: Optional[int], path) -> None:

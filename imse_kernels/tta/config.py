@@ -1,10 +1,25 @@
 """`IMSEConfig`: the hyper-parameters of IMSE with the official defaults (docs/design.md §6)."""
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Mapping, Optional, Sequence
 
-RETRIEVAL_MODES = ("top1", "mix", "none")
+#: Code retrieval on a new domain (see `IMSEConfig`). "<mode>_no_adapt" retrieves like <mode>, then stops adapting.
+RETRIEVAL_MODES = ("top1", "mix", "mean", "continual", "none",
+                   "top1_no_adapt", "mix_no_adapt", "mean_no_adapt", "continual_no_adapt")
 BANK_POLICIES = ("keep_all", "drop_oldest", "merge_nearest")
-OPTIMIZER_ON_RETRIEVAL = ("reset", "load")
+OPTIMIZER_ON_RETRIEVAL = ("reset", "load", "continue")
+#: Distances between domain descriptors; aliases (the official code's kl_div, l2_distance, and var) are accepted.
+DISTANCES = ("skl", "mean", "variance", "l2")
+DISTANCE_ALIASES = {"kl_div": "skl", "var": "variance", "l2_distance": "l2"}
+PARTIAL_BATCH = ("auto", "official", "pool")
+
+
+def canonical_distance(name: str, what: str = "IMSEConfig: distance") -> str:
+    """`name` as one of `DISTANCES` (aliases map through `DISTANCE_ALIASES`); ValueError naming `what` otherwise."""
+    if isinstance(name, str) and name in DISTANCE_ALIASES:
+        return DISTANCE_ALIASES[name]
+    if not isinstance(name, str) or name not in DISTANCES:
+        raise ValueError(f"{what} must be one of {DISTANCES} (aliases {tuple(DISTANCE_ALIASES)}), got {name!r}")
+    return name
 
 
 @dataclass
@@ -17,16 +32,50 @@ class IMSEConfig:
     diversity_ratio      k = min(⌊r·ratio⌋, r − 1) smallest expert stds are averaged per layer.
     diversity_blocks     L_div is taken in this many last blocks (and divided by it).
     adapt_blocks         block indices whose `s` are optimised; None = all but the last three.
-    retrieval            code retrieval on a new domain: "top1", "mix" (softmax(−KL/temperature)) or "none".
-    shift_threshold      a shift is declared when the symmetric KL between running and current
-                         patch-embedding statistics exceeds this.
+    retrieval            code retrieval on the first batch (full window) of a new domain, s₀ the source code,
+                         s_i the stored codes, d_i = retrieval distance to entry i (official SVD.DYNAMIC_MODE):
+                           "top1"       s ← s_j, j = argmin_i d_i (official top1_adapt, the default);
+                           "mix"        s ← s₀ + Σ_i softmax(−d/temperature)_i (s_i − s₀)  (mix_adapt);
+                           "mean"       s ← s₀ + mean_i (s_i − s₀) over every entry, source included: the
+                                        plain average of the stored codes, distances unused (mean_adapt);
+                           "continual"  s ← the newest entry's code, i.e. the code just adapted: s is kept,
+                                        only the optimizer follows optimizer_on_retrieval (continual_adapt);
+                           "none"       no retrieval at all (s and the optimizer untouched);
+                           "<mode>_no_adapt" (top1, mix, mean, continual): retrieve as <mode>, then stop
+                                        adapting for the rest of the stream (predict with the code in place;
+                                        later shifts still store and retrieve). The official *_no_adapt modes
+                                        also predict through the dense pretrained weight, ignoring the code
+                                        (decompose_svd.py SVDLinear.forward); here the retrieved code is used.
+                         The optimizer state for "load" is the nearest entry's in every mode (as official).
+    shift_threshold      a shift is declared when the distance (`distance`) between running and current
+                         patch-embedding statistics exceeds this. The official code uses one threshold
+                         (SVD.DSS_K; 0.05 in cfgs/vit/imse.yaml) whatever the distance, so with another
+                         distance than "skl" choose it in that distance's units.
+    distance             "skl" (symmetric KL, default, official kl_div), "mean" = mean_c (μa − μb)²,
+                         "variance" = mean_c (σa² − σb²)², "l2" = mean_c [(σa² − σb²)² + (μa − μb)²]
+                         (official mean, variance, l2_distance; σ² the variance); used for shift detection
+                         (official SVD.DOMAIN_DISTANCE) and, unless retrieval_distance is set, retrieval.
+    retrieval_distance   None (= distance) or one of the distances: retrieval, mix weights and
+                         merge_nearest use it (official SVD.RETRIEVAL_DISTANCE).
     stats_momentum       running stats ← m · running + (1 − m) · current, on full windows.
     steps, episodic      SAM updates per batch; restore s and the optimizer before every batch.
     Not in the official code (their defaults keep the official behaviour):
-    stats_window         images per statistics window; batches of at least this size are used alone
-                         (official), smaller ones are pooled with the most recent images (batch size 1).
+    stats_window         images per statistics window, for streams of small batches (see partial_batch).
+    partial_batch        how a batch is described (the nominal batch size is the largest batch seen since
+                         the stream (re)started, learned from the stream; a smaller one is "partial"):
+                           "official"  every batch alone; a partial batch is compared with the running
+                                       stats (shift detection, retrieval) but leaves them unchanged
+                                       (official domain_info.py: no EMA below TEST.BATCH_SIZE);
+                           "pool"      batches of at least stats_window images alone, smaller ones pooled
+                                       with the most recent images into a window of stats_window images,
+                                       the running stats moving once per stats_window new images;
+                           "auto"      (default) "official" when the nominal batch size is at least
+                                       stats_window, else "pool" (batch-1 and small-batch streams).
     max_entries, bank_policy   bound on the code bank (source entry included) and what happens past it.
-    optimizer_on_retrieval     "reset" (official) or "load" the retrieved entry's optimizer state.
+    optimizer_on_retrieval     on a retrieval: "reset" (fresh Adam; official default of IMSE, cfgs/vit/imse.yaml),
+                               "load" the nearest entry's stored optimizer state (reset where it has none, e.g.
+                               the source), or "continue" with the current optimizer state (official
+                               SVD.LOAD_OPTIMIZER_STATE reset | load | continue).
     """
 
     lr: float = 7e-3
@@ -39,11 +88,14 @@ class IMSEConfig:
     adapt_blocks: Optional[Sequence[int]] = None
     retrieval: str = "top1"
     shift_threshold: float = 0.05
+    distance: str = "skl"
+    retrieval_distance: Optional[str] = None
     temperature: float = 1.0
     stats_momentum: float = 0.8
     steps: int = 1
     episodic: bool = False
     stats_window: int = 64
+    partial_batch: str = "auto"
     max_entries: Optional[int] = None
     bank_policy: str = "keep_all"
     optimizer_on_retrieval: str = "reset"
@@ -69,6 +121,11 @@ class IMSEConfig:
                  f"adapt_blocks must be block indices, got {self.adapt_blocks}")
         need(self.retrieval in RETRIEVAL_MODES, f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
         need(self.shift_threshold > 0, f"shift_threshold must be > 0, got {self.shift_threshold}")
+        self.distance = canonical_distance(self.distance)
+        if self.retrieval_distance is not None:
+            self.retrieval_distance = canonical_distance(self.retrieval_distance, "IMSEConfig: retrieval_distance")
+        need(self.partial_batch in PARTIAL_BATCH,
+             f"partial_batch must be one of {PARTIAL_BATCH}, got {self.partial_batch!r}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 <= self.stats_momentum < 1, f"stats_momentum must be in [0, 1), got {self.stats_momentum}")
         need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps}")
@@ -82,3 +139,13 @@ class IMSEConfig:
              "drop_oldest and merge_nearest need one")
         need(self.optimizer_on_retrieval in OPTIMIZER_ON_RETRIEVAL,
              f"optimizer_on_retrieval must be one of {OPTIMIZER_ON_RETRIEVAL}, got {self.optimizer_on_retrieval!r}")
+
+
+def with_defaults(found: Mapping) -> dict:
+    """A config dict saved by an older version (`dataclasses.asdict(IMSEConfig)`), completed with the
+    defaults of the fields added since, so it compares equal to a default-built config of today."""
+    out = dict(found)
+    for f in fields(IMSEConfig):
+        if f.name not in out and f.default is not MISSING:
+            out[f.name] = f.default
+    return out

@@ -2,20 +2,30 @@
 
 A domain is described by the per-channel mean and unbiased variance, over images × tokens, of the
 patch-embedding output (after the position embedding and `norm_pre`, prefix tokens dropped). Two
-descriptors are compared by the symmetric KL divergence between diagonal Gaussians, averaged over
-channels. `DomainTracker` keeps the running (EMA) descriptor of the current domain and declares a
-shift when the current descriptor is too far from it.
+descriptors are compared by a distance (`DISTANCE_FNS`, official domain_info.py
+`_calculate_domain_shift`): the symmetric KL divergence between diagonal Gaussians averaged over
+channels (default), or the mean squared difference of the means, of the variances, or of both.
+`DomainTracker` keeps the running (EMA) descriptor of the current domain and declares a shift when
+the current descriptor is too far from it.
 
-Batches of at least `window` images are described alone, as in the official code. Smaller batches
-(down to one image) are pooled with the most recent images into a sliding window of `window`
-images, so the descriptor, and with it the KL, keeps the statistical weight of a full batch; the
-running descriptor then moves once per `window` new images.
+How a batch is described (`partial_batch`; the nominal batch size is the largest batch seen since the
+tracker was reset, so it is learned from the stream):
+  official  every batch alone, as the official code; a batch smaller than the nominal size (the last,
+            partial batch of a domain) is compared with the running descriptor (shift detection,
+            retrieval) but does not move it.
+  pool      batches of at least `window` images alone; smaller batches (down to one image) are pooled
+            with the most recent images into a sliding window of `window` images, so the descriptor,
+            and with it the distance, keeps the statistical weight of a full batch; the running
+            descriptor then moves once per `window` new images.
+  auto      official when the nominal batch size is at least `window`, else pool.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from .config import PARTIAL_BATCH, canonical_distance
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,39 @@ def symmetric_kl(a: DomainStats, b: DomainStats) -> float:
     d2 = (a.mean - b.mean.to(a.mean.device)) ** 2
     va, vb = a.var, b.var.to(a.var.device)
     return float(((va + d2) / (2 * vb) + (vb + d2) / (2 * va) - 1).mean())
+
+
+def mean_distance(a: DomainStats, b: DomainStats) -> float:
+    """mean_c (μa − μb)²  (official `distance='mean'`)."""
+    _same_channels(a, b, "mean_distance")
+    return float(((a.mean - b.mean.to(a.mean.device)) ** 2).mean())
+
+
+def variance_distance(a: DomainStats, b: DomainStats) -> float:
+    """mean_c (σa² − σb²)², on the variances  (official `distance='variance'`)."""
+    _same_channels(a, b, "variance_distance")
+    return float(((a.var - b.var.to(a.var.device)) ** 2).mean())
+
+
+def l2_distance(a: DomainStats, b: DomainStats) -> float:
+    """mean_c [(σa² − σb²)² + (μa − μb)²]  (official `distance='l2_distance'`)."""
+    _same_channels(a, b, "l2_distance")
+    return float(((a.var - b.var.to(a.var.device)) ** 2 + (a.mean - b.mean.to(a.mean.device)) ** 2).mean())
+
+
+def _same_channels(a: DomainStats, b: DomainStats, who: str) -> None:
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(f"{who}: descriptors have {a.mean.shape[0]} and {b.mean.shape[0]} channels")
+
+
+#: name → distance(a, b) -> float; the names are `config.DISTANCES`.
+DISTANCE_FNS: dict[str, Callable[[DomainStats, DomainStats], float]] = {
+    "skl": symmetric_kl, "mean": mean_distance, "variance": variance_distance, "l2": l2_distance}
+
+
+def domain_distance(a: DomainStats, b: DomainStats, name: str = "skl") -> float:
+    """The distance `name` (one of `config.DISTANCES`, or an alias) between two descriptors."""
+    return DISTANCE_FNS[canonical_distance(name, "domain_distance: name")](a, b)
 
 
 def stats_state(stats: Optional[DomainStats]) -> Optional[dict]:
@@ -92,13 +135,18 @@ def pooled_stats(count: Tensor, mean: Tensor, m2: Tensor) -> DomainStats:
 class Observation:
     """What one batch told the tracker.
 
-    stats  descriptor of the current window (None while it holds fewer than `window` images).
-    kl     symmetric KL between the running descriptor and `stats` (None when either is missing).
-    ended  the running descriptor of the domain that just ended, when this batch is a shift.
+    stats    descriptor of the current batch or window (None while a pooled window holds fewer than
+             `window` images).
+    kl       the tracker's distance (symmetric KL by default; the name is historical) between the
+             running descriptor and `stats` (None when either is missing or detection is off).
+    ended    the running descriptor of the domain that just ended, when this batch is a shift.
+    partial  the batch was described alone and is smaller than the nominal batch size: it was
+             compared with the running descriptor but did not move it (official handling).
     """
     stats: Optional[DomainStats]
     kl: Optional[float]
     ended: Optional[DomainStats]
+    partial: bool = False
 
     @property
     def shift(self) -> bool:
@@ -106,27 +154,52 @@ class Observation:
 
 
 class DomainTracker:
-    """Running descriptor of the current domain, sliding window of recent images, shift detection."""
+    """Running descriptor of the current domain, shift detection, and how batches are described.
 
-    def __init__(self, window: int = 64, momentum: float = 0.8, threshold: float = 0.05) -> None:
+    DomainTracker(window=64, momentum=0.8, threshold=0.05, *, distance="skl", partial_batch="auto"):
+    `distance` is one of `config.DISTANCES` (shift ⇔ distance(running, current) > threshold);
+    `partial_batch` "official" | "pool" | "auto" as in the module docstring. The nominal batch size is
+    the largest batch observed since `reset()` (a shift keeps it).
+    """
+
+    def __init__(self, window: int = 64, momentum: float = 0.8, threshold: float = 0.05, *,
+                 distance: str = "skl", partial_batch: str = "auto") -> None:
         if int(window) < 1:
             raise ValueError(f"DomainTracker: window must be >= 1, got {window}")
+        if partial_batch not in PARTIAL_BATCH:
+            raise ValueError(f"DomainTracker: partial_batch must be one of {PARTIAL_BATCH}, got {partial_batch!r}")
         self.window, self.momentum, self.threshold = int(window), float(momentum), float(threshold)
+        self.distance = canonical_distance(distance, "DomainTracker: distance")
+        self.partial_batch = partial_batch
+        self._distance = DISTANCE_FNS[self.distance]
         self.reset()
 
     def reset(self) -> None:
-        """Forget the running descriptor and the window (a new domain starts)."""
+        """Forget everything, the nominal batch size included (a new stream starts)."""
+        self._restart()
+        self.nominal = 0  # largest batch seen since the reset
+
+    def _restart(self) -> None:
+        """Forget the running descriptor and the window (a new domain starts); keep the nominal batch size."""
         self.running: Optional[DomainStats] = None
         self._moments: Optional[tuple[Tensor, Tensor, Tensor]] = None  # count, mean, M2 per image
-        self._fresh = 0  # images since the running descriptor last moved
+        self._fresh = 0  # images since the running descriptor last moved (pooled windows)
+
+    def alone(self) -> bool:
+        """Whether batches are now described alone (official handling) rather than pooled."""
+        if self.partial_batch == "auto":
+            return self.nominal >= self.window
+        return self.partial_batch == "official"
 
     def state_dict(self) -> dict:
-        """Running descriptor, window moments and images since the last EMA move (tensors by reference)."""
+        """Running descriptor, window moments, images since the last EMA move and the nominal batch size
+        (tensors by reference)."""
         return {"running": stats_state(self.running), "moments": None if self._moments is None else list(self._moments),
-                "fresh": self._fresh}
+                "fresh": self._fresh, "nominal": self.nominal}
 
     def load_state_dict(self, state: dict, device=None) -> None:
-        """Restore a `state_dict()` (tensors moved to `device`); checked before anything changes."""
+        """Restore a `state_dict()` (tensors moved to `device`); checked before anything changes. A state
+        written before the nominal batch size was kept has none: it is learned again from the next batches."""
         running = stats_from_state(state["running"], device)
         moments = state["moments"]
         if moments is not None:
@@ -134,24 +207,32 @@ class DomainTracker:
                     or moments[0].shape != moments[1].shape[:1]:
                 raise ValueError("DomainTracker: malformed window moments in the state")
             moments = tuple(t.to(device=device, dtype=torch.float64) for t in moments)
-        fresh = state["fresh"]
-        if isinstance(fresh, bool) or not isinstance(fresh, int) or fresh < 0:
-            raise ValueError(f"DomainTracker: 'fresh' is {fresh!r}, not a count")
-        self.running, self._moments, self._fresh = running, moments, fresh
+        counts = {}
+        for key in ("fresh", "nominal"):
+            v = state.get(key, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"DomainTracker: {key!r} is {v!r}, not a count")
+            counts[key] = v
+        self.running, self._moments = running, moments
+        self._fresh, self.nominal = counts["fresh"], counts["nominal"]
+
+    def _check_channels(self, moments: tuple[Tensor, Tensor, Tensor]) -> None:
+        known = self._moments[1].shape[1] if self._moments is not None else (
+            self.running.mean.shape[0] if self.running is not None else None)
+        if known is not None and known != moments[1].shape[1]:
+            raise ValueError(f"patch tokens have {moments[1].shape[1]} channels, earlier ones had {known}")
 
     def _push(self, moments: tuple[Tensor, Tensor, Tensor]) -> None:
         """Append a batch; keep the last max(window, batch) images."""
         batch = moments[0].shape[0]
+        self._check_channels(moments)
         if self._moments is not None:
-            if self._moments[1].shape[1] != moments[1].shape[1]:
-                raise ValueError(f"patch tokens have {moments[1].shape[1]} channels, earlier ones had "
-                                 f"{self._moments[1].shape[1]}")
             moments = tuple(torch.cat([old.to(new.device), new]) for old, new in zip(self._moments, moments))
         keep = max(self.window, batch)
         self._moments = tuple(t[-keep:] for t in moments)
 
     def current(self) -> Optional[DomainStats]:
-        """Stats of the window once it holds at least `window` images, else None."""
+        """Stats of the pooled window once it holds at least `window` images, else None."""
         if self._moments is None or self._moments[0].shape[0] < self.window:
             return None
         return pooled_stats(*self._moments)
@@ -161,21 +242,25 @@ class DomainTracker:
         """Add a batch of patch tokens (B, T, C), or their `image_moments`; detect a shift; move the
         running descriptor. (Data-parallel IMSE passes the moments of every rank's images, in rank order.)
 
-        On a shift the running descriptor and the window restart from this batch alone. A batch
+        On a shift the running descriptor and the window restart from this batch alone (a partial
+        batch described alone leaves the new running descriptor unset, as the official code). A batch
         with non-finite tokens is ignored.
         """
         moments = tuple(tokens) if isinstance(tokens, (tuple, list)) else image_moments(tokens)
         if not bool(torch.isfinite(moments[1]).all() and torch.isfinite(moments[2]).all()):
             return Observation(None, None, None)  # a non-finite batch must not poison the running stats
         batch = moments[0].shape[0]
+        self.nominal = max(self.nominal, batch)
+        if self.alone():
+            return self._observe_alone(moments, batch, detect)
         self._push(moments)
         self._fresh += batch
         stats, kl, ended = self.current(), None, None
         if detect and stats is not None and self.running is not None:
-            kl = symmetric_kl(self.running, stats)
+            kl = self._distance(self.running, stats)
             if kl > self.threshold:
                 ended = self.running
-                self.reset()
+                self._restart()
                 self._push(moments)
                 self._fresh = batch
                 stats = self.current()
@@ -184,8 +269,29 @@ class DomainTracker:
             self._fresh = 0
         return Observation(stats, kl, ended)
 
+    def _observe_alone(self, moments: tuple[Tensor, Tensor, Tensor], batch: int, detect: bool) -> Observation:
+        """The official DomainInfo.forward: the batch's own stats are compared with the running ones; a
+        batch of the nominal size then moves them (EMA, or sets them after a shift), a partial one does not."""
+        self._check_channels(moments)
+        self._moments, self._fresh = moments, 0
+        try:
+            stats = pooled_stats(*moments)  # reads the token count once, as `current()` does
+        except ValueError:  # fewer than 2 tokens: no descriptor
+            stats = None
+        partial = batch < self.nominal
+        kl, ended = None, None
+        if detect and stats is not None and self.running is not None:
+            kl = self._distance(self.running, stats)
+            if kl > self.threshold:
+                ended = self.running
+                self._restart()
+                self._moments = moments
+        if stats is not None and not partial:
+            self.running = stats if self.running is None else ema(self.running, stats, self.momentum)
+        return Observation(stats, kl, ended, partial)
+
     def summary(self) -> Optional[DomainStats]:
-        """The running descriptor, or the window's stats over however many images it holds."""
+        """The running descriptor, or the stats of the window (or last batch) over however many images it holds."""
         if self.running is not None:
             return self.running
         return None if self._moments is None else pooled_stats(*self._moments)

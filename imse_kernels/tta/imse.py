@@ -18,7 +18,8 @@ bank's decision in step 1 (`tta.domain_stats`, `tta.code_bank`): the finiteness 
 token moments (two reads), and, once the window has a descriptor, its token count and the SKL distance
 that decides shift and retrieval (one read each): at most four small reads, all before the update.
 
-`compile=True` (or a backend name such as "aot_eager", or a dict of `torch.compile` keywords) runs
+`compile=True` (or a backend name such as "aot_eager", or a dict of `torch.compile` keywords, e.g.
+{"mode": "reduce-overhead"} for CUDA graphs: `s` is updated in place, so the graphs stay valid) runs
 forward + loss (the model, the diversity probe, both losses) through `torch.compile`; both SAM passes
 call the same compiled function (the first with an all-true keep mask), and the batch dimension is
 marked dynamic (`torch._dynamo.maybe_mark_dynamic`), so a partial last batch reuses the graph. It
@@ -27,6 +28,15 @@ one graph per route pattern, a few at small batches, none above them) and once f
 (dynamo specialises sizes 0 and 1); dynamo's recompile limit bounds it in any case. The update stays
 eager. A skipped first step leaves Adam's state created at step 0 (zero moments) rather than absent;
 the next step is the same either way.
+
+`process_group` (a `torch.distributed` group): data-parallel IMSE (docs/design.md §9). Each rank passes its shard
+of every global batch and gets its shard's logits; the adaptation equals one process on the concatenated
+batch in rank order. Per SAM pass one all-reduce of the step statistics (reliable-entropy sum and count,
+the probed layers' expert moments Σa, Σa², n) and one of the gradients of `s`; each rank backpropagates
+its share of the global loss, so the summed gradient is the global one and SAM's norm, the finiteness
+flag and Adam's step are the same on every rank. The code bank sees every rank's per-image moments
+(all-gathered in rank order), so shifts, retrievals and the bank are identical everywhere. At start the
+ranks check that they hold the same model and config (`DistributedError` otherwise).
 
 `IMSE` is an `nn.Module` holding the model as `self.model`; `state_dict()` carries the whole adaptation
 state (model with its codes, Adam state, code bank, counters; see `tta.adapter`), so a stream resumes
@@ -41,13 +51,14 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import FusedSpectralLinear, spectral_layers, spectralize
-from ..losses import diversity_loss, entropy_threshold, reliable_mask, softmax_entropy
+from ..losses import ExpertMoments, diversity_loss, entropy_threshold, reliable_mask, softmax_entropy
 from ..optim import SAM
 from .adapter import Adapter, AdapterStateError, check_optimizer_state, differences
 from .code_bank import BankEvent, CodeBank, Retrieval
-from .config import IMSEConfig
+from .config import IMSEConfig, with_defaults
 from .diversity_probe import DiversityProbe
-from .domain_stats import DomainStats, patch_embedding_tokens
+from .distributed import GroupComm, digest, model_digests
+from .domain_stats import DomainStats, image_moments, patch_embedding_tokens
 from .tent import compile_fn
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -81,18 +92,19 @@ def select_layers(model: nn.Module, cfg: IMSEConfig, owner: str) -> tuple[dict, 
 
 
 class IMSE(Adapter):
-    """IMSE(model, config=None, *, compile=False): spectralizes `model` in place if needed and adapts it on
-    every call.
+    """IMSE(model, config=None, *, compile=False, process_group=None): spectralizes `model` in place if needed
+    and adapts it on every call.
 
     `compile`: False (eager), True (`torch.compile` with its defaults), a backend name (e.g. "aot_eager")
     or a dict of `torch.compile` keywords; forward + loss are compiled, the update stays eager (module doc).
+    `process_group`: data-parallel over these ranks (module doc); every rank calls the adapter on every batch.
     `adapter.train()` / `eval()` leave the model in train mode (see `tta.adapter`); adaptation goes on.
     """
 
     kind = "IMSE"
 
     def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None, *,
-                 compile: "bool | str | dict" = False) -> None:
+                 compile: "bool | str | dict" = False, process_group=None) -> None:
         super().__init__()
         cfg = IMSEConfig() if config is None else config
         if not isinstance(cfg, IMSEConfig):
@@ -110,11 +122,17 @@ class IMSE(Adapter):
         self._start_codes = self._codes()
         self._start_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.bank = CodeBank(self._start_codes, cfg.retrieval, cfg.shift_threshold, cfg.stats_momentum,
-                             cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy)
+                             cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy,
+                             distance=cfg.distance, retrieval_distance=cfg.retrieval_distance,
+                             partial_batch=cfg.partial_batch)
         device = next(iter(self.adapted.values())).s.device
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # device counters (no sync)
         self._taken = torch.zeros((), dtype=torch.int64, device=device)
-        self._compiled = compile_fn(self._forward_loss, compile, "IMSE")
+        self._comm = None if process_group is None else GroupComm(process_group, "IMSE")
+        if self._comm is not None:
+            self._comm.check_same({**model_digests(model), "IMSE config": digest(dataclasses.asdict(cfg)),
+                                   "adapted layers": digest(list(self.adapted))})
+        self._compiled = compile_fn(self._forward_loss if self._comm is None else self._forward_stats, compile, "IMSE")
         model.train()  # as the official code; timm ViTs have no batch statistics
 
     @staticmethod
@@ -161,6 +179,9 @@ class IMSE(Adapter):
         if self.config.episodic:
             self._restore(self._start_codes, reset_optimizer=True)
         self._observe(x)
+        if not self.bank.adapting:  # after a *_no_adapt retrieval: predict with the code in place, no update
+            with torch.no_grad():
+                return self.model(x)
         logits = None
         for _ in range(self.config.steps):
             logits = self._step(x)
@@ -182,7 +203,7 @@ class IMSE(Adapter):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, Tensor) or x.dim() != 4:
                 raise TypeError("source_statistics: expected image batches (B, C, H, W) or (images, labels) tuples")
-            tracker.observe(patch_embedding_tokens(self.model, x), detect=False)
+            tracker.observe(self._bank_input(x), detect=False)
         stats = tracker.summary()
         if stats is None:
             raise ValueError("source_statistics: no images were given")
@@ -209,7 +230,7 @@ class IMSE(Adapter):
 
     def _check_adaptation_state(self, state: dict) -> None:
         try:
-            found, want = state["config"], dataclasses.asdict(self.config)
+            found, want = with_defaults(state["config"]), dataclasses.asdict(self.config)
             if found != want:
                 raise AdapterStateError(f"IMSE: the state was saved with another config: "
                                         f"{'; '.join(differences(found, want))}")
@@ -252,35 +273,114 @@ class IMSE(Adapter):
             self.optimizer.load_state_dict(copy.deepcopy(self._start_optimizer))
 
     def _observe(self, x: Tensor) -> Optional[Retrieval]:
-        found = self.bank.observe(patch_embedding_tokens(self.model, x), self._snapshot)
+        found = self.bank.observe(self._bank_input(x), self._snapshot)
         if found is not None:
-            load = self.config.optimizer_on_retrieval == "load" and found.optimizer_state is not None
-            self._restore(found.codes, reset_optimizer=True, optimizer_state=found.optimizer_state if load else None)
+            how = self.config.optimizer_on_retrieval  # reset | load | continue (keep the optimizer as it is)
+            load = how == "load" and found.optimizer_state is not None
+            self._restore(found.codes, reset_optimizer=how != "continue",
+                          optimizer_state=found.optimizer_state if load else None)
         return found
 
-    def _forward_loss(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(logits, L, reliable mask) with the mask `keep & (H < E0)`; what `compile=True` compiles.
+    def _bank_input(self, x: Tensor):
+        """What the code bank observes: the patch tokens, or with a process group every rank's per-image
+        moments in rank order (the tracker of one process on the concatenated batch)."""
+        tokens = patch_embedding_tokens(self.model, x)
+        if self._comm is None:
+            return tokens
+        count, mean, m2 = image_moments(tokens)
+        rows = self._comm.all_gather_rows(torch.cat([count[:, None], mean, m2], 1), "domain moments")
+        c = mean.shape[1]
+        return rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:]
+
+    def _forward_stats(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor, list[ExpertMoments], Tensor]:
+        """(logits, Σ reliable H, reliable count, probed layers' moments, reliable mask), the mask being
+        `keep & (H < E0)`: the batch's additive statistics, of which L is a function.
 
         The probe's capture is opened by the caller (outside a compiled region); the moments are taken here."""
         logits = self.model(x)
         entropy = softmax_entropy(logits)
         mask = keep & reliable_mask(entropy.detach(), entropy_threshold(logits.shape[1], self.config.entropy_margin))
-        loss = _masked_mean(entropy, mask)  # 0 (still in the graph) when none is reliable
+        moments = self.probe.take() if self.probe is not None else []
+        return logits, torch.where(mask, entropy, 0).sum(), mask.sum(), moments, mask
+
+    def _loss(self, ent_sum: Tensor, count: Tensor, moments: list[ExpertMoments]) -> Tensor:
+        """L = Σ reliable H / max(count, 1) − λ · L_div(moments); 0 (in the graph) when none is reliable."""
+        loss = ent_sum / count.clamp_min(1)
         if self.probe is not None:
-            div = diversity_loss(self.probe.take(), self.config.diversity_ratio, self.config.diversity_blocks)
+            div = diversity_loss(moments, self.config.diversity_ratio, self.config.diversity_blocks)
             loss = loss - self.config.diversity_weight * div
-        return logits, loss, mask
+        return loss
+
+    def _forward_loss(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, L, reliable mask); what `compile=True` compiles (one process)."""
+        logits, ent_sum, count, moments, mask = self._forward_stats(x, keep)
+        return logits, self._loss(ent_sum, count, moments), mask
+
+    def _global_loss(self, ent_sum: Tensor, count: Tensor, moments: list[ExpertMoments]) -> tuple[Tensor, Tensor]:
+        """(L of the global batch, detached; this rank's share of it to backpropagate).
+
+        One all-reduce (float64) of the additive statistics gives the global ones; L is the one-process
+        function of them. The share is linear in this rank's statistics with the global L's partial
+        derivatives as coefficients, so the ranks' gradients of their shares sum to the global L's gradient."""
+        local = [ent_sum.detach().reshape(1), count.reshape(1)]
+        for m in moments:
+            local += [m.sum.detach(), m.sum_sq.detach(), torch.tensor([float(m.count)], device=m.sum.device)]
+        sizes = [t.numel() for t in local]
+        total = self._comm.all_reduce_sum_(torch.cat([t.to(torch.float64) for t in local]), "step statistics")
+        parts = total.split(sizes)
+        g_ent, g_count = parts[0][0].to(ent_sum.dtype), parts[1][0]
+        share = ent_sum / g_count.clamp_min(1).to(ent_sum.dtype)
+        loss = g_ent / g_count.clamp_min(1).to(ent_sum.dtype)
+        if self.probe is not None:
+            leaves = [(parts[2 + 3 * i].to(m.sum.dtype).requires_grad_(True),
+                       parts[3 + 3 * i].to(m.sum_sq.dtype).requires_grad_(True), int(parts[4 + 3 * i][0]))
+                      for i, m in enumerate(moments)]
+            with torch.enable_grad():
+                div = diversity_loss([ExpertMoments(s, q, n) for s, q, n in leaves], self.config.diversity_ratio,
+                                     self.config.diversity_blocks)
+                grads = torch.autograd.grad(div, [t for s, q, _ in leaves for t in (s, q)])
+            w = self.config.diversity_weight
+            loss = loss - w * div.detach()
+            for m, gs, gq in zip(moments, grads[0::2], grads[1::2]):
+                share = share - w * ((gs * m.sum).sum() + (gq * m.sum_sq).sum())
+        return loss, share
+
+    @torch.no_grad()
+    def _all_reduce_grads(self) -> None:
+        """Sum the gradients of the adapted `s` over the ranks (one flat buffer; a missing gradient is 0)."""
+        ps = [m.s for m in self.adapted.values()]
+        for p in ps:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = self._comm.all_reduce_sum_(torch.cat([p.grad.reshape(-1) for p in ps]), "gradients of s")
+        for p, g in zip(ps, flat.split([p.numel() for p in ps])):
+            p.grad.copy_(g.view_as(p))
 
     @torch.enable_grad()
     def _pass(self, x: Tensor, keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        fn = self._forward_loss if self._compiled is None else self._compiled
+        """(logits, L, reliable mask); `L.backward()` leaves the global gradient in `s.grad`. With a process
+        group L is the global loss (detached) and this rank's share was backpropagated here."""
+        fn = (self._forward_loss if self._comm is None else self._forward_stats) if self._compiled is None \
+            else self._compiled
         if self._compiled is not None:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             torch._dynamo.maybe_mark_dynamic(keep, 0)
+            torch.compiler.cudagraph_mark_step_begin()  # mode="reduce-overhead": each pass is a new graph step
         if self.probe is None:
-            return fn(x, keep)
-        with self.probe.capture():
-            return fn(x, keep)
+            out = fn(x, keep)
+        else:
+            with self.probe.capture():
+                out = fn(x, keep)
+        if self._compiled is not None:  # CUDA-graph outputs are overwritten by the next replay: keep copies
+            out = (out[0].detach().clone(), *out[1:-1], out[-1].clone())
+        if self._comm is None:
+            out[1].backward()
+            return out
+        logits, ent_sum, count, moments, mask = out
+        loss, share = self._global_loss(ent_sum, count, moments)
+        share.backward()
+        self._all_reduce_grads()
+        return logits, loss, mask
 
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
@@ -288,20 +388,14 @@ class IMSE(Adapter):
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         logits, loss, mask = self._pass(x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device))
-        loss.backward()
         norm = opt.grad_norm()
         ok = torch.isfinite(loss.detach() + norm)
         opt.first_step(zero_grad=True, ok=ok, grad_norm=norm)  # no ascent where not ok
 
         _, loss2, _ = self._pass(x, mask)  # the first pass's reliable set, filtered again
-        loss2.backward()
         ok = ok & torch.isfinite(loss2.detach() + opt.grad_norm())
         opt.second_step(zero_grad=True, ok=ok)  # restore s, then Adam only where ok
         self._taken += ok
         self._skipped += ~ok
         return logits.detach()
 
-
-def _masked_mean(entropy: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `entropy` over `mask` (0 when it is empty): `reliable_entropy` without boolean indexing."""
-    return torch.where(mask, entropy, 0).sum() / mask.sum().clamp_min(1)

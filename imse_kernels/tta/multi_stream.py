@@ -21,13 +21,19 @@ Stream k's bank stores its code as every spectral layer's `s` with row k in plac
 and its Adam state in the layout of IMSE's `optimizer.state_dict()`, so a bank and its file read the
 same as a single-stream IMSE's.
 
+`process_group` (a `torch.distributed` group) shards the streams across its ranks (docs/design.md §9): rank q
+holds only the streams `stream_owner` gives it (default round-robin, stream k on rank k mod world size), as
+`owned_streams`, and is called with only their samples; stream ids stay global. The hot path has no
+communication: a stream is adapted by one rank, exactly as alone. At start the ranks check that they hold
+the same model, config and stream map.
+
 `max_group_samples` (default None: one group) processes a large mixed batch in groups of whole streams
 (a stream's samples are never split) of at most that many samples, to bound activation memory; the
 result is the same up to round-off.
 """
 import copy
 import dataclasses
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +44,8 @@ from ..losses import entropy_threshold, lowest_k, softmax_entropy
 from ..optim import SAM
 from .adapter import Adapter, AdapterStateError, differences
 from .code_bank import BankEvent, CodeBank
-from .config import IMSEConfig
+from .config import IMSEConfig, with_defaults
+from .distributed import GroupComm, digest, model_digests
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, patch_embedding_tokens, stats_from_state, stats_state
 from .imse import select_layers
@@ -135,18 +142,22 @@ class _RowAdam:
 
 
 class MultiStreamIMSE(Adapter):
-    """MultiStreamIMSE(model, num_streams, config=None, max_group_samples=None); `logits = adapter(x, streams)`.
+    """MultiStreamIMSE(model, num_streams, config=None, max_group_samples=None, *, process_group=None,
+    stream_owner=None); `logits = adapter(x, streams)`.
 
     Equals `num_streams` separate `IMSE(model, config)` adapters, stream k's given only the samples with
     `streams == k` (docs/design.md §8). `streams` is int64 of shape (B,) with values in [0, num_streams).
     `max_group_samples`: process the batch in groups of whole streams of at most this many samples
     (a bigger stream forms its own group); None (default) runs every stream in one group.
+    `process_group`, `stream_owner` (a sequence: stream k -> rank): this rank holds `owned_streams` only
+    (module doc); `num_streams` is then the number it holds.
     """
 
     kind = "MultiStreamIMSE"
 
     def __init__(self, model: nn.Module, num_streams: int, config: Optional[IMSEConfig] = None,
-                 max_group_samples: Optional[int] = None) -> None:
+                 max_group_samples: Optional[int] = None, *, process_group=None,
+                 stream_owner: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         cfg = IMSEConfig() if config is None else config
         if not isinstance(cfg, IMSEConfig):
@@ -155,16 +166,25 @@ class MultiStreamIMSE(Adapter):
             raise TypeError(f"MultiStreamIMSE: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
             raise ValueError(f"MultiStreamIMSE: num_streams must be an int >= 1, got {num_streams!r}")
+        if cfg.retrieval.endswith("_no_adapt"):
+            raise ValueError(f"MultiStreamIMSE: retrieval={cfg.retrieval!r} (stop adapting after a retrieval) is not "
+                             "supported per stream; use IMSE for it, or a retrieval mode without _no_adapt")
         if max_group_samples is not None and (isinstance(max_group_samples, bool)
                                               or not isinstance(max_group_samples, int) or max_group_samples < 1):
             raise ValueError(f"MultiStreamIMSE: max_group_samples must be None or an int >= 1, got {max_group_samples!r}")
         self.config, self.model, self.max_group_samples = cfg, model, max_group_samples
+        self.owned_streams = self._owned(num_streams, process_group, stream_owner)
+        self._slot_of = {k: i for i, k in enumerate(self.owned_streams)}
+        self._sharded = process_group is not None
+        num_streams = len(self.owned_streams)
         self.layers, self.adapted, probed = select_layers(model, cfg, "MultiStreamIMSE")
         stray = [n for n, m in self.layers.items() if n not in self.adapted and m.codes is not None]
         if stray:
             raise ValueError(f"MultiStreamIMSE: layers outside the adapted blocks hold code tables: {stray[:4]}; "
                              "call disable_codes() on them first")
         self._start_codes = {n: m.s.detach().clone() for n, m in self.layers.items()}
+        fields = None if process_group is None else {  # before the code tables, whose size is per rank
+            **model_digests(model), "config": digest(dataclasses.asdict(cfg)), "stream map": digest(self._owner_map)}
         for m in self.adapted.values():
             m.enable_codes(num_streams).requires_grad_(True)
         self.probe = DiversityProbe(probed, moments_fn=self._stream_moments) if cfg.diversity_weight > 0 else None
@@ -179,7 +199,28 @@ class MultiStreamIMSE(Adapter):
         self.banks: list[CodeBank] = [self._new_bank() for _ in range(num_streams)]
         self.steps_taken = [0] * num_streams
         self.skipped_steps = [0] * num_streams
+        if process_group is not None:
+            GroupComm(process_group, "MultiStreamIMSE").check_same(fields)
         model.train()
+
+    def _owned(self, total: int, group, owner) -> list[int]:
+        """The global ids of the streams this adapter holds (all of them without a process group)."""
+        if group is None:
+            if owner is not None:
+                raise ValueError("MultiStreamIMSE: stream_owner needs a process_group")
+            self._owner_map = None
+            return list(range(total))
+        comm = GroupComm(group, "MultiStreamIMSE")
+        owner = [k % comm.world_size for k in range(total)] if owner is None else [int(q) for q in owner]
+        if len(owner) != total or any(not 0 <= q < comm.world_size for q in owner):
+            raise ValueError(f"MultiStreamIMSE: stream_owner must give each of the {total} streams a rank in "
+                             f"[0, {comm.world_size}), got {list(owner)}")
+        self._owner_map = owner
+        mine = [k for k, q in enumerate(owner) if q == comm.rank]
+        if not mine:
+            raise ValueError(f"MultiStreamIMSE: rank {comm.rank} owns no stream ({total} streams over "
+                             f"{comm.world_size} ranks); give every rank at least one")
+        return mine
 
     # ------------------------------------------------------------------ public
     @property
@@ -193,12 +234,17 @@ class MultiStreamIMSE(Adapter):
 
     def stream_codes(self, k: int) -> dict[str, Tensor]:
         """Stream k's code as IMSE holds it: every spectral layer's `s`, row k for the adapted ones (copies)."""
-        k = self._stream_index(k)
-        return {n: (m.codes[k] if n in self.adapted else m.s).detach().clone() for n, m in self.layers.items()}
+        return self._slot_codes(self._stream_index(k))
 
     def stream_optimizer_state(self, k: int) -> dict:
         """Stream k's Adam state in the layout of IMSE's `optimizer.state_dict()` (copies)."""
-        return self.adam.export(self._stream_index(k), list(self.adapted), self._param_groups)
+        return self._slot_optimizer_state(self._stream_index(k))
+
+    def _slot_codes(self, i: int) -> dict[str, Tensor]:
+        return {n: (m.codes[i] if n in self.adapted else m.s).detach().clone() for n, m in self.layers.items()}
+
+    def _slot_optimizer_state(self, i: int) -> dict:
+        return self.adam.export(i, list(self.adapted), self._param_groups)
 
     def forward(self, x: Tensor, streams: Tensor) -> Tensor:
         """Predict `x` (the first forward's logits, detached, as IMSE) and adapt every stream present in it."""
@@ -229,6 +275,8 @@ class MultiStreamIMSE(Adapter):
 
     def add_stream(self) -> int:
         """A new stream (the last index), starting from the source codes with a fresh optimizer and bank."""
+        if self._sharded:
+            raise RuntimeError("MultiStreamIMSE: with a process_group the streams are fixed at construction")
         k = self.num_streams
         with torch.no_grad():
             for n, m in self.adapted.items():
@@ -238,6 +286,8 @@ class MultiStreamIMSE(Adapter):
         self.banks.append(self._new_bank())
         self.steps_taken.append(0)
         self.skipped_steps.append(0)
+        self.owned_streams.append(k)
+        self._slot_of[k] = k
         return k
 
     def reset_stream(self, k: int) -> None:
@@ -249,7 +299,7 @@ class MultiStreamIMSE(Adapter):
 
     def reset(self) -> None:
         """Every stream back to the start (`reset_stream` for each)."""
-        for k in range(self.num_streams):
+        for k in self.owned_streams:
             self.reset_stream(k)
 
     @torch.no_grad()
@@ -283,7 +333,7 @@ class MultiStreamIMSE(Adapter):
     # ------------------------------------------------------------------ state (tta.adapter)
     def _adaptation_state(self) -> dict:
         return {"config": dataclasses.asdict(self.config), "layers": list(self.layers), "adapted": list(self.adapted),
-                "num_streams": self.num_streams,
+                "num_streams": self.num_streams, "owned_streams": list(self.owned_streams),
                 "counters": {"steps_taken": list(self.steps_taken), "skipped_steps": list(self.skipped_steps)},
                 "optimizer": self.adam.state_dict(), "source_stats": stats_state(self._source_stats),
                 "banks": [b.state_dict() for b in self.banks]}
@@ -293,11 +343,15 @@ class MultiStreamIMSE(Adapter):
         if state.get("num_streams") != self.num_streams:  # before the model check reports the table shapes
             raise AdapterStateError(f"MultiStreamIMSE: the state has {state.get('num_streams')!r} streams, this "
                                     f"adapter {self.num_streams} (add_stream() to match)")
+        owned = state.get("owned_streams", list(range(self.num_streams)))
+        if list(owned) != self.owned_streams:
+            raise AdapterStateError(f"MultiStreamIMSE: the state holds streams {list(owned)}, this adapter "
+                                    f"{self.owned_streams} (a rank loads the state it saved)")
 
     def _check_adaptation_state(self, state: dict) -> None:
         who = "MultiStreamIMSE"
         try:
-            found, want = state["config"], dataclasses.asdict(self.config)
+            found, want = with_defaults(state["config"]), dataclasses.asdict(self.config)
             if found != want:
                 raise AdapterStateError(f"{who}: the state was saved with another config: "
                                         f"{'; '.join(differences(found, want))}")
@@ -356,15 +410,21 @@ class MultiStreamIMSE(Adapter):
     def _new_bank(self) -> CodeBank:
         cfg = self.config
         bank = CodeBank(self._start_codes, cfg.retrieval, cfg.shift_threshold, cfg.stats_momentum,
-                        cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy)
+                        cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy,
+                        distance=cfg.distance, retrieval_distance=cfg.retrieval_distance,
+                        partial_batch=cfg.partial_batch)
         if self._source_stats is not None:
             bank.set_source_stats(self._source_stats)
         return bank
 
     def _stream_index(self, k) -> int:
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_streams:
+        """The slot (row of the code tables, bank index) of global stream id k."""
+        if isinstance(k, bool) or not isinstance(k, int) or k not in self._slot_of:
+            if self._sharded and isinstance(k, int) and 0 <= k < len(self._owner_map):
+                raise IndexError(f"MultiStreamIMSE: stream {k} belongs to rank {self._owner_map[k]}; this rank holds "
+                                 f"streams {self.owned_streams}")
             raise IndexError(f"MultiStreamIMSE: stream {k!r} out of range for {self.num_streams} streams")
-        return k
+        return self._slot_of[k]
 
     def _check_streams(self, streams, x: Tensor) -> Tensor:
         if not isinstance(streams, Tensor):
@@ -377,6 +437,19 @@ class MultiStreamIMSE(Adapter):
         if x.shape[0] == 0:
             raise ValueError("MultiStreamIMSE: empty batch")
         streams = streams.to(x.device)
+        if self._sharded:  # global ids -> slots
+            table = torch.full((len(self._owner_map),), -1, dtype=torch.int64)
+            table[torch.tensor(self.owned_streams)] = torch.arange(len(self.owned_streams))
+            lo, hi = int(streams.min()), int(streams.max())
+            if lo < 0 or hi >= table.numel():
+                raise IndexError(f"MultiStreamIMSE: stream indices must be in [0, {table.numel()}), got min {lo}, "
+                                 f"max {hi}")
+            slots = table.to(x.device)[streams]
+            if bool((slots < 0).any()):
+                foreign = sorted(set(streams[slots < 0].tolist()))
+                raise ValueError(f"MultiStreamIMSE: streams {foreign[:8]} are not held by this rank (it holds "
+                                 f"{self.owned_streams}); send each rank only its own streams' samples")
+            return slots
         lo, hi = int(streams.min()), int(streams.max())
         if lo < 0 or hi >= self.num_streams:
             raise IndexError(f"MultiStreamIMSE: stream indices must be in [0, {self.num_streams}), got min {lo}, "
@@ -406,19 +479,21 @@ class MultiStreamIMSE(Adapter):
             yield member.nonzero().squeeze(1)
 
     @torch.no_grad()
-    def _restore(self, k: int, codes: dict[str, Tensor], optimizer_state: Optional[dict]) -> None:
+    def _restore(self, k: int, codes: dict[str, Tensor], optimizer_state: Optional[dict],
+                 keep_optimizer: bool = False) -> None:
         for n, m in self.adapted.items():
             m.codes[k].copy_(codes[n])
         if optimizer_state is not None:
             self.adam.load_row(k, list(self.adapted), optimizer_state)
-        else:
+        elif not keep_optimizer:
             self.adam.reset(k)
 
     def _observe(self, k: int, tokens: Tensor) -> None:
-        found = self.banks[k].observe(tokens, lambda: (self.stream_codes(k), self.stream_optimizer_state(k)))
+        found = self.banks[k].observe(tokens, lambda: (self._slot_codes(k), self._slot_optimizer_state(k)))
         if found is not None:
-            load = self.config.optimizer_on_retrieval == "load" and found.optimizer_state is not None
-            self._restore(k, found.codes, found.optimizer_state if load else None)
+            how = self.config.optimizer_on_retrieval  # reset | load | continue, as IMSE
+            load = how == "load" and found.optimizer_state is not None
+            self._restore(k, found.codes, found.optimizer_state if load else None, keep_optimizer=how == "continue")
 
     def _stream_moments(self, x: Tensor, Vh: Tensor, h: Optional[Tensor] = None, eps: float = 1e-12) -> _StreamMoments:
         """`expert_alignment_moments`, summed per stream slot instead of over all rows."""
