@@ -36,7 +36,7 @@ import torch.utils.benchmark as tbench  # noqa: E402
 
 import imse_kernels  # noqa: E402
 from imse_kernels import _extension  # noqa: E402
-from imse_kernels.proc_status import proc_status_kib  # noqa: E402
+from imse_kernels.proc_status import cpu_model, proc_status_kib  # noqa: E402
 
 
 def describe_install() -> dict:
@@ -73,17 +73,6 @@ def _git(*args: str) -> Optional[str]:
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_tag(device: str) -> str:

@@ -1,4 +1,6 @@
-"""Fields of /proc/self/status: the process's memory as the kernel counts it (shared by eval and benchmarks)."""
+"""What /proc says about this process and machine: its memory as the kernel counts it, and the CPU model
+(shared by eval and benchmarks)."""
+import platform
 from typing import Optional
 
 
@@ -12,3 +14,15 @@ def proc_status_kib(field: str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

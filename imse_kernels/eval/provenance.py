@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from ..proc_status import cpu_model
+
 #: Distributions whose versions are recorded (None when not installed).
 PACKAGES = ("torch", "timm", "numpy", "safetensors", "triton", "scikit-learn", "torchvision", "pillow")
 
@@ -73,17 +75,6 @@ def git_info(root: Optional[Path] = None) -> dict:
     commit = _git(root, "rev-parse", "HEAD")
     status = _git(root, "status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def device_info(device) -> dict:

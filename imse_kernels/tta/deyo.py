@@ -150,14 +150,7 @@ class DeYO(Tent):
         weight = cfg.reweight_ent / torch.exp(h.detach() - entropy_threshold(c, cfg.margin_e0)) \
             + cfg.reweight_plpd / torch.exp(-d)
         loss = (h * weight).mean()
-        loss.backward()
-        norms = [p.grad.norm() for p in self.params if p.grad is not None]
-        if bool(torch.isfinite(loss.detach() + (torch.stack(norms).sum() if norms else 0.0))):
-            self.optimizer.step()
-            self.steps_taken += 1
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self._update(loss)
         return logits.detach()
 
     def reset(self) -> None:

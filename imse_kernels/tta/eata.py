@@ -160,14 +160,7 @@ class EATA(Tent):
         if self.fisher is not None and cfg.fisher_alpha > 0:
             loss = loss + cfg.fisher_alpha * sum((f * (p - p0) ** 2).sum()
                                                  for f, p, p0 in zip(self.fisher, self.params, self.fisher_anchor))
-        loss.backward()
-        norms = [p.grad.norm() for p in self.params if p.grad is not None]
-        if bool(torch.isfinite(loss.detach() + (torch.stack(norms).sum() if norms else 0.0))):
-            self.optimizer.step()
-            self.steps_taken += 1
-        else:
-            self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
+        self._update(loss)
         return logits.detach()
 
     def reset(self) -> None:

@@ -153,6 +153,12 @@ class Tent(Adapter):
         else:
             torch._dynamo.maybe_mark_dynamic(x, 0)
             logits, loss = self._compiled(x)
+        self._update(loss)
+        return logits.detach()
+
+    def _update(self, loss: Tensor) -> None:
+        """Backward `loss` and step the optimizer, unless the loss or a gradient is not finite (then the
+        step is skipped and counted); one host sync. The subclasses' steps end here too."""
         loss.backward()
         norms = [p.grad.norm() for p in self.params if p.grad is not None]
         health = loss.detach() + (torch.stack(norms).sum() if norms else 0.0)  # NaN/inf anywhere shows here
@@ -162,7 +168,6 @@ class Tent(Adapter):
         else:
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        return logits.detach()
 
     @torch.no_grad()
     def reset(self) -> None:
