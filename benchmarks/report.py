@@ -236,7 +236,7 @@ def plot(records: list, path: Path) -> None:
 def header_line(env: dict, device: str, tag: str, name: str = "throughput") -> str:
     return (f"imse_kernels {name}  device={device}  machine={tag}  torch {env['torch']}  "
             f"triton {env['triton']}  commit {str(env['git_commit'])[:10]}{'+dirty' if env['git_dirty'] else ''}  "
-            f"threads {env['torch_threads']}  backends {','.join(k for k, v in env['backends'].items() if v is None)}")
+            f"threads {env['torch_threads']}  OMP_WAIT_POLICY {env.get('omp_wait_policy', '?')}  backends {','.join(k for k, v in env['backends'].items() if v is None)}")
 
 
 def render(header: str, records: list, device: str, footer: str, gflops: bool = False) -> str:

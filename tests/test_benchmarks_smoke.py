@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark scripts: throughput.py (the driver over layer_bench.py and model_bench.py)
-runs end to end and writes its files, report.py re-renders them, step_profile.py runs, and the flag
+runs end to end and writes its files, report.py re-renders them, step_profile.py and compile_warmup.py run, and the flag
 presets and targets resolve. They check that the benchmarks work, not their numbers."""
 import json
 import os
@@ -83,6 +83,22 @@ def test_step_profile_runs():
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[head + 1:]}
     assert set(rows) == {"imse_harness", "tent"} and all(v > 0 for vals in rows.values() for v in vals)
     assert rows["imse_harness"][3] == 1.0  # x/first: the first provider against itself
+
+
+def test_compile_warmup_counts_graphs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compile_warmup.py"), "--model", "vit_tiny", "--depth", "4",
+         "--img-size", "64", "--batches", "4,4,3", "--backend", "aot_eager", "--eager-reps", "1",
+         "--out-dir", str(tmp_path), "--tag", "smoke"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.startswith("measuring imse_kernels")
+    data = json.loads((tmp_path / "compile_warmup_smoke.json").read_text())
+    assert [c["batch"] for c in data["calls"]] == [4, 4, 3]
+    graphs = [c["graphs"] for c in data["calls"]]
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]  # the same batch size reuses its graph
+    assert (tmp_path / "compile_warmup_smoke.txt").read_text().startswith("compile warm-up: vit_tiny")
 
 
 def _throughput_module():

@@ -339,3 +339,45 @@ def test_add_and_reset_stream():
     assert diff(stream_state(multi, 1)["codes"], kept["codes"]) > 0  # stream 1 adapted in the last batch
     multi.reset()
     assert all(diff(multi.stream_codes(k), source) == 0.0 for k in range(3)) and multi.steps_taken == [0, 0, 0]
+
+
+class _CountingBackend:
+    """A torch.compile backend that counts the graphs it is handed (delegating to aot_eager)."""
+
+    def __init__(self):
+        self.inner, self.graphs = torch._dynamo.lookup_backend("aot_eager"), 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.inner(gm, example_inputs)
+
+
+def test_compiled_equals_eager_and_recompiles_are_bounded():
+    """compile=...: the same logits, codes, Adam state, banks and counters as eager over the mixed stream
+    (shifts, retrievals, an absent stream, a skipped step); graphs bounded by the distinct numbers of
+    streams present and batch sizes, and a repeated stream compiles nothing more."""
+    torch._dynamo.reset()
+    source, batches = mixed_batches()
+    cfg = IMSEConfig(**CONFIG)
+    counter = _CountingBackend()
+    eager = MultiStreamIMSE(model(), K, cfg)
+    compiled = MultiStreamIMSE(model(), K, cfg, compile={"backend": counter})
+    for a in (eager, compiled):
+        a.source_statistics([source])
+    worst = dict.fromkeys(TOL, 0.0)
+    for x, streams in batches:
+        worst["logits"] = max(worst["logits"], diff(compiled(x, streams), eager(x, streams)))
+    for k in range(K):
+        got, want = stream_state(compiled, k), stream_state(eager, k)
+        assert got["counters"] == want["counters"], k
+        for key in ("codes", "adam", "bank"):
+            worst[key] = max(worst[key], diff(got[key], want[key]))
+    graphs, skipped = counter.graphs, list(compiled.skipped_steps)
+    for x, streams in batches:
+        compiled(x, streams)
+    print(f"\ncompiled MultiStreamIMSE vs eager, max abs diffs: {worst}; graphs {graphs}, then {counter.graphs}")
+    for key, tol in TOL.items():
+        assert worst[key] <= tol, (key, worst[key])
+    assert skipped == eager.skipped_steps == [1, 0, 0]
+    assert 1 <= graphs <= 8 and counter.graphs == graphs
+    torch._dynamo.reset()

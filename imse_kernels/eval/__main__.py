@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--imse-lr", type=float, default=None,
                    help="IMSE learning rate (default 7e-3; 3e-3 in the recurring setting, as the official configs)")
     r.add_argument("--compile", action="store_true",
-                   help="torch.compile forward + loss of Tent and the IMSE variants (the first batch compiles)")
+                   help="torch.compile forward + loss of Tent, the IMSE variants and MultiStreamIMSE (the first batch compiles)")
     r.add_argument("--dist-timeout", type=float, default=120.0,
                    help="under torchrun: seconds before a rank that died, stalled or never joined is an error")
     o = p.add_argument_group("output")
@@ -399,10 +399,11 @@ def _evaluate_multi_stream(args, model, data, source, info, corruptions, severit
     with use_backend(args.backend) if args.backend else contextlib.nullcontext():
         orders, results = run_multi_stream(model, lambda c: data.domain(c, severity), corruptions, args.streams,
                                            args.batch_size, device, config, source, args.seed,
-                                           show_progress=not args.no_progress)
+                                           show_progress=not args.no_progress, compile=args.compile)
     text = multi_stream_table(orders, results)
     meta = {"data": args.data, "setting": "multi_stream", "streams": args.streams, "severity": severity,
             "corruptions": corruptions, "batch_size_per_stream": args.batch_size, "seed": args.seed,
+            "compile": args.compile,
             "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "imse_config": dataclasses.asdict(config), **info,
             "wall_seconds": round(time.perf_counter() - t_start, 1)}

@@ -51,16 +51,17 @@ def _stream_batches(domain_of: Callable[[str], object], order: Sequence[str], ba
 
 def run_multi_stream(model: torch.nn.Module, domain_of: Callable[[str], object], corruptions: Sequence[str],
                      k: int, batch_size: int, device: torch.device, config: Optional[IMSEConfig] = None,
-                     source: Optional[list] = None, seed: int = 0, show_progress: bool = True):
-    """(orders, [multi_stream result, separate result]) over the same K streams."""
+                     source: Optional[list] = None, seed: int = 0, show_progress: bool = True,
+                     compile: "bool | str | dict" = False):
+    """(orders, [multi_stream result, separate result]) over the same K streams; `compile` goes to every adapter."""
     if k < 1:
         raise ValueError(f"--streams must be >= 1, got {k}")
     orders = stream_orders(corruptions, k, seed)
     steps = []  # per step: K chunks (x, y), one per stream
     for chunks in zip(*(_stream_batches(domain_of, order, batch_size) for order in orders)):
         steps.append(list(chunks))
-    multi = MultiStreamIMSE(copy.deepcopy(model), k, config)
-    separate = [IMSE(copy.deepcopy(model), config) for _ in range(k)]
+    multi = MultiStreamIMSE(copy.deepcopy(model), k, config, compile=compile)
+    separate = [IMSE(copy.deepcopy(model), config, compile=compile) for _ in range(k)]
     if source is not None:
         multi.source_statistics(source)
         for a in separate:

@@ -27,6 +27,11 @@ holds only the streams `stream_owner` gives it (default round-robin, stream k on
 communication: a stream is adapted by one rank, exactly as alone. At start the ranks check that they hold
 the same model, config and stream map.
 
+`compile` (as `IMSE`'s: True, a backend name or a dict of `torch.compile` keywords) runs the model's forward,
+with the per-stream diversity moments, through `torch.compile`; the stream selection, the losses and the
+update stay eager. Both SAM passes call the same compiled function and the batch dimension is dynamic; it
+recompiles for a new number of streams present in a batch (at most K graphs) and where IMSE's does.
+
 `max_group_samples` (default None: one group) processes a large mixed batch in groups of whole streams
 (a stream's samples are never split) of at most that many samples, to bound activation memory; the
 result is the same up to round-off.
@@ -49,6 +54,7 @@ from .distributed import GroupComm, digest, model_digests
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, patch_embedding_tokens, stats_from_state, stats_state
 from .imse import select_layers
+from .tent import compile_fn
 
 __all__ = ["MultiStreamIMSE"]
 
@@ -142,22 +148,22 @@ class _RowAdam:
 
 
 class MultiStreamIMSE(Adapter):
-    """MultiStreamIMSE(model, num_streams, config=None, max_group_samples=None, *, process_group=None,
-    stream_owner=None); `logits = adapter(x, streams)`.
+    """MultiStreamIMSE(model, num_streams, config=None, max_group_samples=None, *, compile=False,
+    process_group=None, stream_owner=None); `logits = adapter(x, streams)`.
 
     Equals `num_streams` separate `IMSE(model, config)` adapters, stream k's given only the samples with
     `streams == k` (docs/design.md §8). `streams` is int64 of shape (B,) with values in [0, num_streams).
     `max_group_samples`: process the batch in groups of whole streams of at most this many samples
     (a bigger stream forms its own group); None (default) runs every stream in one group.
     `process_group`, `stream_owner` (a sequence: stream k -> rank): this rank holds `owned_streams` only
-    (module doc); `num_streams` is then the number it holds.
+    (module doc); `num_streams` is then the number it holds. `compile`: as IMSE's (module doc).
     """
 
     kind = "MultiStreamIMSE"
 
     def __init__(self, model: nn.Module, num_streams: int, config: Optional[IMSEConfig] = None,
-                 max_group_samples: Optional[int] = None, *, process_group=None,
-                 stream_owner: Optional[Sequence[int]] = None) -> None:
+                 max_group_samples: Optional[int] = None, *, compile: "bool | str | dict" = False,
+                 process_group=None, stream_owner: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         cfg = IMSEConfig() if config is None else config
         if not isinstance(cfg, IMSEConfig):
@@ -173,6 +179,7 @@ class MultiStreamIMSE(Adapter):
                                               or not isinstance(max_group_samples, int) or max_group_samples < 1):
             raise ValueError(f"MultiStreamIMSE: max_group_samples must be None or an int >= 1, got {max_group_samples!r}")
         self.config, self.model, self.max_group_samples = cfg, model, max_group_samples
+        self._compiled = compile_fn(self._model_forward, compile, "MultiStreamIMSE")
         self.owned_streams = self._owned(num_streams, process_group, stream_owner)
         self._slot_of = {k: i for i, k in enumerate(self.owned_streams)}
         self._sharded = process_group is not None
@@ -507,7 +514,8 @@ class MultiStreamIMSE(Adapter):
         per = rows.shape[0] // slots.shape[0]
         idx = slots.repeat_interleave(per) if per > 1 else slots
         zeros = a.new_zeros(self._num_slots, a.shape[1])
-        count = torch.bincount(slots, minlength=self._num_slots).to(a.dtype)[:, None] * per
+        # an index_add, not bincount (whose data-dependent size would break a compiled graph); exact integers
+        count = a.new_zeros(self._num_slots).index_add(0, slots, a.new_ones(slots.shape[0]))[:, None] * per
         return _StreamMoments(zeros.index_add(0, idx, a), zeros.index_add(0, idx, a * a), count)
 
     def _losses(self, entropy: Tensor, mask: Tensor, slots: Tensor) -> Tensor:
@@ -534,14 +542,28 @@ class MultiStreamIMSE(Adapter):
     @torch.enable_grad()
     def _forward(self, x: Tensor, streams: Tensor, slots: Tensor) -> Tensor:
         self._slots = slots
+        fn = self._model_forward
+        if self._compiled is not None:
+            fn = self._compiled
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+            torch._dynamo.maybe_mark_dynamic(slots, 0)
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             with select_codes(self.model, streams):
                 if self.probe is None:
-                    return self.model(x)
+                    return self._copy_out(fn(x))
                 with self.probe.capture():
-                    return self.model(x)
+                    return self._copy_out(fn(x))
         finally:
             self._slots = None
+
+    def _model_forward(self, x: Tensor) -> Tensor:
+        """What `compile` compiles: the model under the stream selection the caller opened."""
+        return self.model(x)
+
+    def _copy_out(self, logits: Tensor) -> Tensor:
+        """CUDA-graph outputs are overwritten by the next replay: keep a copy (compiled only)."""
+        return logits if self._compiled is None else logits.clone()
 
     def _grads(self, rows: Tensor) -> dict[str, Tensor]:
         return {n: (m.codes.grad[rows] if m.codes.grad is not None else m.codes.new_zeros(len(rows), m.rank))
