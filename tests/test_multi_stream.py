@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from test_compiled_step import CountingBackend
 from test_tta_imse import tiny_vit
 
 from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, MultiStreamIMSE
@@ -341,17 +342,6 @@ def test_add_and_reset_stream():
     assert all(diff(multi.stream_codes(k), source) == 0.0 for k in range(3)) and multi.steps_taken == [0, 0, 0]
 
 
-class _CountingBackend:
-    """A torch.compile backend that counts the graphs it is handed (delegating to aot_eager)."""
-
-    def __init__(self):
-        self.inner, self.graphs = torch._dynamo.lookup_backend("aot_eager"), 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
-
 def test_compiled_equals_eager_and_recompiles_are_bounded():
     """compile=...: the same logits, codes, Adam state, banks and counters as eager over the mixed stream
     (shifts, retrievals, an absent stream, a skipped step); graphs bounded by the distinct numbers of
@@ -359,7 +349,7 @@ def test_compiled_equals_eager_and_recompiles_are_bounded():
     torch._dynamo.reset()
     source, batches = mixed_batches()
     cfg = IMSEConfig(**CONFIG)
-    counter = _CountingBackend()
+    counter = CountingBackend()
     eager = MultiStreamIMSE(model(), K, cfg)
     compiled = MultiStreamIMSE(model(), K, cfg, compile={"backend": counter})
     for a in (eager, compiled):
