@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,21 +21,7 @@ from pathlib import Path
 import bench_common as BC
 import model_bench as MB
 import torch
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is handed and delegates to another backend."""
-
-    def __init__(self, inner: str) -> None:
-        self.inner, self.graphs = torch._dynamo.lookup_backend(inner), 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
-
-if "--warm-cache" not in sys.argv:  # inductor reads it when it first opens its cache
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="imse_compile_warmup_")
+from torch._dynamo.testing import CompileCounterWithBackend
 
 
 def main(argv=None) -> None:
@@ -52,6 +37,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out-dir", default=None, help=f"default {BC.RESULTS_DIR}")
     ap.add_argument("--tag", default=None, help="results file suffix (default: the machine tag)")
     args = ap.parse_args(argv)
+    if not args.warm_cache:  # read when inductor first opens its cache, which no compile has done yet
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="imse_compile_warmup_")
     torch.set_num_threads(args.threads)
     from imse_kernels.tta import IMSE, IMSEConfig
 
@@ -60,7 +47,7 @@ def main(argv=None) -> None:
     batches = [int(b) for b in BC.csv_list(args.batches)]
     base = MB.make_model(args.model, "cpu", depth=args.depth, img_size=args.img_size)
     size = MB.image_size(base)
-    counter = CountingBackend(args.backend)
+    counter = CompileCounterWithBackend(args.backend)  # frame_count: graphs handed to the backend
     torch._dynamo.reset()
     compiled = IMSE(copy.deepcopy(base), IMSEConfig(), compile={"backend": counter})
     eager = IMSE(copy.deepcopy(base), IMSEConfig())
@@ -70,8 +57,8 @@ def main(argv=None) -> None:
         x = torch.randn(b, 3, *size, generator=g)
         t = time.perf_counter()
         compiled(x)
-        rows.append({"call": i + 1, "batch": b, "seconds": time.perf_counter() - t, "graphs": counter.graphs})
-        print(f"call {i + 1:2d}  batch {b:3d}  {rows[-1]['seconds']:8.2f} s  graphs so far {counter.graphs}", flush=True)
+        rows.append({"call": i + 1, "batch": b, "seconds": time.perf_counter() - t, "graphs": counter.frame_count})
+        print(f"call {i + 1:2d}  batch {b:3d}  {rows[-1]['seconds']:8.2f} s  graphs so far {counter.frame_count}", flush=True)
     eager_s = {}
     for b in sorted(set(batches)):
         x = torch.randn(b, 3, *size, generator=g)
@@ -88,7 +75,7 @@ def main(argv=None) -> None:
              "call  batch  seconds  graphs so far  eager step s (median)"]
     lines += [f"{r['call']:4d}  {r['batch']:5d}  {r['seconds']:7.2f}  {r['graphs']:13d}  {eager_s[r['batch']]:.3f}"
               for r in rows]
-    lines += ["", f"first call (warm-up) {rows[0]['seconds']:.1f} s; graphs over the stream {counter.graphs} "
+    lines += ["", f"first call (warm-up) {rows[0]['seconds']:.1f} s; graphs over the stream {counter.frame_count} "
               f"for {len(set(batches))} distinct batch sizes"]
     text = "\n".join(lines)
     print("\n" + text)
@@ -97,7 +84,7 @@ def main(argv=None) -> None:
     stem = out_dir / f"compile_warmup_{args.tag or BC.machine_tag('cpu')}"
     stem.with_suffix(".txt").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({"env": env, "args": vars(args), "calls": rows,
-                                                     "eager_step_s": eager_s, "graphs": counter.graphs}, indent=1))
+                                                     "eager_step_s": eager_s, "graphs": counter.frame_count}, indent=1))
 
 
 if __name__ == "__main__":

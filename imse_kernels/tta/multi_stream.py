@@ -30,7 +30,7 @@ the same model, config and stream map.
 `compile` (as `IMSE`'s: True, a backend name or a dict of `torch.compile` keywords) runs the model's forward,
 with the per-stream diversity moments, through `torch.compile`; the stream selection, the losses and the
 update stay eager. Both SAM passes call the same compiled function and the batch dimension is dynamic; it
-recompiles for a new number of streams present in a batch (at most K graphs) and where IMSE's does.
+recompiles where IMSE's does and once for each new number of streams present in a batch (at most K).
 
 `max_group_samples` (default None: one group) processes a large mixed batch in groups of whole streams
 (a stream's samples are never split) of at most that many samples, to bound activation memory; the
