@@ -24,6 +24,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 Tensor = torch.Tensor
 
 #: ImageNet-C's order: noise, blur, weather, digital.
@@ -33,6 +35,12 @@ CORRUPTIONS = (
     "snow", "frost", "fog",
     "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
+
+#: ImageNet-C's four extra corruptions (also in CIFAR-10-C and CIFAR-100-C): read from disk, not made here.
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+#: Every corruption known by name, in the published order (the 15, then the extra four).
+KNOWN_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -369,4 +377,28 @@ def parse_corruptions(spec: Union[str, Sequence[str], None]) -> list[str]:
     bad = [s for s in names if s not in CORRUPTIONS]
     if bad:
         raise ValueError(f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)}")
+    return names
+
+
+def corruption_order(names: Sequence[str]) -> list[str]:
+    """`names` in the published order (KNOWN_CORRUPTIONS), unknown names after them in sorted order."""
+    rank = {n: i for i, n in enumerate(KNOWN_CORRUPTIONS)}
+    return sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def select_corruptions(spec: Union[str, Sequence[str], None], available: Sequence[str], where: str) -> list[str]:
+    """The corruptions to run from those on disk: 'all' / None -> every available one in the published order;
+    otherwise a comma-separated list (its order kept), each of which must be available. `where` names the
+    data folder in the messages."""
+    present = corruption_order(available)
+    if spec is None or spec == "all":
+        if not present:
+            raise DataError(where, "no corruption found", "check --data-dir (the folder that holds the corruptions)")
+        return present
+    names = list(dict.fromkeys(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()))
+    missing = [n for n in names if n not in present]
+    if not names or missing:
+        have = ", ".join(present) if present else "none"
+        raise DataError(where, f"no corruption {', '.join(missing) or repr(spec)} here",
+                        f"choose from what is present: {have}")
     return names
