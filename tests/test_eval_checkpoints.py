@@ -171,7 +171,8 @@ def test_hf_hub_names_from_the_local_cache_only(tmp_path, src, sd, monkeypatch):
     assert loaded.name == "test_vit" and _same_model(loaded, src)
     assert loaded.checkpoint.endswith("model.safetensors") and "hub" in loaded.checkpoint
     msg = _error(build_timm_model, "hf-hub:timm/not_here", None)
-    assert msg.startswith("hf-hub:timm/not_here: not in the local Hugging Face cache") and "nothing is downloaded" in msg
+    assert msg.startswith("hf-hub:timm/not_here: not in the local Hugging Face cache")
+    assert "nothing is downloaded" in msg
     assert "pass --checkpoint FILE" in msg
 
 
@@ -233,8 +234,8 @@ def test_error_half_downloaded_safetensors(tmp_path, sd):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     msg = _error(build_timm_model, "test_vit", str(path))
-    assert msg.startswith(f"{path}: damaged or incomplete safetensors file") and msg.endswith("download it again "
-                                                                                             "(an interrupted download?)")
+    assert msg.startswith(f"{path}: damaged or incomplete safetensors file")
+    assert msg.endswith("download it again (an interrupted download?)")
     path.write_bytes(data[:100])  # cut inside the header
     msg = _error(build_timm_model, "test_vit", str(path))
     assert msg.startswith(f"{path}: incomplete safetensors file: its header alone needs")

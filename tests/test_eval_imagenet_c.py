@@ -72,7 +72,8 @@ def test_corruptions_come_from_disk_in_the_published_order(tmp_path):
     assert data.corruptions == ["gaussian_noise", "fog", "spatter", "my_blur"]
     assert ImageNetC(str(root), "spatter,my_blur", [5]).corruptions == ["spatter", "my_blur"]
     assert set(EXTRA_CORRUPTIONS) == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
-    assert corruption_order(["zzz", "saturate", "fog", "gaussian_noise"]) == ["gaussian_noise", "fog", "saturate", "zzz"]
+    assert corruption_order(["zzz", "saturate", "fog", "gaussian_noise"]) == ["gaussian_noise", "fog", "saturate",
+                                                                              "zzz"]
     assert KNOWN_CORRUPTIONS == CORRUPTIONS + EXTRA_CORRUPTIONS and len(KNOWN_CORRUPTIONS) == 19
     with pytest.raises(DataError, match="no corruption hail here; choose from what is present: fog"):
         select_corruptions("hail", ["fog"], "DIR")

@@ -57,8 +57,8 @@ def main(out_prefix: str) -> None:
            "pillow": Image.__version__, "rows": rows,
            "max_abs_diff": {n: max(r["max_abs_diff"] for r in rows if r["preprocess"] == n) for n in PREPROCESS}}
     lines = [f"{'file':<20} {'preprocess':<14} {'max|diff| vs published':>24} {'vs earlier pipeline':>20}"]
-    lines += [f"{r['file']:<20} {r['preprocess']:<14} {r['max_abs_diff']:>24.6g} {r['earlier_pipeline_max_abs_diff']:>20.4f}"
-              for r in rows]
+    lines += [f"{r['file']:<20} {r['preprocess']:<14} {r['max_abs_diff']:>24.6g} "
+              f"{r['earlier_pipeline_max_abs_diff']:>20.4f}" for r in rows]
     lines.append("max over files: " + ", ".join(f"{k} {v:g}" for k, v in out["max_abs_diff"].items()))
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
     Path(out_prefix + ".json").write_text(json.dumps(out, indent=1))

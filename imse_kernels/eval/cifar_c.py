@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_max_per_domain
 from .corruptions import corruption_order, select_corruptions
 from .errors import DataError, reason
 from .protocol import DEFAULT_REPORTS, DataProtocol
@@ -122,9 +123,7 @@ class CifarC:
         self.dataset = dataset
         self.root = find_root(data_dir, dataset)
         self.num_classes = CIFAR_C[dataset][1]
-        if n_examples is not None and (int(n_examples) != n_examples or n_examples < 1):
-            raise DataError(None, f"--max-per-domain must be a positive number of images, got {n_examples}",
-                            "leave it out to use every image")
+        check_max_per_domain(n_examples)
         bad = [s for s in severities if int(s) != s or not 1 <= s <= SEVERITIES]
         if bad or not severities:
             raise DataError(None, f"severity must be 1..{SEVERITIES}, got {bad[0] if bad else 'none'}", "")

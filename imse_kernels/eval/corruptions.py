@@ -294,7 +294,8 @@ def contrast(x, s, gen, k=1):
 def elastic_transform(x, s, gen, k=1):
     n, _, h, w = x.shape
     size = min(h, w)
-    c = [(size * 0, size * 0, size * 0.08), (size * 0.05, size * 0.2, size * 0.07), (size * 0.08, size * 0.06, size * 0.06),
+    c = [(size * 0, size * 0, size * 0.08), (size * 0.05, size * 0.2, size * 0.07),
+         (size * 0.08, size * 0.06, size * 0.06),
          (size * 0.1, size * 0.04, size * 0.05), (size * 0.1, size * 0.03, size * 0.03)][s - 1]
     alpha, sigma, affine = c[0] * k, c[1] * k, c[2]
     centre = torch.tensor([w // 2, h // 2], dtype=torch.float64)  # (x, y), as cv2 points
@@ -363,7 +364,8 @@ def corrupt(images: Tensor, name: str, severity: int, seed: Union[int, torch.Gen
         raise ValueError(f"severity must be an integer 1..5, got {severity!r}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected (N, 3, H, W) images, got shape {tuple(images.shape)}")
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(corruption_seed(seed, name, severity))
+    gen = (seed if isinstance(seed, torch.Generator)
+           else torch.Generator().manual_seed(corruption_seed(seed, name, severity)))
     x = images.detach().to("cpu", torch.float32)
     out = _FUNCS[name](x, int(severity), gen, int(scale))
     return torch.round(out.clamp(0, 1) * 255) / 255

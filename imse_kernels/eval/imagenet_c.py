@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .checks import check_max_per_domain
 from .corruptions import corruption_order, select_corruptions
 from .errors import DataError
 from .images import (IMG_EXTENSIONS, ImageScan, class_index, head_label_warning, list_images, read_image,
@@ -142,9 +143,7 @@ class ImageNetC:
                             "give --data-dir the folder that holds <corruption>/<severity>/<class>/<image>")
         if subset not in SUBSETS:
             raise DataError(None, f"unknown ImageNet-C subset {subset!r}", f"choose one of {', '.join(SUBSETS)}")
-        if max_per_domain is not None and (int(max_per_domain) != max_per_domain or max_per_domain < 1):
-            raise DataError(None, f"--max-per-domain must be a positive number of images, got {max_per_domain}",
-                            "leave it out to use every image of the subset")
+        check_max_per_domain(max_per_domain)
         severities = [int(s) for s in severities]
         self.root, self.severities, self.subset, self.seed = root, severities, subset, seed
         self.corruptions = self._corruptions(corruptions)

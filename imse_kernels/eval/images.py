@@ -28,7 +28,8 @@ def list_images(root: Path) -> list[str]:
     out = []
     for cls in sorted(p for p in os.listdir(root) if (root / p).is_dir()):
         for dirpath, _, files in os.walk(root / cls):
-            out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
+            out += [os.path.relpath(os.path.join(dirpath, f), root) for f in files
+                    if f.lower().endswith(IMG_EXTENSIONS)]
     return sorted(out)
 
 

@@ -276,7 +276,8 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     return correct / len(split)
 
 
-def train_embedded(cfg: EmbeddedConfig, train: Split, progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+def train_embedded(cfg: EmbeddedConfig, train: Split,
+                   progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
     """Train the embedded ViT on clean images (AdamW, warm-up + cosine, label smoothing); deterministic for cfg.seed.
 
     Runs on one CPU thread, so the weights do not depend on the thread count (reduction order)."""
@@ -355,7 +356,7 @@ def load_or_train_embedded(cfg: EmbeddedConfig, train: Split, test: Split, cache
     log(f"training the embedded ViT once ({cfg.steps} steps on {len(train)} clean digits); cached at {path}")
     t0 = time.perf_counter()
     bar = _bar(cfg.steps, "train")
-    model = train_embedded(cfg, train, progress=lambda s, l: bar(s, f"loss {l:.3f}"))
+    model = train_embedded(cfg, train, progress=lambda s, loss: bar(s, f"loss {loss:.3f}"))
     seconds = time.perf_counter() - t0
     meta = {"clean_test_accuracy": accuracy(model, test), "train_seconds": round(seconds, 1), "config": asdict(cfg)}
     # atomic: concurrent runs never read half a file, a killed run never leaves one
