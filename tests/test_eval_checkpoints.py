@@ -170,6 +170,8 @@ def test_hf_hub_names_from_the_local_cache_only(tmp_path, src, sd, monkeypatch):
     loaded = build_timm_model(f"hf-hub:{repo}", None)
     assert loaded.name == "test_vit" and _same_model(loaded, src)
     assert loaded.checkpoint.endswith("model.safetensors") and "hub" in loaded.checkpoint
+    plain = FORMATS["pth"](sd, tmp_path)  # an hf-hub name with a file: the repo names the architecture
+    assert build_timm_model(f"hf-hub:{repo}", str(plain)).name == "test_vit.r160_in1k"
     msg = _error(build_timm_model, "hf-hub:timm/not_here", None)
     assert msg.startswith("hf-hub:timm/not_here: not in the local Hugging Face cache")
     assert "nothing is downloaded" in msg

@@ -11,7 +11,7 @@ A torch file may name Python classes (argparse.Namespace in timm's and DeiT's tr
 module's hyper-parameters): each is replaced by an inert stand-in that only stores its arguments, so
 nothing the file names is imported or run (torch still refuses the os/sys modules outright).
 
-Every problem is a DataError of one line: the file, what is wrong, what to pass.
+Every problem is a DataError of one line: the file, what is wrong, what to pass (docs/design.md, section 13).
 """
 import argparse
 import json

@@ -7,7 +7,7 @@
 [corruption])` as CoTTA and its successors call it, one corruption at a time. Images come out as
 (n, 3, H, W) float32 in [0, 1] (uint8 / 255, as RobustBench), read from the memory map batch by batch.
 Labels: RobustBench reads the first N entries of `labels.npy`; this reader reads the severity's block,
-the same numbers in the released files (the label vector repeats five times).
+the same numbers in the released files (the label vector repeats five times). docs/design.md, section 13.
 """
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union

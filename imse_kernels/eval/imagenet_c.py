@@ -10,6 +10,7 @@ Two protocols (`subset`):
 The same images (by relative path) are read in every domain. Labels: see images.py. Any corruption folder
 is accepted; `all` means every one that holds the requested severities. Images are read with PIL and the
 named pipeline (preprocess.py) in threads, so a bad file is a one-line DataError naming it.
+docs/design.md, section 13.
 """
 import hashlib
 from concurrent.futures import ThreadPoolExecutor

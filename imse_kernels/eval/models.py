@@ -105,7 +105,9 @@ def _model_spec(name: Optional[str], checkpoint: Optional[str]) -> tuple[str, Op
     elif name:
         raise DataError(None, f"--model {name} needs --checkpoint FILE (a local weights file); nothing is downloaded",
                         f"pass --checkpoint, or --model {HF_PREFIX}<repo> for a model in the local Hugging Face cache")
-    arch = (config or {}).get("architecture") if (not name or name.startswith(HF_PREFIX)) else name
+    arch = name
+    if not name or name.startswith(HF_PREFIX):  # the snapshot's config.json, else the repo's name (timm/<model>)
+        arch = (config or {}).get("architecture") or (name or "").split("/")[-1] or None
     if not arch:
         raise DataError(checkpoint or name, "no model architecture given", "pass --model NAME (a timm model name)")
     if not timm.is_model(arch):
