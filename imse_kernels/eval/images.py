@@ -9,6 +9,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -117,16 +118,21 @@ def unreadable_error(root: Path, scan: ImageScan) -> DataError:
 # ----------------------------------------------------------------------------------------------------- labels
 
 
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (timm's ImageNetInfo)."""
+@lru_cache(maxsize=1)
+def _wnids() -> tuple:
     from timm.data import ImageNetInfo
 
-    return list(ImageNetInfo().label_names())
+    return tuple(ImageNetInfo().label_names())
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (timm's ImageNetInfo)."""
+    return list(_wnids())
 
 
 def are_wnids(names: Sequence[str]) -> bool:
     """Whether every name is an ImageNet-1k WordNet id."""
-    wnids = set(imagenet_wnids())
+    wnids = set(_wnids())
     return bool(names) and all(n in wnids for n in names)
 
 
