@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imse_kernels.eval.errors import DataError
 from imse_kernels.eval.imagenet_c import ImageNetC, class_index
 from imse_kernels.eval.streams import Segment, build_stream, true_boundaries
 
@@ -56,15 +57,15 @@ def test_non_wordnet_folders_use_sorted_names(tmp_path):
 
 
 def test_imagenet_c_missing_things_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ImageNet-C directory not found"):
+    with pytest.raises(DataError, match="ImageNet-C directory not found"):
         ImageNetC(str(tmp_path / "absent"), ["fog"], [5], 32)
-    with pytest.raises(FileNotFoundError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs --data-dir"):
         ImageNetC("", ["fog"], [5], 32)
     root = _write_tree(tmp_path / "inc", corruptions=("fog",))
-    with pytest.raises(FileNotFoundError, match="lacks domain folder.*contrast/5"):
+    with pytest.raises(DataError, match="lacks domain folder.*contrast/5.*corruptions present: fog"):
         ImageNetC(str(root), ["fog", "contrast"], [5], 32)
     (root / "fog" / "3").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images under"):
+    with pytest.raises(DataError, match="fog/3: no images here"):
         ImageNetC(str(root), ["fog"], [3], 32)
 
 

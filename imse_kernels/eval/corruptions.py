@@ -24,6 +24,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 Tensor = torch.Tensor
 
 #: ImageNet-C's order: noise, blur, weather, digital.
@@ -33,6 +35,12 @@ CORRUPTIONS = (
     "snow", "frost", "fog",
     "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
+
+#: ImageNet-C's four extra corruptions (also in CIFAR-10-C and CIFAR-100-C): read from disk, not made here.
+EXTRA_CORRUPTIONS = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+
+#: Every corruption known by name, in the published order (the 15, then the extra four).
+KNOWN_CORRUPTIONS = CORRUPTIONS + EXTRA_CORRUPTIONS
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -286,7 +294,8 @@ def contrast(x, s, gen, k=1):
 def elastic_transform(x, s, gen, k=1):
     n, _, h, w = x.shape
     size = min(h, w)
-    c = [(size * 0, size * 0, size * 0.08), (size * 0.05, size * 0.2, size * 0.07), (size * 0.08, size * 0.06, size * 0.06),
+    c = [(size * 0, size * 0, size * 0.08), (size * 0.05, size * 0.2, size * 0.07),
+         (size * 0.08, size * 0.06, size * 0.06),
          (size * 0.1, size * 0.04, size * 0.05), (size * 0.1, size * 0.03, size * 0.03)][s - 1]
     alpha, sigma, affine = c[0] * k, c[1] * k, c[2]
     centre = torch.tensor([w // 2, h // 2], dtype=torch.float64)  # (x, y), as cv2 points
@@ -355,7 +364,8 @@ def corrupt(images: Tensor, name: str, severity: int, seed: Union[int, torch.Gen
         raise ValueError(f"severity must be an integer 1..5, got {severity!r}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected (N, 3, H, W) images, got shape {tuple(images.shape)}")
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(corruption_seed(seed, name, severity))
+    gen = (seed if isinstance(seed, torch.Generator)
+           else torch.Generator().manual_seed(corruption_seed(seed, name, severity)))
     x = images.detach().to("cpu", torch.float32)
     out = _FUNCS[name](x, int(severity), gen, int(scale))
     return torch.round(out.clamp(0, 1) * 255) / 255
@@ -369,4 +379,28 @@ def parse_corruptions(spec: Union[str, Sequence[str], None]) -> list[str]:
     bad = [s for s in names if s not in CORRUPTIONS]
     if bad:
         raise ValueError(f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)}")
+    return names
+
+
+def corruption_order(names: Sequence[str]) -> list[str]:
+    """`names` in the published order (KNOWN_CORRUPTIONS), unknown names after them in sorted order."""
+    rank = {n: i for i, n in enumerate(KNOWN_CORRUPTIONS)}
+    return sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def select_corruptions(spec: Union[str, Sequence[str], None], available: Sequence[str], where: str) -> list[str]:
+    """The corruptions to run from those on disk: 'all' / None -> every available one in the published order;
+    otherwise a comma-separated list (its order kept), each of which must be available. `where` names the
+    data folder in the messages."""
+    present = corruption_order(available)
+    if spec is None or spec == "all":
+        if not present:
+            raise DataError(where, "no corruption found", "check --data-dir (the folder that holds the corruptions)")
+        return present
+    names = list(dict.fromkeys(s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()))
+    missing = [n for n in names if n not in present]
+    if not names or missing:
+        have = ", ".join(present) if present else "none"
+        raise DataError(where, f"no corruption {', '.join(missing) or repr(spec)} here",
+                        f"choose from what is present: {have}")
     return names

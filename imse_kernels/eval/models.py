@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +20,7 @@ from ..state_file import (StateFileError, atomic_write_bytes, atomic_write_text,
                           loads_safetensors, read_bytes)
 from .cache import cache_dir
 from .digits import IMG_SIZE, NUM_CLASSES, Split
+from .errors import DataError
 
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -67,31 +68,146 @@ def fold_normalization(model: nn.Module, mean, std) -> nn.Module:
 # ------------------------------------------------------------------------------------- timm + checkpoint
 
 
-def load_timm_model(name: str, checkpoint: Optional[str], num_classes: Optional[int] = None) -> tuple[nn.Module, dict]:
-    """A timm model with weights from a local file (never downloaded); returns (model taking [0, 1] images, data config).
+@dataclass
+class LoadedModel:
+    """A timm model with a checkpoint's weights, taking [0, 1] images, and how the file was read."""
 
-    The file may be safetensors, a torch checkpoint (loaded with weights_only=True), or whatever timm's loader
-    for that architecture accepts (e.g. .npz for the original ViTs).
+    model: nn.Module
+    data_config: dict
+    name: str                      #: the timm architecture
+    checkpoint: str                #: the weights file read (a directory or hf-hub name resolved to it)
+    num_classes: Optional[int]
+    format: str                    #: safetensors, torch-zip, torch-legacy, npz
+    container: str = "top level"   #: where the weights were in the file
+    stripped: list = field(default_factory=list)  #: key prefixes removed
+    notes: list = field(default_factory=list)     #: for the log (EMA weights present, keys left out, stand-ins)
+    warnings: list = field(default_factory=list)  #: for the user (embeddings resampled)
+
+    def info(self) -> dict:
+        """What a results file records about the model."""
+        return {"model": self.name, "checkpoint": self.checkpoint, "checkpoint_format": self.format,
+                "weights_at": self.container, "stripped_prefixes": list(self.stripped), "num_classes": self.num_classes,
+                "notes": list(self.notes), "warnings": list(self.warnings)}
+
+
+def _model_spec(name: Optional[str], checkpoint: Optional[str]) -> tuple[str, Optional[Path], Optional[dict]]:
+    """(timm architecture, weights file, timm config.json or None) for --model / --checkpoint."""
+    import timm
+
+    from .checkpoints import HF_PREFIX, resolve_checkpoint
+
+    config = None
+    path = None
+    if name and name.startswith(HF_PREFIX) and not checkpoint:
+        path, config = resolve_checkpoint(name)
+    elif checkpoint:
+        path, config = resolve_checkpoint(checkpoint)
+    elif name:
+        raise DataError(None, f"--model {name} needs --checkpoint FILE (a local weights file); nothing is downloaded",
+                        f"pass --checkpoint, or --model {HF_PREFIX}<repo> for a model in the local Hugging Face cache")
+    arch = name
+    if not name or name.startswith(HF_PREFIX):  # the snapshot's config.json, else the repo's name (timm/<model>)
+        arch = (config or {}).get("architecture") or (name or "").split("/")[-1] or None
+    if not arch:
+        raise DataError(checkpoint or name, "no model architecture given", "pass --model NAME (a timm model name)")
+    if not timm.is_model(arch):
+        import difflib
+
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise DataError(None, f"unknown timm model {arch!r}",
+                        f"did you mean {', '.join(close)}?" if close else "see timm.list_models()")
+    return arch, path, config
+
+
+def build_timm_model(name: Optional[str], checkpoint: Optional[str], *, num_classes: Optional[int] = None,
+                     img_size: Optional[int] = None, patch_size: Optional[int] = None,
+                     use_ema: bool = False) -> LoadedModel:
+    """A timm model built with these options and a local checkpoint's weights; never downloads.
+
+    `checkpoint`: a weights file, a model directory, or None with `name` = `hf-hub:<repo>` (local cache only).
+    `img_size` / `patch_size` build a ViT at another input or patch size (its data config says so too);
+    `num_classes` the head's size. A file that does not fit is a DataError naming the keys and shapes that
+    differ and what to pass (checkpoints.py).
     """
     import timm
 
-    if not checkpoint:
-        raise FileNotFoundError(f"--model {name} needs --checkpoint FILE (a local weights file); nothing is downloaded")
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path} (give --checkpoint the path of a local weights file)")
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}")
-    # pretrained=True with a local file: timm's own loader (weights_only torch.load / safetensors, key filters,
-    # position-embedding resizing); no hub id, no URL, so nothing is ever downloaded.
-    kwargs = {"pretrained": True,
-              "pretrained_cfg_overlay": {"file": str(path), "source": "", "hf_hub_id": None, "url": None}}
-    if num_classes is not None:  # the file's head has this size: tell timm so it does not drop the head
-        kwargs["num_classes"] = num_classes
-        kwargs["pretrained_cfg_overlay"]["num_classes"] = num_classes
-    model = timm.create_model(name, **kwargs)
+    from . import checkpoints as ck
+
+    arch, path, config = _model_spec(name, checkpoint)
+    kwargs = dict((config or {}).get("model_args") or {})
+    if num_classes is None and (config or {}).get("num_classes") is not None:
+        num_classes = int(config["num_classes"])
+    for key, value, flag in (("num_classes", num_classes, "--num-classes"), ("img_size", img_size, "--img-size"),
+                             ("patch_size", patch_size, "--patch-size")):
+        if value is not None:
+            if int(value) != value or value < 1:
+                raise DataError(None, f"{flag} must be a positive integer, got {value}", "")
+            kwargs[key] = int(value)
+    try:
+        with torch.device("meta"):  # the model's keys and shapes, without allocating or initialising weights
+            probe = timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as exc:
+        flags = [f for k, f in (("img_size", "--img-size"), ("patch_size", "--patch-size")) if k in kwargs]
+        raise DataError(None, f"{arch} does not take {' / '.join(flags) or 'these options'} ({exc})",
+                        "leave them out, or use a ViT --model") from None
+    shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    outputs = getattr(probe, "num_classes", None)
+    overlay = {"source": "", "url": None, "hf_hub_id": None, "file": None, "state_dict": None,
+               **{k: v for k, v in ((config or {}).get("pretrained_cfg") or {}).items()
+                  if k in ("mean", "std", "interpolation", "crop_pct", "crop_mode", "input_size")},
+               "num_classes": outputs}
+    if img_size is not None:
+        overlay["input_size"] = (3, int(img_size), int(img_size))
+    fmt = ck.sniff(path)
+    state = None
+    if fmt == "npz":
+        overlay.update(file=str(path), custom_load=True)
+    else:
+        state = ck.strip_prefixes(ck.read_state_dict(path, use_ema), shapes)
+        classifier = (getattr(probe, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        err = ck.head_error(state, shapes, classifier if isinstance(classifier, str) else classifier[0], arch,
+                            num_classes)
+        if err is not None:
+            raise err
+        overlay.update(state_dict=state.tensors, custom_load=False)
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as exc:  # timm's loaders raise RuntimeError, KeyError, ValueError, AssertionError, ...
+        if state is None:
+            raise DataError(path, f"timm's .npz loader could not read it into {arch} ({ck.reason(exc)})",
+                            "give the .npz of this --model, or a safetensors / torch file") from None
+        raise ck.mismatch_error(state, shapes, arch, exc) from None
+    for cfg in {id(c): c for c in (model.pretrained_cfg, getattr(model, "default_cfg", None)) if c}.values():
+        cfg.pop("state_dict", None)  # the file's tensors: not kept alive, never written to a results file
+    notes, warnings = [], []
+    if state is not None:
+        notes = list(state.notes)
+        if state.outside:
+            notes.append(f"left out {len(state.outside)} keys outside {''.join(state.stripped)!r} "
+                         f"(e.g. {state.outside[0]})")
+        w = ck.resample_warning(state, probe, arch)
+        if w:
+            warnings.append(w)
     cfg = data_config(model)
-    return fold_normalization(model.eval(), cfg["mean"], cfg["std"]).eval(), cfg
+    model = fold_normalization(model.eval(), cfg["mean"], cfg["std"]).eval()
+    return LoadedModel(model, cfg, arch, str(path), outputs, fmt, state.container if state else "npz",
+                       list(state.stripped) if state else [], notes, warnings)
+
+
+def load_timm_model(name: Optional[str], checkpoint: Optional[str], num_classes: Optional[int] = None, *,
+                    img_size: Optional[int] = None, patch_size: Optional[int] = None,
+                    warn: Optional[Callable[[str], None]] = None) -> tuple[nn.Module, dict]:
+    """`build_timm_model`, returning (model taking [0, 1] images, data config); warnings go to `warn`
+    (default: Python's warnings)."""
+    loaded = build_timm_model(name, checkpoint, num_classes=num_classes, img_size=img_size, patch_size=patch_size)
+    for w in loaded.warnings:
+        if warn is not None:
+            warn(w)
+        else:
+            import warnings
+
+            warnings.warn(w, stacklevel=2)
+    return loaded.model, loaded.data_config
 
 
 # ------------------------------------------------------------------------------------- embedded digits ViT
@@ -162,7 +278,8 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 256) -> float:
     return correct / len(split)
 
 
-def train_embedded(cfg: EmbeddedConfig, train: Split, progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+def train_embedded(cfg: EmbeddedConfig, train: Split,
+                   progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
     """Train the embedded ViT on clean images (AdamW, warm-up + cosine, label smoothing); deterministic for cfg.seed.
 
     Runs on one CPU thread, so the weights do not depend on the thread count (reduction order)."""
@@ -241,7 +358,7 @@ def load_or_train_embedded(cfg: EmbeddedConfig, train: Split, test: Split, cache
     log(f"training the embedded ViT once ({cfg.steps} steps on {len(train)} clean digits); cached at {path}")
     t0 = time.perf_counter()
     bar = _bar(cfg.steps, "train")
-    model = train_embedded(cfg, train, progress=lambda s, l: bar(s, f"loss {l:.3f}"))
+    model = train_embedded(cfg, train, progress=lambda s, loss: bar(s, f"loss {loss:.3f}"))
     seconds = time.perf_counter() - t0
     meta = {"clean_test_accuracy": accuracy(model, test), "train_seconds": round(seconds, 1), "config": asdict(cfg)}
     # atomic: concurrent runs never read half a file, a killed run never leaves one
