@@ -82,12 +82,17 @@ def assert_params(model, names, expected, **tol):
 
 
 # ------------------------------------------------------------------------------------------------ SAR
-def sar_reference(model, xs, lr, rho, margin, reset_constant):
+def sar_reference(model, xs, lr, rho, margin, reset_constant, keep_momentum=False, recover_after=()):
+    """SAR written out; a model recovery (when the loss EMA is below `reset_constant`, or after the steps in
+    `recover_after`) restores the start values and, unless `keep_momentum`, clears SGD's momentum.
+    `keep_momentum=True` is the authors' code: `SAR.reset()` reloads the model's state_dict and the SAM
+    optimizer's state_dict, and SAM's state_dict holds SAM's own state (the perturbation buffers), not the
+    base SGD's, so the momentum buffers stay (sar.py lines 49-52 and 65-69, sam.py)."""
     ps = train_only(model, SAR_NAMES)
     start = [p.detach().clone() for p in ps]
     e0 = margin * math.log(C)
     bufs, ema, recoveries, outs, masks = None, None, 0, [], []
-    for x in xs:
+    for i, x in enumerate(xs):
         logits = model(x)
         h = entropy(logits)
         m1 = h.detach() < e0
@@ -107,21 +112,22 @@ def sar_reference(model, xs, lr, rho, margin, reset_constant):
         if m2.any():
             ema = loss2.item() if ema is None else 0.9 * ema + 0.1 * loss2.item()
         bufs = sgd_(ps, g2, bufs, lr)
-        if ema is not None and ema < reset_constant:
+        if (ema is not None and ema < reset_constant) or i in recover_after:
             with torch.no_grad():
                 for p, p0 in zip(ps, start):
                     p.copy_(p0)
-            bufs, recoveries = None, recoveries + 1
+            bufs, recoveries = (bufs if keep_momentum else None), recoveries + 1
         outs.append(logits.detach())
         masks.append((m1, m2))
-    return outs, ema, recoveries, masks
+    return outs, ema, recoveries, masks, bufs
 
 
 @pytest.mark.parametrize("reset_constant", [0.0, 10.0])
 def test_sar_steps_match_plain_torch(reset_constant):
     base, xs = tiny_vit(), [images(seed=2), images(seed=3)]
     ref = copy.deepcopy(base)
-    outs, ema, recoveries, masks = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=reset_constant)
+    outs, ema, recoveries, masks, _ = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4,
+                                                    reset_constant=reset_constant)
     m1, m2 = masks[0]
     assert 0 < int(m1.sum()) < len(m1), "the reliable filter must keep some samples and drop others"
     sar = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=reset_constant, recovery_clears_momentum=True))
@@ -510,40 +516,6 @@ def test_eval_cli_method_all_runs_the_seven_methods(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ the authors' code
-def sar_authors(model, xs, lr, rho, margin, recover_after):
-    """SAR as the authors' code runs it, with a model recovery after the steps in `recover_after`:
-    `SAR.reset()` reloads the model's state_dict and the SAM optimizer's state_dict, and SAM's state_dict holds
-    SAM's own state (the perturbation buffers), not the base SGD's, so the SGD momentum buffers are left as
-    they were (sar.py lines 49-52 and 65-69, sam.py). Returns the logits and the momentum buffers."""
-    ps = train_only(model, SAR_NAMES)
-    start = [p.detach().clone() for p in ps]
-    e0 = margin * math.log(C)
-    bufs, outs = None, []
-    for i, x in enumerate(xs):
-        logits = model(x)
-        h = entropy(logits)
-        m1 = h.detach() < e0
-        g1 = torch.autograd.grad(h[m1].mean() if m1.any() else (0 * h).sum(), ps)
-        norm = torch.sqrt(sum((g ** 2).sum() for g in g1))
-        old = [p.detach().clone() for p in ps]
-        with torch.no_grad():
-            for p, g in zip(ps, g1):
-                p.add_(rho * g / (norm + 1e-12))
-        h2 = entropy(model(x))
-        m2 = m1 & (h2.detach() < e0)
-        g2 = torch.autograd.grad(h2[m2].mean() if m2.any() else (0 * h2).sum(), ps)
-        with torch.no_grad():
-            for p, o in zip(ps, old):
-                p.copy_(o)
-        bufs = sgd_(ps, g2, bufs, lr)
-        if i in recover_after:
-            with torch.no_grad():
-                for p, p0 in zip(ps, start):
-                    p.copy_(p0)  # the model's saved state; `bufs`, the base SGD's state, stays
-        outs.append(logits.detach())
-    return outs, bufs
-
-
 def test_sar_recovery_keeps_the_momentum_as_the_authors_code():
     """Default: a recovery restores the parameters but not SGD's momentum (the authors' SAM state_dict excludes
     the base optimizer's state), so the step after a recovery moves by the old momentum too.
@@ -551,7 +523,8 @@ def test_sar_recovery_keeps_the_momentum_as_the_authors_code():
     base, xs = tiny_vit(), [images(seed=2), images(seed=3), images(seed=4)]
     # every step ends in a recovery (the loss EMA is always below 10): the momentum accumulates across them
     ref = copy.deepcopy(base)
-    outs, bufs = sar_authors(ref, xs, lr=0.05, rho=0.05, margin=0.4, recover_after={0, 1, 2})
+    outs, _, _, _, bufs = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=10.0,
+                                        keep_momentum=True)
     kept = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=10.0))
     for x, want in zip(xs, outs):
         torch.testing.assert_close(kept(x), want, **TIGHT)
@@ -560,7 +533,8 @@ def test_sar_recovery_keeps_the_momentum_as_the_authors_code():
         torch.testing.assert_close(kept.optimizer.base_optimizer.state[p]["momentum_buffer"], want, **TIGHT)
     # one recovery after the first step: the second step starts at the start values with the first's momentum
     ref = copy.deepcopy(base)
-    outs, _ = sar_authors(ref, xs, lr=0.05, rho=0.05, margin=0.4, recover_after={0})
+    outs = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=0.0, keep_momentum=True,
+                         recover_after={0})[0]
     runs = {}
     for clears in (False, True):
         sar = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=0.0, recovery_clears_momentum=clears))

@@ -96,21 +96,15 @@ class IMSEConfig(MethodConfig):
     retrieval_distance: Optional[str] = None
     temperature: float = 1.0
     stats_momentum: float = 0.8
-    steps: int = 1
-    episodic: bool = False
     stats_window: int = 64
     partial_batch: str = "auto"
     max_entries: Optional[int] = None
     bank_policy: str = "keep_all"
     optimizer_on_retrieval: str = "reset"
 
-    lr_scaling: str = "none"
-    lr_batch1_factor: float = 1.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
         need = self.need
-        self.need_lr_rule()
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two values in [0, 1), got {self.betas}")
         self.need_non_negative("rho", "diversity_weight")
@@ -124,7 +118,6 @@ class IMSEConfig(MethodConfig):
             self.retrieval_distance = canonical_distance(self.retrieval_distance, "IMSEConfig: retrieval_distance")
         self.need_choice("partial_batch", PARTIAL_BATCH)
         self.need_fraction("stats_momentum")
-        self.need_at_least("steps", 1)
         self.need_at_least("stats_window", 2)
         self.need_choice("bank_policy", BANK_POLICIES)
         need(self.max_entries is None or self.max_entries >= 2,

@@ -38,7 +38,7 @@ from .adapter import AdapterStateError
 from .augment import CoTTAAugment
 from .method import Method
 from .method_config import MethodConfig
-from .parameters import use_batch_statistics, weight_and_bias_parameters
+from .parameters import configure_for_adaptation, weight_and_bias_parameters
 
 
 @dataclass
@@ -73,14 +73,8 @@ class CoTTAConfig(MethodConfig):
     noise_std: float = 0.005
     soft_augment: bool = False
     seed: Optional[int] = None
-    steps: int = 1
-    episodic: bool = False
-    lr_scaling: str = "none"
-    lr_batch1_factor: float = 1.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
-        self.need_lr_rule()
         self.need_fraction("momentum")
         self.need(not self.nesterov or self.momentum > 0, "nesterov=True needs momentum > 0 (or set nesterov=False)")
         self.need_non_negative("weight_decay", "noise_std")
@@ -90,7 +84,6 @@ class CoTTAConfig(MethodConfig):
                   f"got {self.confidence_threshold}")
         self.need_at_least("augmentations", 1)
         self.need(0 <= self.restore_prob <= 1, f"restore_prob must be in [0, 1], got {self.restore_prob}")
-        self.need_at_least("steps", 1)
 
 
 def symmetric_cross_entropy(student: Tensor, teacher: Tensor) -> Tensor:
@@ -114,13 +107,8 @@ class CoTTA(Method):
     config_class = CoTTAConfig
 
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        model.train()
-        model.requires_grad_(False)
-        use_batch_statistics(model)
-        named = weight_and_bias_parameters(model)
-        if not named:
-            raise ValueError("CoTTA: the model has no parameter named `weight` or `bias` to adapt")
-        return named
+        configure_for_adaptation(model)
+        return weight_and_bias_parameters(model, "CoTTA")
 
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.config

@@ -32,7 +32,7 @@ from ..losses import entropy_threshold, softmax_entropy
 from .adapter import AdapterStateError
 from .method import Method
 from .method_config import MethodConfig
-from .parameters import block_norm_parameters, use_batch_statistics
+from .parameters import block_norm_parameters, configure_for_adaptation
 
 
 @dataclass
@@ -55,6 +55,8 @@ class DeYOConfig(MethodConfig):
     """
 
     lr: float = 1e-3
+    lr_scaling: str = "linear"
+    lr_batch1_factor: float = 2.0
     momentum: float = 0.9
     deyo_margin: float = 0.5
     margin_e0: float = 0.4
@@ -64,14 +66,8 @@ class DeYOConfig(MethodConfig):
     reweight_plpd: float = 1.0
     frozen_blocks: int = 3
     seed: Optional[int] = None
-    steps: int = 1
-    episodic: bool = False
-    lr_scaling: str = "linear"
-    lr_batch1_factor: float = 2.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
-        self.need_lr_rule()
         self.need_fraction("momentum")
         self.need(self.deyo_margin > 0, f"deyo_margin must be > 0 (a fraction of ln C), got {self.deyo_margin}")
         self.need(self.margin_e0 > 0, f"margin_e0 must be > 0 (a fraction of ln C), got {self.margin_e0}")
@@ -80,7 +76,6 @@ class DeYOConfig(MethodConfig):
         self.need_at_least("patch_len", 2)
         self.need_non_negative("reweight_ent", "reweight_plpd")
         self.need_at_least("frozen_blocks", 0)
-        self.need_at_least("steps", 1)
 
 
 def patch_shuffle(x: Tensor, patch_len: int, generator: torch.Generator) -> Tensor:
@@ -110,9 +105,7 @@ class DeYO(Method):
     config_class = DeYOConfig
 
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        model.train()
-        model.requires_grad_(False)
-        use_batch_statistics(model)
+        configure_for_adaptation(model)
         return block_norm_parameters(model, self.config.frozen_blocks, "DeYO")
 
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:

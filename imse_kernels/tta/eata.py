@@ -35,7 +35,7 @@ from ..losses import entropy_threshold, softmax_entropy
 from .adapter import AdapterStateError
 from .method import Method, source_images
 from .method_config import MethodConfig
-from .parameters import norm_parameters, use_batch_statistics
+from .parameters import configure_for_adaptation, norm_parameters
 
 
 @dataclass
@@ -54,26 +54,21 @@ class EATAConfig(MethodConfig):
     """
 
     lr: float = 1e-3
+    lr_scaling: str = "linear"
+    lr_batch1_factor: float = 1.0
     momentum: float = 0.9
     entropy_margin: float = 0.4
     d_margin: float = 0.05
     fisher_alpha: float = 2000.0
     probs_momentum: float = 0.9
-    steps: int = 1
-    episodic: bool = False
-    lr_scaling: str = "linear"
-    lr_batch1_factor: float = 1.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
-        self.need_lr_rule()
         self.need_fraction("momentum", "probs_momentum")
         self.need(self.entropy_margin > 0,
                   f"entropy_margin must be > 0 (a fraction of ln C), got {self.entropy_margin}")
         self.need(self.d_margin > 0, f"d_margin must be > 0 (a cosine similarity, at most 1 keeps all), "
                                      f"got {self.d_margin}")
         self.need_non_negative("fisher_alpha")
-        self.need_at_least("steps", 1)
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -95,13 +90,8 @@ class EATA(Method):
     uses_source = True
 
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        model.train()
-        model.requires_grad_(False)
-        use_batch_statistics(model)
-        named = norm_parameters(model)
-        if not named:
-            raise ValueError("EATA: the model has no normalisation layer with affine parameters")
-        return named
+        configure_for_adaptation(model)
+        return norm_parameters(model, "EATA")
 
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.config.momentum)

@@ -52,9 +52,13 @@ class CheckedConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             setattr(self, f.name, self._typed(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_common()
         self.check()
 
     # ------------------------------------------------------------------ rules
+    def _check_common(self) -> None:
+        """The rules of the fields a base class declares (before the subclass's `check()`)."""
+
     def check(self) -> None:
         """The subclass's range and cross-field rules (with `need` and the `need_*` helpers)."""
 
@@ -202,11 +206,25 @@ class CheckedConfig:
 
 @dataclasses.dataclass
 class MethodConfig(CheckedConfig):
-    """Base of the methods' configs: each has `lr` (at batch 64), `lr_scaling`, `lr_batch1_factor`, `batch_size`
-    (`tta.lr_scaling`), `steps` and `episodic`, and calls `need_lr_rule()` in its `check()`."""
+    """Base of the methods' configs: the fields every method has, checked here once. A config redeclares a field
+    to change its default (the field keeps its place).
 
-    def need_lr_rule(self) -> None:
-        """lr > 0 and the batch-size scaling fields (`tta.lr_scaling`): lr_scaling, lr_batch1_factor, batch_size."""
+    lr                 the learning rate at the reference batch of 64.
+    steps, episodic    updates per batch; restore the start state before every batch.
+    lr_scaling, lr_batch1_factor, batch_size   the learning rate's batch scaling (`tta.lr_scaling`): the rule,
+                       the factor at batch 1, the stream's batch size (None: lr as given; imse-eval and
+                       `tta.build` fill in the run's).
+    """
+
+    lr: float = 1e-3
+    steps: int = 1
+    episodic: bool = False
+    lr_scaling: str = "none"
+    lr_batch1_factor: float = 1.0
+    batch_size: Optional[int] = None
+
+    def _check_common(self) -> None:
         self.need_positive("lr", "lr_batch1_factor")
+        self.need_at_least("steps", 1)
         self.need_choice("lr_scaling", LR_SCALING)
         self.need_at_least("batch_size", 1)

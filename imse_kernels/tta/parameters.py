@@ -20,14 +20,26 @@ def block_index(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def norm_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def configure_for_adaptation(model: nn.Module) -> None:
+    """The authors' `configure_model`: train mode, every parameter frozen (the method unfreezes its own), and
+    BatchNorm layers normalising with the batch's statistics."""
+    model.train()
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+
+
+def norm_parameters(model: nn.Module, who: str = "Tent") -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the affine weight and bias of every LayerNorm, GroupNorm and BatchNorm (Tent's
-    `collect_params`; EATA's, SAR repo eata.py lines 143–157)."""
+    `collect_params`; EATA's, SAR repo eata.py lines 143–157); ValueError naming `who` when there is none."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, NORMS):
             out += [(f"{name}.{k}" if name else k, p) for k, p in m.named_parameters(recurse=False)
                     if k in ("weight", "bias")]
+    if not out:
+        raise ValueError(f"{who}: the model has no normalisation layer with affine parameters")
     return out
 
 
@@ -56,17 +68,13 @@ def block_norm_parameters(model: nn.Module, frozen_blocks: int = 3, who: str = "
     return out
 
 
-def weight_and_bias_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def weight_and_bias_parameters(model: nn.Module, who: str = "CoTTA") -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every parameter named `weight` or `bias` (CoTTA cotta.py `collect_params`,
-    lines 136–153: every module's, not only the normalisation layers)."""
-    return [(n, p) for n, p in model.named_parameters() if n.split(".")[-1] in ("weight", "bias")]
-
-
-def use_batch_statistics(model: nn.Module) -> None:
-    """BatchNorm layers normalise with the batch's statistics, as Tent's `configure_model` sets them."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    lines 136–153: every module's, not only the normalisation layers); ValueError naming `who` when none."""
+    out = [(n, p) for n, p in model.named_parameters() if n.split(".")[-1] in ("weight", "bias")]
+    if not out:
+        raise ValueError(f"{who}: the model has no parameter named `weight` or `bias` to adapt")
+    return out
 
 
 def resolve_blocks(blocks: Optional[Iterable[int]], depth: int, who: str = "IMSE") -> set[int]:

@@ -41,7 +41,7 @@ from ..optim import SAM
 from .adapter import AdapterStateError
 from .method import Method
 from .method_config import MethodConfig
-from .parameters import block_norm_parameters, use_batch_statistics
+from .parameters import block_norm_parameters, configure_for_adaptation
 
 
 @dataclass
@@ -63,6 +63,8 @@ class SARConfig(MethodConfig):
     """
 
     lr: float = 1e-3
+    lr_scaling: str = "linear"
+    lr_batch1_factor: float = 2.0
     momentum: float = 0.9
     rho: float = 0.05
     entropy_margin: float = 0.4
@@ -70,14 +72,8 @@ class SARConfig(MethodConfig):
     ema_momentum: float = 0.9
     frozen_blocks: int = 3
     recovery_clears_momentum: bool = False
-    steps: int = 1
-    episodic: bool = False
-    lr_scaling: str = "linear"
-    lr_batch1_factor: float = 2.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
-        self.need_lr_rule()
         self.need_fraction("momentum", "ema_momentum")
         self.need_non_negative("rho")
         self.need(self.entropy_margin > 0,
@@ -85,7 +81,6 @@ class SARConfig(MethodConfig):
         self.need(self.reset_constant >= 0, f"reset_constant must be >= 0 (0 turns recovery off), got "
                                             f"{self.reset_constant}")
         self.need_at_least("frozen_blocks", 0)
-        self.need_at_least("steps", 1)
 
 
 class SAR(Method):
@@ -100,9 +95,7 @@ class SAR(Method):
     config_class = SARConfig
 
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        model.train()
-        model.requires_grad_(False)
-        use_batch_statistics(model)
+        configure_for_adaptation(model)
         return block_norm_parameters(model, self.config.frozen_blocks, "SAR")
 
     def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:

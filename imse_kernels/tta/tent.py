@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..losses import softmax_entropy
 from .method import Method
 from .method_config import MethodConfig
-from .parameters import norm_parameters, use_batch_statistics
+from .parameters import configure_for_adaptation, norm_parameters
 
 OPTIMS = ("adam", "sgd")
 _OPTIMIZER_FIELDS = ("optim", "lr", "momentum", "nesterov", "betas", "weight_decay")
@@ -45,23 +45,16 @@ class TentConfig(MethodConfig):
     nesterov: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    steps: int = 1
-    episodic: bool = False
-    lr_scaling: str = "none"
-    lr_batch1_factor: float = 1.0
-    batch_size: Optional[int] = None
 
     def check(self) -> None:
         self.need(self.optim in OPTIMS,
                   f"optim (the optimizer Tent builds) must be 'adam' or 'sgd', got {self.optim!r}")
-        self.need_lr_rule()
         self.need_fraction("momentum")
         self.need(not (self.nesterov and self.optim == "sgd") or self.momentum > 0,
                   "nesterov=True needs momentum > 0 (or set nesterov=False)")
         self.need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                   f"betas must be two values in [0, 1), got {self.betas}")
         self.need_non_negative("weight_decay")
-        self.need_at_least("steps", 1)
 
 
 class Tent(Method):
@@ -101,15 +94,10 @@ class Tent(Method):
         super().__init__(model, config, optimizer=optimizer, compile=compile, **fields)
 
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        model.train()
-        model.requires_grad_(False)
-        use_batch_statistics(model)
+        configure_for_adaptation(model)
         ready = self._given_optimizer
         if ready is None:
-            named = norm_parameters(model)
-            if not named:
-                raise ValueError("Tent: the model has no normalisation layer with affine parameters")
-            return named
+            return norm_parameters(model, "Tent")
         params = [p for g in ready.param_groups for p in g["params"]]
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         foreign = [i for i, p in enumerate(params) if id(p) not in names]
