@@ -78,6 +78,10 @@ class IMSE(Method):
     uses_source = True
     data_parallel = True
 
+    def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None, *, compile: "bool | str | dict" = False,
+                 source: Optional[Iterable] = None, process_group=None, **fields) -> None:
+        super().__init__(model, config, compile=compile, source=source, process_group=process_group, **fields)
+
     def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         cfg = self.config
         self.layers, self.adapted, self._probed = select_layers(model, cfg.adapt_blocks, cfg.diversity_blocks, "IMSE")

@@ -15,8 +15,9 @@
   * `compile=`: the method's `_compile_target` (default: the model's forward) through `torch.compile`;
   * clean source data: `prepare(source)`, or `source=` at construction, for the methods that use it
     (`uses_source`: EATA's Fisher, IMSE's source statistics); the others refuse it.
-Two options only some methods take: `process_group=` (`data_parallel`: IMSE) and `optimizer=` (a ready
-torch optimizer over parameters of the user's choice, `takes_optimizer`: Tent).
+Two options only some methods take, declared in their signatures and handled here: `process_group=`
+(`data_parallel`: IMSE) and `optimizer=` (a ready torch optimizer over parameters of the user's choice,
+`takes_optimizer`: Tent); the others refuse them.
 A method writes its parameter selection, its optimizer and `_step(x)`; `_update(loss)` is the shared
 backward, finiteness check and step of the plain gradient methods.
 """
@@ -70,9 +71,10 @@ class Method(Adapter):
     takes_optimizer = False
 
     def __init__(self, model: nn.Module, config: Optional[MethodConfig] = None, *, compile: "bool | str | dict" = False,
-                 source: Optional[Iterable] = None, process_group=None,
-                 optimizer: Optional[torch.optim.Optimizer] = None, **fields) -> None:
+                 source: Optional[Iterable] = None, **fields) -> None:
         super().__init__()
+        # the two options of some methods, which declare them in their own signature (IMSE, Tent)
+        process_group, optimizer = fields.pop("process_group", None), fields.pop("optimizer", None)
         self.config = resolve_config(self.config_class, config, fields, self.kind)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.kind}: model must be an nn.Module, got {type(model).__name__}")

@@ -58,7 +58,7 @@ class TentConfig(MethodConfig):
 
 
 class Tent(Method):
-    """Tent(model, config=None, *, optimizer=None, compile=False, **fields); `fields` are `TentConfig` fields
+    """Tent(model, config=None, *, compile=False, optimizer=None, **fields); `fields` are `TentConfig` fields
     (e.g. `Tent(model, optim="sgd", lr=1e-3)`).
 
     optimizer   None: Tent builds `config.optim` over the normalisation parameters. A `torch.optim.Optimizer`:
@@ -74,9 +74,8 @@ class Tent(Method):
     config_class = TentConfig
     takes_optimizer = True
 
-    def __init__(self, model: nn.Module, config: Optional[TentConfig] = None, *,
-                 optimizer: "Optional[torch.optim.Optimizer | str]" = None, compile: "bool | str | dict" = False,
-                 **fields) -> None:
+    def __init__(self, model: nn.Module, config: Optional[TentConfig] = None, *, compile: "bool | str | dict" = False,
+                 optimizer: "Optional[torch.optim.Optimizer | str]" = None, **fields) -> None:
         if isinstance(optimizer, str):
             if "optim" in fields:
                 raise ValueError("Tent: give the optimizer kind once, as optim=")
