@@ -84,7 +84,7 @@ def test_method_config_generic_and_method_specific():
     tent = P.method_config(Tent(model, optim="sgd", lr=0.02, momentum=0.7))
     g = tent["optimizer"]["param_groups"][0]
     assert tent["class"] == "Tent" and tent["optimizer"]["class"] == "SGD" and (g["lr"], g["momentum"]) == (0.02, 0.7)
-    assert tent["steps"] == 1 and tent["episodic"] is False
+    assert tent["config"]["steps"] == 1 and tent["config"]["episodic"] is False
     cfg = IMSEConfig(lr=1e-3, retrieval="mix")
     imse = P.method_config(IMSE(model, cfg))
     assert imse["class"] == "IMSE" and imse["config"] == json.loads(json.dumps(P.jsonable(dataclasses.asdict(cfg))))

@@ -12,7 +12,7 @@ from test_compiled_step import CountingBackend
 from test_tta_imse import tiny_vit
 
 from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, MultiStreamIMSE
-from imse_kernels.tta.multi_stream import _RowAdam
+from imse_kernels.optim import RowAdam
 
 CONFIG = dict(stats_window=4, shift_threshold=0.3, lr=3e-3)  # within-domain KL of 4-image windows < 0.3 < across
 K = 3
@@ -207,7 +207,7 @@ def test_row_adam_equals_torch_adam_per_row():
     table = torch.randn(k, r)
     refs = [torch.nn.Parameter(table[i].clone()) for i in range(k)]
     opts = [torch.optim.Adam([p], lr=7e-3, betas=(0.9, 0.999)) for p in refs]
-    adam = _RowAdam({"t": (k, r)}, "cpu", 7e-3, (0.9, 0.999))
+    adam = RowAdam({"t": (k, r)}, "cpu", 7e-3, (0.9, 0.999))
     for rows in ([0, 1, 2], [0, 2], [1], "reset 1", [1, 2], [0, 1, 2]):
         if rows == "reset 1":
             opts[1] = torch.optim.Adam([refs[1]], lr=7e-3, betas=(0.9, 0.999))

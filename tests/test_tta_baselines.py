@@ -65,7 +65,7 @@ def test_tent_reset_non_finite_and_bad_args():
     with pytest.raises(ValueError, match="optimizer"):
         Tent(tiny_vit(), optim="rmsprop")
     with pytest.raises(TypeError, match="keyword"):
-        Tent(tiny_vit(), 1e-3)  # the second argument is the optimizer now
+        Tent(tiny_vit(), 1e-3)  # the second argument is the config; settings are keywords
     with pytest.raises(ValueError, match="normalisation"):
         Tent(nn.Sequential(nn.Linear(3, 3)))
 
@@ -91,13 +91,13 @@ def test_tent_takes_a_ready_optimizer():
     torch.manual_seed(0)
     model = tiny_vit()
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if ".norm" in n or n.startswith("norm")], lr=1e-3)
-    given = Tent(model, opt)
+    given = Tent(model, optimizer=opt)
     assert given.optimizer is opt and given.param_names == [n for n, _ in norm_params(model).items()]
     torch.testing.assert_close(given(x), built(x), rtol=0, atol=0)
     torch.testing.assert_close(given(x), built(x), rtol=0, atol=0)
     # any parameters of the model the user chose: here only the head's bias
     model = tiny_vit()
-    tent = Tent(model, torch.optim.SGD([model.head.bias], lr=0.1))
+    tent = Tent(model, optimizer=torch.optim.SGD([model.head.bias], lr=0.1))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     tent(x)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), start[n])]
@@ -105,9 +105,9 @@ def test_tent_takes_a_ready_optimizer():
     tent.reset()
     assert torch.equal(model.head.bias.detach(), start["head.bias"])
     with pytest.raises(ValueError, match="lr"):
-        Tent(tiny_vit(), torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), lr=1e-3)
+        Tent(tiny_vit(), optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), lr=1e-3)
     with pytest.raises(ValueError, match="not the model's"):
-        Tent(tiny_vit(), torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+        Tent(tiny_vit(), optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
 
 
 def test_source_is_the_frozen_model():

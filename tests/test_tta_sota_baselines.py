@@ -82,12 +82,17 @@ def assert_params(model, names, expected, **tol):
 
 
 # ------------------------------------------------------------------------------------------------ SAR
-def sar_reference(model, xs, lr, rho, margin, reset_constant):
+def sar_reference(model, xs, lr, rho, margin, reset_constant, keep_momentum=False, recover_after=()):
+    """SAR written out; a model recovery (when the loss EMA is below `reset_constant`, or after the steps in
+    `recover_after`) restores the start values and, unless `keep_momentum`, clears SGD's momentum.
+    `keep_momentum=True` is the authors' code: `SAR.reset()` reloads the model's state_dict and the SAM
+    optimizer's state_dict, and SAM's state_dict holds SAM's own state (the perturbation buffers), not the
+    base SGD's, so the momentum buffers stay (sar.py lines 49-52 and 65-69, sam.py)."""
     ps = train_only(model, SAR_NAMES)
     start = [p.detach().clone() for p in ps]
     e0 = margin * math.log(C)
     bufs, ema, recoveries, outs, masks = None, None, 0, [], []
-    for x in xs:
+    for i, x in enumerate(xs):
         logits = model(x)
         h = entropy(logits)
         m1 = h.detach() < e0
@@ -107,24 +112,25 @@ def sar_reference(model, xs, lr, rho, margin, reset_constant):
         if m2.any():
             ema = loss2.item() if ema is None else 0.9 * ema + 0.1 * loss2.item()
         bufs = sgd_(ps, g2, bufs, lr)
-        if ema is not None and ema < reset_constant:
+        if (ema is not None and ema < reset_constant) or i in recover_after:
             with torch.no_grad():
                 for p, p0 in zip(ps, start):
                     p.copy_(p0)
-            bufs, recoveries = None, recoveries + 1
+            bufs, recoveries = (bufs if keep_momentum else None), recoveries + 1
         outs.append(logits.detach())
         masks.append((m1, m2))
-    return outs, ema, recoveries, masks
+    return outs, ema, recoveries, masks, bufs
 
 
 @pytest.mark.parametrize("reset_constant", [0.0, 10.0])
 def test_sar_steps_match_plain_torch(reset_constant):
     base, xs = tiny_vit(), [images(seed=2), images(seed=3)]
     ref = copy.deepcopy(base)
-    outs, ema, recoveries, masks = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=reset_constant)
+    outs, ema, recoveries, masks, _ = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4,
+                                                    reset_constant=reset_constant)
     m1, m2 = masks[0]
     assert 0 < int(m1.sum()) < len(m1), "the reliable filter must keep some samples and drop others"
-    sar = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=reset_constant))
+    sar = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=reset_constant, recovery_clears_momentum=True))
     for x, want in zip(xs, outs):
         torch.testing.assert_close(sar(x), want, **TIGHT)
     assert_params(sar.model, SAR_NAMES, params_of(ref, SAR_NAMES))
@@ -189,7 +195,7 @@ def test_eata_steps_match_plain_torch():
     eata_reference(no_fisher, src, xs, alpha=0.0, **kw)
     assert max((a - b).abs().max() for a, b in zip(params_of(ref, EATA_NAMES), params_of(no_fisher, EATA_NAMES))) > 1e-8
 
-    eata = EATA(copy.deepcopy(base), EATAConfig(d_margin=0.5), source_batches=[(x, None) for x in src])
+    eata = EATA(copy.deepcopy(base), EATAConfig(d_margin=0.5), source=[(x, None) for x in src])
     for f, want in zip(eata.fisher, fisher):
         torch.testing.assert_close(f, want, **TIGHT)
     for x, want in zip(xs, outs):
@@ -316,7 +322,7 @@ def test_deyo_steps_match_plain_torch():
 # ------------------------------------------------------------------------------------------------ shared behaviour
 MAKERS = {
     "sar": lambda m: SAR(m),
-    "eata": lambda m: EATA(m, EATAConfig(d_margin=0.5), source_batches=[images(4, seed=10)]),
+    "eata": lambda m: EATA(m, EATAConfig(d_margin=0.5), source=[images(4, seed=10)]),
     "cotta": lambda m: CoTTA(m, CoTTAConfig(confidence_threshold=1.0, augmentations=2, restore_prob=0.1)),
     "deyo": lambda m: DeYO(m, DeYOConfig(plpd_threshold=-1.0)),
 }
@@ -439,10 +445,10 @@ def test_augment_operations_against_formulas():
     torch.testing.assert_close(A.adjust_gamma(x, 0.7), x.clamp_min(1e-8) ** 0.7)
     torch.testing.assert_close(A.adjust_hue(x, 0.0), x)
     torch.testing.assert_close(A.adjust_hue(x, 1.0), x)  # a full turn
-    mid = torch.full_like(x, 0.5) + 0.1 * (x - 0.5)  # in gamut after the shift: luma is kept exactly
-    yiq_y = lambda t: 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]  # noqa: E731
-    torch.testing.assert_close(yiq_y(A.adjust_hue(mid, 0.06)), yiq_y(mid))
-    assert not torch.allclose(A.adjust_hue(mid, 0.06), mid)
+    shifted = A.adjust_hue(x, 0.06)  # an HSV shift keeps value (the max) and chroma (max − min)
+    torch.testing.assert_close(shifted.amax(1), x.amax(1))
+    torch.testing.assert_close(shifted.amax(1) - shifted.amin(1), x.amax(1) - x.amin(1))
+    assert not torch.allclose(shifted, x)
     torch.testing.assert_close(A.affine(x, 0.0, (0, 0), 1.0), x)
     shifted = A.affine(x, 0.0, (3, -2), 1.0)  # content moves 3 right, 2 up; edge values fill in
     torch.testing.assert_close(shifted[..., 0:30, 3:], x[..., 2:32, :29])
@@ -507,3 +513,115 @@ def test_eval_cli_method_all_runs_the_seven_methods(tmp_path, capsys):
     assert prov["sar"]["config"]["frozen_blocks"] == 3 and prov["sar"]["config"]["rho"] == 0.05
     assert prov["eata"]["config"]["fisher_alpha"] == 2000.0
     assert prov["cotta"]["config"]["seed"] == 3 and prov["deyo"]["config"]["seed"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ the authors' code
+def test_sar_recovery_keeps_the_momentum_as_the_authors_code():
+    """Default: a recovery restores the parameters but not SGD's momentum (the authors' SAM state_dict excludes
+    the base optimizer's state), so the step after a recovery moves by the old momentum too.
+    `recovery_clears_momentum=True` gives a fresh SGD instead, and then the next step differs."""
+    base, xs = tiny_vit(), [images(seed=2), images(seed=3), images(seed=4)]
+    # every step ends in a recovery (the loss EMA is always below 10): the momentum accumulates across them
+    ref = copy.deepcopy(base)
+    outs, _, _, _, bufs = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=10.0,
+                                        keep_momentum=True)
+    kept = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=10.0))
+    for x, want in zip(xs, outs):
+        torch.testing.assert_close(kept(x), want, **TIGHT)
+    assert kept.recoveries == 3 and all(torch.equal(a, b) for a, b in zip(kept.params, params_of(base, SAR_NAMES)))
+    for p, want in zip(kept.params, bufs):
+        torch.testing.assert_close(kept.optimizer.base_optimizer.state[p]["momentum_buffer"], want, **TIGHT)
+    # one recovery after the first step: the second step starts at the start values with the first's momentum
+    ref = copy.deepcopy(base)
+    outs = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=0.0, keep_momentum=True,
+                         recover_after={0})[0]
+    runs = {}
+    for clears in (False, True):
+        sar = SAR(copy.deepcopy(base), SARConfig(lr=0.05, reset_constant=0.0, recovery_clears_momentum=clears))
+        sar(xs[0])
+        sar._recover()  # what an EMA below reset_constant triggers
+        runs[clears] = (sar(xs[1]), sar(xs[2]), params_of(sar.model, SAR_NAMES))
+    torch.testing.assert_close(runs[False][1], outs[2], **TIGHT)
+    for got, want in zip(runs[False][2], params_of(ref, SAR_NAMES)):
+        torch.testing.assert_close(got, want, **TIGHT)
+    assert not torch.allclose(runs[True][1], outs[2], **TIGHT), "clearing the momentum must change the result"
+    # the authors' reset() is also what an episodic SAR runs before every batch: the momentum stays there too
+    episodic = SAR(copy.deepcopy(base), SARConfig(lr=0.05, episodic=True, reset_constant=0.0))
+    episodic(xs[0])
+    episodic(xs[1])
+    assert episodic.optimizer.base_optimizer.state[episodic.params[0]]["momentum_buffer"] is not None
+    episodic.reset()  # the library's reset() is a full restart: as a fresh adapter
+    assert episodic.optimizer.state_dict()["state"] == {} and episodic.ema is None
+
+
+def authors_lr(method: str, batch: int) -> float:
+    """The learning rate each author's main script sets for ViT-B/16 (vitbase_timm) at a batch size, written as
+    their scripts write it: SAR and EATA in mr-eggplant/SAR main.py lines 191-193 and 205-207, DeYO in
+    Jhyun17/DeYO main.py lines 350-352 and 377-379; IMSE's main.py and CoTTA's imagenetc.py use the config's lr."""
+    if method in ("sar", "eata", "deyo"):
+        lr = (0.001 / 64) * batch
+        if batch == 1 and method in ("sar", "deyo"):  # exp_type == 'bs1': "double lr for sar / DeYO under bs=1"
+            lr = 2 * lr
+        return lr
+    return {"cotta": 0.01, "imse": 7e-3, "tent": 1e-3}[method]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 16, 31, 32, 48, 64, 128])
+def test_learning_rates_scale_with_the_batch_as_the_authors_code(batch):
+    from imse_kernels.tta import build, scaled_lr
+
+    model = tiny_vit(dtype=torch.float32)
+    for name in ("sar", "eata", "deyo", "cotta", "imse", "tent"):
+        adapter = build(name, copy.deepcopy(model), batch_size=batch)
+        want = authors_lr(name, batch)
+        assert adapter.lr == want, (name, batch)  # the same float: the same operations in the same order
+        assert all(g["lr"] == want for g in adapter.optimizer.param_groups), (name, batch)
+    # the authors' ResNet-50 rule (resnet50_gn_timm / resnet50_bn_torch): 0.00025 from batch 32, doubled below
+    resnet = (0.00025 / 64) * batch * 2 if batch < 32 else 0.00025
+    assert scaled_lr(0.00025, "resnet", batch) == resnet
+    assert scaled_lr(0.00025, "resnet", batch, 2.0) == (2 * resnet if batch == 1 else resnet)
+    assert scaled_lr(0.001, "linear", None, 2.0) == 0.001, "no batch size: the lr as given"
+
+
+def hsv_shift_reference(x, factor):
+    """The HSV hue shift pixel by pixel with Python's colorsys (an implementation independent of both)."""
+    import colorsys
+
+    out = torch.empty_like(x)
+    for b in range(x.shape[0]):
+        for i in range(x.shape[2]):
+            for j in range(x.shape[3]):
+                h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
+                out[b, :, i, j] = torch.tensor(colorsys.hsv_to_rgb((h + factor) % 1.0, s, v), dtype=x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("factor", [-0.06, -0.03, -0.01, 0.0, 0.0123, 0.03, 0.06, 0.5, -0.5])
+def test_hue_is_torchvisions_hsv_shift(factor):
+    """CoTTA's hue jitter (ColorJitterPro -> torchvision adjust_hue) on random images with the exact factors: the
+    plain-torch shift equals torchvision's (float32, its arithmetic) and an independent colorsys re-derivation."""
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 3, 9, 11, generator=g)
+    x[0, :, 0, 0] = 0.4  # grey: no hue
+    x[1, :, 1, 1] = torch.tensor([0.8, 0.8, 0.1])  # ties between channels
+    x[2, :, 2, 2] = torch.tensor([1.0, 0.0, 0.0])
+    torch.testing.assert_close(A.adjust_hue(x, factor), tvf.adjust_hue(x, factor), rtol=0, atol=2e-6)
+    torch.testing.assert_close(A.adjust_hue(x.double(), factor), hsv_shift_reference(x.double(), factor),
+                               rtol=0, atol=1e-12)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    if 0 < factor < 1 / 6:  # red turns toward orange (green rises), as in torchvision: not toward magenta
+        assert A.adjust_hue(red, factor)[0, 1, 0, 0] > 0 and A.adjust_hue(red, factor)[0, 2, 0, 0] == 0
+
+
+def test_the_old_yiq_rotation_is_not_torchvision():
+    """The YIQ-plane rotation the augmentation used before turns red the other way: the comparison above fails
+    for it (so that test can fail)."""
+    tvf = pytest.importorskip("torchvision.transforms.functional")
+    yiq = torch.tensor(((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)))
+    a = 2 * math.pi * 0.06
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]])
+    red = torch.tensor([1.0, 0.0, 0.0])
+    old = ((torch.linalg.inv(yiq) @ rot @ yiq) @ red).clamp(0, 1)
+    new = tvf.adjust_hue(red.view(1, 3, 1, 1), 0.06).flatten()
+    assert old[2] > 0 and new[2] == 0 and new[1] > 0, (old, new)  # magenta-ward against orange-ward

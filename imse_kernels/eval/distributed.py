@@ -12,10 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..tta import Source, registry
 from ..tta.distributed import DEFAULT_TIMEOUT_S, GroupComm, init_distributed
+from .usage import UsageError
 
-#: Methods that adapt data-parallel (they take `process_group`); Source needs no communication at all.
-PARALLEL_METHODS = ("source", "imse", "imse-mix", "imse-nodiv")
+
+def parallel_methods() -> list[str]:
+    """The registered methods that run under torchrun: the data-parallel ones (`data_parallel`, they take
+    `process_group`) and Source, which needs no communication at all."""
+    return [n for n, e in registry.REGISTRY.items() if e.cls is Source or getattr(e.cls, "data_parallel", False)]
 
 
 def shard_slice(n: int, world: int, rank: int) -> slice:
@@ -55,8 +60,9 @@ def check_methods(names, comm: Optional[GroupComm]) -> None:
     """Under torchrun only data-parallel methods run: the others would adapt each shard on its own."""
     if comm is None:
         return
-    bad = [n for n in names if n not in PARALLEL_METHODS]
+    ok = parallel_methods()
+    bad = [n for n in names if n not in ok]
     if bad:
-        raise SystemExit(f"imse-eval: under torchrun ({comm.world_size} ranks) only data-parallel methods run "
-                         f"({', '.join(PARALLEL_METHODS)}); {', '.join(bad)} would adapt each rank's shard on its "
+        raise UsageError(f"under torchrun ({comm.world_size} ranks) only data-parallel methods run "
+                         f"({', '.join(ok)}); {', '.join(bad)} would adapt each rank's shard on its "
                          "own. Pass --method with those, or run the others in one process.")

@@ -6,15 +6,22 @@ separate `IMSE` adapters, each given only its own stream's images, are the refer
 adapter's contract (docs/design.md §8) both give the same predictions, so the table shows equal
 accuracy side by side with the throughput of each.
 """
+import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..backends import use_backend
 from ..tta import IMSE, IMSEConfig, MultiStreamIMSE
+from . import provenance as prov
+from .data_spec import images_per_domain
 from .progress import Progress
+from .report import provenance_record, write_json
 
 
 @dataclass
@@ -118,3 +125,47 @@ def multi_stream_table(orders: list[list[str]], results: list[MultiStreamResult]
                  f"{results[0].max_logit_diff:.2e}")
     lines += [f"stream {s}: {' > '.join(o)}" for s, o in enumerate(orders)]
     return "\n".join(lines)
+
+
+def evaluate_multi_stream(plan, session, t_start: float) -> dict:
+    """`--setting multi_stream` (run and report): MultiStreamIMSE against K separate IMSE adapters on the same K
+    streams, both with the run's `imse` config."""
+    run = plan.run
+    config = plan.config.methods["imse"]
+    if config.batch_size is None:  # the learning rate's batch scaling follows the batch of each stream
+        config = dataclasses.replace(config, batch_size=run.batch_size)
+    data = session.data
+    domains = data.domains(run.seeds[0])
+    torch.manual_seed(run.seeds[0])
+    backend = use_backend(run.backend) if run.backend else contextlib.nullcontext()
+    with backend:
+        orders, results = run_multi_stream(data.model, lambda c: domains.domain(c, run.severity), list(run.corruptions),
+                                           run.streams, run.batch_size, session.device, config, data.source,
+                                           run.seeds[0], show_progress=plan.invocation.progress, compile=run.compile)
+    text = multi_stream_table(orders, results)
+    meta = {"data": run.data, "setting": "multi_stream", "streams": run.streams, "severity": run.severity,
+            "corruptions": list(run.corruptions), "batch_size_per_stream": run.batch_size, "seed": run.seeds[0],
+            "compile": run.compile, "device": str(session.device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "imse_config": dataclasses.asdict(config), **data.info,
+            "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    record = provenance_record(plan, session, {
+        m: {"class": "MultiStreamIMSE" if m == "multi_stream" else "IMSE", "config": prov.jsonable(config),
+            "streams": run.streams if m == "multi_stream" else 1} for m in ("multi_stream", "separate")},
+        images_per_domain(domains))
+    data_out = {"meta": meta, "config": plan.config.record(), "provenance": record, "orders": orders,
+                "methods": {r.method: {
+                    "accuracy": r.accuracy, "correct": r.correct, "total": r.total, "mean_accuracy": r.mean_accuracy,
+                    "seconds": r.seconds, "images_per_s": r.images_per_s, "max_logit_diff": r.max_logit_diff}
+                    for r in results},
+                "table": text}
+    out = Path(plan.invocation.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", data_out)
+    print(f"{run.data} · multi_stream · K={run.streams} streams · severity {run.severity} · "
+          f"{run.batch_size} images per stream per batch · seed {run.seeds[0]} · {session.device} · "
+          f"{torch.get_num_threads()} threads")
+    print(prov.summary_line(record))
+    print(text)
+    print(f"wrote {out / 'results.json'}")
+    print(f"wall time {meta['wall_seconds']:.1f} s")
+    return data_out

@@ -1,18 +1,36 @@
-"""A progress bar: tqdm when it is installed (it comes with timm's huggingface_hub), else a plain one on stderr."""
+"""A progress bar: tqdm when it is installed (it comes with timm's huggingface_hub), else a plain one on stderr.
+
+`with bars(False):` silences every bar created inside the block (the CLI's --no-progress, and ranks other
+than 0 under torchrun); it is scoped to the block (a context variable), so nothing global changes.
+"""
+import contextlib
+import contextvars
 import sys
 import time
+from typing import Iterator, Optional
 
-#: Set to False (the CLI's --no-progress) to silence every bar.
-ENABLED = True
+_ENABLED = contextvars.ContextVar("imse_eval_progress_bars", default=True)
+
+
+@contextlib.contextmanager
+def bars(enabled: bool) -> Iterator[None]:
+    """Progress bars on or off inside the block."""
+    token = _ENABLED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
 
 
 class Progress:
-    """`update(n, text)` and `close()`; writes to stderr (a bar on a terminal, a line every 30 s in a log)."""
+    """`update(n, text)` and `close()`; writes to stderr (a bar on a terminal, a line every 30 s in a log).
+    `enabled` None follows the enclosing `bars(...)` block (on by default)."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, enabled: Optional[bool] = None):
         self.total, self.desc, self.n, self._t0, self._last = total, desc, 0, time.perf_counter(), 0.0
         self._bar = None
-        if not ENABLED:
+        self.enabled = _ENABLED.get() if enabled is None else bool(enabled)
+        if not self.enabled:
             return
         try:
             from tqdm import tqdm
@@ -24,7 +42,7 @@ class Progress:
 
     def update(self, n: int = 1, text: str = "") -> None:
         self.n += n
-        if not ENABLED:
+        if not self.enabled:
             return
         if self._bar is not None:
             self._bar.update(n)
@@ -44,5 +62,16 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif ENABLED and self.n and self._tty:
+        elif self.enabled and self.n and self._tty:
             print(file=sys.stderr)
+
+
+class Log:
+    """Status lines on stderr; `quiet` (ranks other than 0 under torchrun) drops them."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)

@@ -134,22 +134,25 @@ _SIMPLE = (bool, int, float, str)
 
 
 def method_config(adapter) -> dict:
-    """Every hyper-parameter of an adapter, JSON-ready.
+    """Every hyper-parameter of an adapter, JSON-ready. `class` names the adapter; Source has nothing else.
 
-    An adapter with a dataclass `config` attribute (IMSE, and the adapters written the same way): that
-    dataclass as a dict. Otherwise the method's own settings: an `optimizer` (torch.optim) gives its class and
-    every param-group setting (lr, betas, momentum, weight decay, ...), plus the adapter's public plain
-    attributes (Tent: steps, episodic). `class` names the adapter; Source has nothing else."""
+    An adapter with a dataclass `config` (every method of `tta.method`): that dataclass as a dict, and where
+    the adapter has them its `optimizer`'s class and settings and its effective learning rate `lr` (the config's
+    lr scaled for the batch size, `tta.lr_scaling`) as `effective_lr`. Otherwise the adapter's own settings: an
+    `optimizer` (torch.optim) gives its class and every param-group setting (lr, betas, momentum, weight
+    decay, ...), plus the adapter's public plain attributes."""
     out = {"class": type(adapter).__name__}
     try:
         cfg = getattr(adapter, "config", None)
-        if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-            out["config"] = jsonable(dataclasses.asdict(cfg))
-            return out
-        if isinstance(cfg, dict):
-            out["config"] = jsonable(cfg)
-            return out
         opt = getattr(adapter, "optimizer", None)
+        if (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)) or isinstance(cfg, dict):
+            out["config"] = jsonable(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg))
+            if isinstance(opt, torch.optim.Optimizer):
+                out["optimizer"] = _optimizer_settings(opt)
+            lr = getattr(adapter, "lr", None)
+            if isinstance(lr, float):
+                out["effective_lr"] = lr
+            return out
         if isinstance(opt, torch.optim.Optimizer):
             out["optimizer"] = _optimizer_settings(opt)
         counters = ("skipped_steps", "steps_taken", "training")

@@ -1,18 +1,26 @@
-"""Results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot.
+"""The report stage: results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot.
 
 Files are written atomically (`imse_kernels.state_file`): an interrupted run never leaves half a file.
+`write_report` prints and writes one run (one or several seeds); every results.json holds the resolved
+config (`config`, readable by `imse-eval --config`), the provenance record and the measurements.
 """
 import csv
 import io
 import json
 import math
+import os
 import statistics
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
 from ..state_file import atomic_write_bytes, atomic_write_text
-from .runner import MethodResult
-from .streams import Stream
+from . import provenance as prov
+from .runner import MethodResult, SeedRun
+from .streams import DIRICHLET_SETTINGS, Stream
 
 
 def _fmt(v, spec: str) -> str:
@@ -233,3 +241,114 @@ def plot(path: Path, stream: Stream, results: Sequence[MethodResult], title: str
     plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
     return None
+
+
+# ------------------------------------------------------------------------------------------- one whole run
+
+
+@dataclass
+class Plotted:
+    """A method's line in the plot of several seeds: the mean over the seeds."""
+
+    method: str
+    accuracy: list
+    mean_accuracy: float
+    batches: list
+    shift_batches: Optional[list] = None
+
+
+def provenance_record(plan, session, method_configs: dict, images: int) -> dict:
+    """The provenance of a run (`eval.provenance.collect`) with the command line it came from."""
+    run, data = plan.run, session.data
+    seeds = list(run.seeds)
+    return prov.collect(model=data.model_name, checkpoint=data.checkpoint, device=session.device,
+                        images_per_domain=images,
+                        # run: corruption noise, image order and torch.manual_seed before each method
+                        seeds={"run": seeds if len(seeds) > 1 else seeds[0], **data.fixed_seeds},
+                        setting=run.setting, severity=run.severity,
+                        dirichlet=run.dirichlet if run.setting in DIRICHLET_SETTINGS else None,
+                        methods=method_configs, extra={"argv": list(plan.invocation.argv)})
+
+
+def _meta(plan, session, runs: Sequence[SeedRun], images: int) -> dict:
+    run, first = plan.run, runs[0]
+    lrs = {r.method: r.config.get("effective_lr") for r in first.results}
+    meta = {
+        "data": run.data, "setting": run.setting, "severity": run.severity, "corruptions": list(run.corruptions),
+        "rounds": run.rounds if run.setting == "recurring" else None, "batch_size": run.batch_size,
+        "seed": run.seeds[0], "amp": run.amp, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "backend": run.backend or os.environ.get("IMSE_BACKEND", "auto"),
+        "device": str(session.device), "threads": torch.get_num_threads(), "methods": list(run.methods),
+        "ranks": 1 if session.comm is None else session.comm.world_size,
+        "effective_lr": lrs, "tent_lr": lrs.get("tent"), "imse_lr": lrs.get("imse"), "compile": run.compile,
+        "torch": torch.__version__, **session.data.info,
+        "images_per_domain": images,
+        "dirichlet": run.dirichlet if run.setting in DIRICHLET_SETTINGS else None,
+        "stream_batches": first.results[0].stream_batches,
+        "stream_sha256": first.stream.fingerprint(),
+        "true_boundaries": first.boundaries,
+        "detection_tolerance_batches": None if first.stream.mixes_domains else first.tolerance,
+        "wall_seconds": None,
+    }
+    if len(runs) > 1:
+        meta["seeds"] = list(run.seeds)
+    return meta
+
+
+def write_report(plan, session, runs: Sequence[SeedRun], images: int, t_start: float) -> dict:
+    """Print the table and write results.json, results.csv and accuracy.png into the output directory (on
+    rank 0; the other ranks return the meta only). Returns the results payload, with the printed `table`."""
+    run, first = plan.run, runs[0]
+    meta = _meta(plan, session, runs, images)
+    if not session.reports:
+        return {"meta": meta}  # every rank scored the whole stream; rank 0 writes it once
+    record = provenance_record(plan, session, {r.method: r.config for r in first.results}, images)
+    out = Path(plan.invocation.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stream = first.stream
+    dir_note = f" · dirichlet {run.dirichlet:g}" if run.setting in DIRICHLET_SETTINGS else ""
+    if len(runs) == 1:
+        text = table(stream, first.results, first.detection)
+        meta["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        data_out = payload(meta, stream, first.results, first.detection, record)
+        write_csv(out / "results.csv", stream, first.results, first.seed)
+        plotted, seed_note = first.results, f"seed {first.seed}"
+    else:
+        agg = aggregate([(r.seed, r.results, r.detection) for r in runs])
+        text = seeds_table(stream, agg)
+        meta["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+        data_out = {"meta": meta, "provenance": record, "segments": segments_payload(stream),
+                    "runs": [{"seed": r.seed, "stream_sha256": r.stream.fingerprint(), "true_boundaries": r.boundaries,
+                              "methods": methods_payload(r.results, r.detection)} for r in runs],
+                    "aggregate": agg}
+        write_csv(out / "results.csv", stream, [], runs=[(r.seed, r.results) for r in runs])
+        plotted = [Plotted(m, a["accuracy_per_segment"]["mean"], a["mean_accuracy"]["mean"], r.batches)
+                   for (m, a), r in zip(agg.items(), first.results)]
+        seed_note = f"seeds {','.join(map(str, run.seeds))} (mean)"
+    data_out = {"meta": data_out.pop("meta"), "config": plan.config.record(), **data_out}
+    write_json(out / "results.json", data_out)
+    plot_note = "disabled (--no-plot)" if not plan.invocation.plot else plot(
+        out / "accuracy.png", stream, plotted,
+        f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · batch {run.batch_size} · {seed_note}")
+    comm = session.comm
+    header = (f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · {len(stream.segments)} segments · "
+              f"{images} images per domain · batch {run.batch_size} · {seed_note} · {session.device} · "
+              f"{torch.get_num_threads()} threads"
+              + (f" · data-parallel over {comm.world_size} ranks ({comm.backend})" if comm is not None else ""))
+    info = session.data.info
+    if "clean_test_accuracy" in info:
+        header += f"\nembedded ViT: clean test accuracy {100 * info['clean_test_accuracy']:.1f}% ({info['cache']})"
+    header += "\n" + prov.summary_line(record)
+    print(header)
+    print(text)
+    if stream.mixes_domains:
+        print("shift detection: a mixed stream has no domain boundaries; the table counts the declared shifts")
+    else:
+        print(f"shift detection: {len(first.boundaries)} true boundaries, a declared shift counts within "
+              f"{first.tolerance} batch(es) of one; delay = batches from the boundary to the matched detection; "
+              "false positives = unmatched detections")
+    files = ["results.json", "results.csv"] + ([] if plot_note else ["accuracy.png"])
+    print(f"wrote {', '.join(str(out / f) for f in files)}" + (f"; PNG: {plot_note}" if plot_note else ""))
+    print(f"wall time {meta['wall_seconds']:.1f} s")
+    data_out["table"] = text
+    return data_out

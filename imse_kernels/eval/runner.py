@@ -1,14 +1,20 @@
-"""Runs one method over a stream: predictions, accuracy per segment, shift events, speed and memory."""
+"""The run stage: one method over a stream (`run_method`: predictions, accuracy per segment, shift events,
+speed and memory), and every method of a run on one seed's stream (`run_seed`)."""
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .metrics import PeakMemory
+from ..tta import IMSEConfig
+from . import distributed as dist_eval
+from . import provenance as prov
+from .methods import build_method
+from .metrics import PeakMemory, shift_count, shift_detection
 from .progress import Progress
-from .streams import Segment, Stream, segment_batches
+from .streams import DIRICHLET_SETTINGS, Segment, Stream, build_stream, segment_batches, true_boundaries
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -167,3 +173,57 @@ def run_method(name: str, adapter, stream: Stream, domain_of: Callable[[Segment]
     return MethodResult(name, correct, total, n_batches, seconds, peak, mem.start_mib, mem.kind,
                         sorted(shifts) if has_detector and not stream.resets_at_boundaries else None, events,
                         int(getattr(adapter, "skipped_steps", 0)), total_batches, dict(config or {}))
+
+
+@dataclass
+class SeedRun:
+    """Every method of a run on one seed's stream, and the shift detectors' scores against its boundaries."""
+
+    seed: int
+    stream: Stream
+    results: list[MethodResult]
+    boundaries: Optional[list[int]]   # true domain boundaries (batch indices); None on a mixed stream
+    detection: dict                   # method -> shift_detection (or shift_count on a mixed stream) or None
+    tolerance: int                    # batches within which a declared shift matches a boundary
+
+
+def _labels(domains) -> Optional[list]:
+    labels = getattr(domains, "labels", None)
+    if labels is None and hasattr(domains, "test"):
+        labels = domains.test.labels
+    return None if labels is None else [int(y) for y in labels]
+
+
+def run_seed(run, opts, domains, domain_size: int, model, source, device: torch.device, seed: int, comm=None,
+             log: Callable[[str], None] = print, show_progress: bool = True, tag: str = "") -> SeedRun:
+    """`run` (an `eval.run_config.RunConfig`) on `seed`'s stream over `domains` (`domains.domain(corruption,
+    severity)`): each method built by `build_method(name, model, opts, source)` after `torch.manual_seed(seed)`,
+    wrapped for the process group `comm` when there is one."""
+    labels = _labels(domains) if run.setting in DIRICHLET_SETTINGS else None
+    stream = build_stream(run.setting, list(run.corruptions), run.severity, run.rounds, domain_size, run.batch_size,
+                          labels, run.dirichlet, seed)
+    domain_of = lambda seg: domains.domain(seg.corruption, seg.severity)  # noqa: E731
+    results = []
+    for name in run.methods:
+        torch.manual_seed(seed)
+        adapter = build_method(name, model, opts, source)
+        config = prov.method_config(adapter)
+        if comm is not None:
+            adapter = dist_eval.Sharded(adapter, comm)
+        results.append(run_method(name, adapter, stream, domain_of, run.batch_size, device, run.amp,
+                                  show_progress=show_progress, config=config, label=name + tag))
+        r = results[-1]
+        log(f"{name}{tag}: mean accuracy {100 * r.mean_accuracy:.1f}% ({r.images_per_s:.0f} images/s)")
+        del adapter
+    imse = [c for c in opts.configs.values() if isinstance(c, IMSEConfig)]
+    window = imse[0].stats_window if imse else IMSEConfig().stats_window  # a shift shows once the window is new
+    tolerance = max(1, math.ceil(window / run.batch_size))
+    if stream.mixes_domains:
+        boundaries = None
+        detection = {r.method: (shift_count(r.shift_batches, r.stream_batches)
+                                if r.shift_batches is not None else None) for r in results}
+    else:
+        boundaries = true_boundaries(results[0].batches, stream.segments)
+        detection = {r.method: (shift_detection(r.shift_batches, boundaries, tolerance, r.stream_batches)
+                                if r.shift_batches is not None else None) for r in results}
+    return SeedRun(seed, stream, results, boundaries, detection, tolerance)

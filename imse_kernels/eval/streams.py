@@ -57,7 +57,8 @@ class DomainData(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batches(self, batch_size: int, start: int = 0, count: int = -1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def batches(self, batch_size: int, start: int = 0,
+                count: int = -1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
 
 @dataclass(frozen=True)

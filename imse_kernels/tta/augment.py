@@ -1,4 +1,4 @@
-"""CoTTA's test-time augmentations in plain torch (torchvision is not a dependency).
+"""CoTTA's test-time augmentations in plain torch (torchvision is not a dependency of this library).
 
 The official ImageNet set (qinenergy/cotta, imagenet/cotta.py `get_tta_transforms`, soft=False, and
 imagenet/my_transforms.py), applied to a batch of [0, 1] images with one draw of the random parameters
@@ -9,8 +9,9 @@ for the whole batch, as the official transforms do on a batch tensor:
 Where this differs from torchvision: the official pads the image by half its size with edge values,
 applies RandomAffine (translate 1/16 of the padded size) and crops the centre back; here the affine
 samples the image with `grid_sample(padding_mode="border")`, the same edge values, translating by up to
-1/8 of the image. The hue shift is a rotation of the YIQ chroma plane instead of an HSV round trip, and
-the blur is taken after that crop (reflect padding), so only the outer two pixels differ.
+1/8 of the image, and the blur is taken after that crop (reflect padding), so only the outer two pixels
+differ. The colour operations equal torchvision's tensor ones; the hue shift is torchvision's HSV shift
+(`adjust_hue`: h ← (h + factor) mod 1 with saturation and value kept), tested against torchvision itself.
 Every random number comes from the generators passed in: the scalar parameters from a CPU generator, the
 per-pixel noise from one on the images' device, so a seeded run is repeatable.
 """
@@ -22,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 def grayscale(x: Tensor) -> Tensor:
@@ -48,14 +48,29 @@ def adjust_saturation(x: Tensor, factor: float) -> Tensor:
     return blend(x, grayscale(x), factor)
 
 
-def adjust_hue(x: Tensor, shift: float) -> Tensor:
-    """Rotate the chroma (I, Q) of YIQ by `shift` turns; luma is kept."""
-    m = torch.tensor(_YIQ, dtype=x.dtype, device=x.device)
-    a = 2 * math.pi * shift
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]],
-                       dtype=x.dtype, device=x.device)
-    t = torch.linalg.inv(m) @ rot @ m
-    return torch.einsum("ij,bjhw->bihw", t, x).clamp(0.0, 1.0)
+def adjust_hue(x: Tensor, factor: float) -> Tensor:
+    """Shift the HSV hue of RGB images in [0, 1] by `factor` turns (torchvision's `adjust_hue`, the official
+    ColorJitterPro's): h ← (h + factor) mod 1, saturation and value kept. +1/6 turns red into yellow.
+
+    The hexcone model: with v = max, c = max − min, the hue in sixths is (g − b)/c (mod 6) where r is the
+    maximum, (b − r)/c + 2 where g is, (r − g)/c + 4 otherwise (r wins ties, then g); a grey pixel (c = 0)
+    has hue 0. Back to RGB: channel n ∈ {r: 5, g: 3, b: 1} is v − c·clamp(min(k, 4 − k), 0, 1),
+    k = (n + 6h) mod 6.
+    """
+    r, g, b = x.unbind(-3)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    sixths = torch.where(v == r, torch.remainder((g - b) / safe, 6.0),
+                         torch.where(v == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = torch.where(c > 0, sixths / 6.0, torch.zeros_like(c))
+    h = torch.remainder(h + factor, 1.0)
+
+    def channel(n: float) -> Tensor:
+        k = torch.remainder(n + 6.0 * h, 6.0)
+        return v - c * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+
+    return torch.stack((channel(5.0), channel(3.0), channel(1.0)), -3)
 
 
 def adjust_gamma(x: Tensor, gamma: float) -> Tensor:

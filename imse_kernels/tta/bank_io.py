@@ -156,7 +156,8 @@ def _parse_entries(meta: dict, tensors: dict[str, Tensor], path: str) -> tuple[l
         eid = _integer(m.get("id"), f"{path}: entry {i} field 'id'")
         created = _integer(m.get("created_at"), f"{path}: entry {i} field 'created_at'")
         weight = m.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight > 0):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+                or not (math.isfinite(weight) and weight > 0):
             raise BankFileError(f"{path}: entry {i} field 'weight' is {weight!r}, not a positive number")
         if not isinstance(m.get("has_stats"), bool):
             raise BankFileError(f"{path}: entry {i} field 'has_stats' is {m.get('has_stats')!r}, not a boolean")

@@ -1,6 +1,8 @@
 """`IMSEConfig`: the hyper-parameters of IMSE with the official defaults (docs/design.md §6)."""
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
+
+from .method_config import ConfigError, MethodConfig
 
 #: Code retrieval on a new domain (see `IMSEConfig`). "<mode>_no_adapt" retrieves like <mode>, then stops adapting.
 RETRIEVAL_MODES = ("top1", "mix", "mean", "continual", "none",
@@ -14,19 +16,21 @@ PARTIAL_BATCH = ("auto", "official", "pool")
 
 
 def canonical_distance(name: str, what: str = "IMSEConfig: distance") -> str:
-    """`name` as one of `DISTANCES` (aliases map through `DISTANCE_ALIASES`); ValueError naming `what` otherwise."""
+    """`name` as one of `DISTANCES` (aliases map through `DISTANCE_ALIASES`); ConfigError naming `what` otherwise."""
     if isinstance(name, str) and name in DISTANCE_ALIASES:
         return DISTANCE_ALIASES[name]
     if not isinstance(name, str) or name not in DISTANCES:
-        raise ValueError(f"{what} must be one of {DISTANCES} (aliases {tuple(DISTANCE_ALIASES)}), got {name!r}")
+        raise ConfigError(f"{what} must be one of {DISTANCES} (aliases {tuple(DISTANCE_ALIASES)}), got {name!r}")
     return name
 
 
 @dataclass
-class IMSEConfig:
+class IMSEConfig(MethodConfig):
     """Official defaults: continual ImageNet-C, ViT-B/16, batch 64 (use lr=3e-3 for the recurring setting).
 
     lr, betas            Adam inside SAM; rho is SAM's radius (not adaptive).
+    lr_scaling, lr_batch1_factor, batch_size   batch scaling of lr (`tta.lr_scaling`): the official code scales
+                         nothing ("none": cfg.OPTIM.LR at any TEST.BATCH_SIZE).
     entropy_margin       reliable samples have entropy < entropy_margin · ln C.
     diversity_weight     λ in  L = H_reliable − λ · L_div.
     diversity_ratio      k = min(⌊r·ratio⌋, r − 1) smallest expert stds are averaged per layer.
@@ -92,60 +96,39 @@ class IMSEConfig:
     retrieval_distance: Optional[str] = None
     temperature: float = 1.0
     stats_momentum: float = 0.8
-    steps: int = 1
-    episodic: bool = False
     stats_window: int = 64
     partial_batch: str = "auto"
     max_entries: Optional[int] = None
     bank_policy: str = "keep_all"
     optimizer_on_retrieval: str = "reset"
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"IMSEConfig: {msg}")
 
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(len(tuple(self.betas)) == 2 and all(0 <= b < 1 for b in self.betas),
+    def check(self) -> None:
+        need = self.need
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
              f"betas must be two values in [0, 1), got {self.betas}")
-        self.betas = tuple(float(b) for b in self.betas)
-        need(self.rho >= 0, f"rho must be >= 0, got {self.rho}")
+        self.need_non_negative("rho", "diversity_weight")
         need(self.entropy_margin > 0, f"entropy_margin must be > 0, got {self.entropy_margin}")
-        need(self.diversity_weight >= 0, f"diversity_weight must be >= 0, got {self.diversity_weight}")
         need(0 < self.diversity_ratio <= 1, f"diversity_ratio must be in (0, 1], got {self.diversity_ratio}")
-        need(isinstance(self.diversity_blocks, int) and self.diversity_blocks >= 1,
-             f"diversity_blocks must be an int >= 1, got {self.diversity_blocks}")
-        if self.adapt_blocks is not None:
-            self.adapt_blocks = tuple(self.adapt_blocks)
-            need(all(isinstance(b, int) for b in self.adapt_blocks),
-                 f"adapt_blocks must be block indices, got {self.adapt_blocks}")
-        need(self.retrieval in RETRIEVAL_MODES, f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
-        need(self.shift_threshold > 0, f"shift_threshold must be > 0, got {self.shift_threshold}")
+        self.need_at_least("diversity_blocks", 1)
+        self.need_choice("retrieval", RETRIEVAL_MODES)
+        self.need_positive("shift_threshold", "temperature")
         self.distance = canonical_distance(self.distance)
         if self.retrieval_distance is not None:
             self.retrieval_distance = canonical_distance(self.retrieval_distance, "IMSEConfig: retrieval_distance")
-        need(self.partial_batch in PARTIAL_BATCH,
-             f"partial_batch must be one of {PARTIAL_BATCH}, got {self.partial_batch!r}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        need(0 <= self.stats_momentum < 1, f"stats_momentum must be in [0, 1), got {self.stats_momentum}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps}")
-        need(isinstance(self.stats_window, int) and self.stats_window >= 2,
-             f"stats_window must be an int >= 2, got {self.stats_window}")
-        need(self.bank_policy in BANK_POLICIES, f"bank_policy must be one of {BANK_POLICIES}, got {self.bank_policy!r}")
-        need(self.max_entries is None or (isinstance(self.max_entries, int) and self.max_entries >= 2),
+        self.need_choice("partial_batch", PARTIAL_BATCH)
+        self.need_fraction("stats_momentum")
+        self.need_at_least("stats_window", 2)
+        self.need_choice("bank_policy", BANK_POLICIES)
+        need(self.max_entries is None or self.max_entries >= 2,
              f"max_entries must be None or an int >= 2 (the source entry counts), got {self.max_entries}")
         need((self.max_entries is None) == (self.bank_policy == "keep_all"),
              f"bank_policy {self.bank_policy!r} with max_entries={self.max_entries}: keep_all takes no bound, "
              "drop_oldest and merge_nearest need one")
-        need(self.optimizer_on_retrieval in OPTIMIZER_ON_RETRIEVAL,
-             f"optimizer_on_retrieval must be one of {OPTIMIZER_ON_RETRIEVAL}, got {self.optimizer_on_retrieval!r}")
+        self.need_choice("optimizer_on_retrieval", OPTIMIZER_ON_RETRIEVAL)
 
 
 def with_defaults(found: Mapping) -> dict:
     """A config dict saved by an older version (`dataclasses.asdict(IMSEConfig)`), completed with the
     defaults of the fields added since, so it compares equal to a default-built config of today."""
-    out = dict(found)
-    for f in fields(IMSEConfig):
-        if f.name not in out and f.default is not MISSING:
-            out[f.name] = f.default
-    return out
+    return IMSEConfig.with_defaults(found)

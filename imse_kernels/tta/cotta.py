@@ -22,11 +22,12 @@ re-seeds both. A loss or gradient that is not finite skips the update (step, tea
 `skipped_steps`). The teacher and the anchor are copies of the model held outside the module tree (their
 state is in `_extra_state`); move the model before wrapping it.
 
-CoTTA is built on `Tent` (as the official code is on Tent's): its optimizer, start values, `reset()` and
-state handling, with the step replaced.
+Deliberate differences from the authors' code (docs/design.md, section 12): the augmentations are plain
+torch on the batch tensor (`tta.augment` lists where they differ from torchvision's: the affine samples
+with border padding instead of padding, RandomAffine and a centre crop); the random numbers come from
+seeded generators, not the global ones; a loss or gradient that is not finite skips the update.
 """
 import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,15 +36,19 @@ from torch import Tensor, nn
 
 from .adapter import AdapterStateError
 from .augment import CoTTAAugment
-from .tent import Tent
+from .method import Method
+from .method_config import MethodConfig
+from .parameters import configure_for_adaptation, weight_and_bias_parameters
 
 
 @dataclass
-class CoTTAConfig:
+class CoTTAConfig(MethodConfig):
     """Official ImageNet-C settings (qinenergy/cotta @c212a20; no ViT configuration exists there).
 
     lr, momentum, nesterov, weight_decay   SGD (cfgs/10orders/cotta/cotta0.yaml: LR 0.01, SGD, WD 0;
                        imagenetc.py lines 117–123: momentum 0.9, dampening 0, nesterov True); batch 64.
+    lr_scaling, lr_batch1_factor, batch_size   batch scaling (`tta.lr_scaling`): the authors scale nothing
+                       ("none": cfg.OPTIM.LR at any batch).
     ema_alpha          teacher ← α · teacher + (1 − α) · student (cotta.py line 119: 0.999).
     confidence_threshold   augment when the anchor's mean top-1 probability is below it (cotta.py line 102: 0.1,
                        for 1000 classes; that mean is at least 1/C, so with C <= 10 classes 0.1 never augments:
@@ -52,7 +57,8 @@ class CoTTAConfig:
     restore_prob       stochastic restore probability per element (cotta.py line 125: 0.001; the CIFAR
                        configs use 0.01).
     noise_std, soft_augment   the augmentations' gaussian noise and range set (cotta.py line 14: 0.005, False).
-    seed               the generators of the augmentations and restore masks.
+    seed               the generators of the augmentations and restore masks; None (the default) is 0, or the
+                       run's seed under imse-eval (`tta.build(..., seed=)`).
     steps, episodic    updates per batch; restore the start state before every batch.
     """
 
@@ -66,38 +72,18 @@ class CoTTAConfig:
     restore_prob: float = 0.001
     noise_std: float = 0.005
     soft_augment: bool = False
-    seed: int = 0
-    steps: int = 1
-    episodic: bool = False
+    seed: Optional[int] = None
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"CoTTAConfig: {msg}")
-
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(isinstance(self.nesterov, bool), f"nesterov must be a bool, got {self.nesterov!r}")
-        need(not self.nesterov or self.momentum > 0, "nesterov=True needs momentum > 0 (or set nesterov=False)")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.ema_alpha <= 1, f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
-        need(0 <= self.confidence_threshold <= 1,
-             f"confidence_threshold must be in [0, 1] (a probability; 0 never augments), "
-             f"got {self.confidence_threshold}")
-        need(isinstance(self.augmentations, int) and self.augmentations >= 1,
-             f"augmentations must be an int >= 1, got {self.augmentations}")
-        need(0 <= self.restore_prob <= 1, f"restore_prob must be in [0, 1], got {self.restore_prob}")
-        need(self.noise_std >= 0, f"noise_std must be >= 0, got {self.noise_std}")
-        need(isinstance(self.soft_augment, bool), f"soft_augment must be a bool, got {self.soft_augment!r}")
-        need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps}")
-        need(isinstance(self.episodic, bool), f"episodic must be a bool, got {self.episodic!r}")
-
-
-def cotta_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every parameter named `weight` or `bias` in `model` (official cotta.py
-    `collect_params`, lines 136–153)."""
-    return [(n, p) for n, p in model.named_parameters() if n.split(".")[-1] in ("weight", "bias")]
+    def check(self) -> None:
+        self.need_fraction("momentum")
+        self.need(not self.nesterov or self.momentum > 0, "nesterov=True needs momentum > 0 (or set nesterov=False)")
+        self.need_non_negative("weight_decay", "noise_std")
+        self.need(0 <= self.ema_alpha <= 1, f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+        self.need(0 <= self.confidence_threshold <= 1,
+                  f"confidence_threshold must be in [0, 1] (a probability; 0 never augments), "
+                  f"got {self.confidence_threshold}")
+        self.need_at_least("augmentations", 1)
+        self.need(0 <= self.restore_prob <= 1, f"restore_prob must be in [0, 1], got {self.restore_prob}")
 
 
 def symmetric_cross_entropy(student: Tensor, teacher: Tensor) -> Tensor:
@@ -108,38 +94,37 @@ def symmetric_cross_entropy(student: Tensor, teacher: Tensor) -> Tensor:
     return -0.5 * (t.softmax(1) * s.log_softmax(1)).sum(1) - 0.5 * (s.softmax(1) * t.log_softmax(1)).sum(1)
 
 
-class CoTTA(Tent):
-    """CoTTA(model, config=None): adapts `model` (the student, in place, train mode) on every call and
-    returns the teacher's logits; see the module doc.
+class CoTTA(Method):
+    """CoTTA(model, config=None, *, compile=False, **fields): adapts `model` (the student, in place, train
+    mode) on every call and returns the teacher's logits; see the module doc. `compile=` compiles the
+    student's forward.
 
     `teacher` and `anchor` are deep copies of the model made at construction (the anchor stays the source
     model); `augmented_batches` counts the batches whose pseudo-labels were augmentation-averaged.
     """
 
     kind = "CoTTA"
+    config_class = CoTTAConfig
 
-    def __init__(self, model: nn.Module, config: Optional[CoTTAConfig] = None) -> None:
-        cfg = CoTTAConfig() if config is None else config
-        if not isinstance(cfg, CoTTAConfig):
-            raise TypeError(f"CoTTA: config must be a CoTTAConfig, got {type(cfg).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"CoTTA: model must be an nn.Module, got {type(model).__name__}")
-        params = [p for _, p in cotta_parameters(model)]
-        if not params:
-            raise ValueError("CoTTA: the model has no parameter named `weight` or `bias` to adapt")
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0,
-                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        super().__init__(model, optimizer, steps=cfg.steps, episodic=cfg.episodic)
-        self.config = cfg
+    def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        configure_for_adaptation(model)
+        return weight_and_bias_parameters(model, "CoTTA")
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        return torch.optim.SGD(params, lr=self.lr, momentum=cfg.momentum, dampening=0.0,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+
+    def _setup(self) -> None:
+        cfg = self.config
         # held outside the module tree: `model.*` stays the student's state (tta.adapter)
-        object.__setattr__(self, "teacher", self._frozen_copy(model))
-        object.__setattr__(self, "anchor", self._frozen_copy(model))
+        object.__setattr__(self, "teacher", self._frozen_copy(self.model))
+        object.__setattr__(self, "anchor", self._frozen_copy(self.model))
         self._teacher_params = [dict(self.teacher.named_parameters())[n] for n in self.param_names]
         self._anchor_params = [dict(self.anchor.named_parameters())[n] for n in self.param_names]
         self.augment = CoTTAAugment(soft=cfg.soft_augment, noise_std=cfg.noise_std)
-        device = params[0].device
         self.generator = torch.Generator()
-        self.device_generator = torch.Generator(device=device)
+        self.device_generator = torch.Generator(device=self.params[0].device)
         self._seed()
         self.augmented_batches = 0
 
@@ -150,8 +135,9 @@ class CoTTA(Tent):
         return m.train()  # as the official teacher (`self.model_ema.train()`)
 
     def _seed(self) -> None:
-        self.generator.manual_seed(self.config.seed)
-        self.device_generator.manual_seed(self.config.seed + 1)
+        seed = 0 if self.config.seed is None else self.config.seed
+        self.generator.manual_seed(seed)
+        self.device_generator.manual_seed(seed + 1)
 
     @torch.no_grad()
     def pseudo_labels(self, x: Tensor) -> tuple[Tensor, bool]:
@@ -169,23 +155,13 @@ class CoTTA(Tent):
 
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("CoTTA adapts with gradients: call it outside torch.inference_mode()")
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        logits = self._call(x)
         target, augmented = self.pseudo_labels(x)
         self.augmented_batches += int(augmented)
-        loss = symmetric_cross_entropy(logits, target).mean()
-        loss.backward()
-        norms = [p.grad.norm() for p in self.params if p.grad is not None]
-        if not bool(torch.isfinite(loss.detach() + (torch.stack(norms).sum() if norms else 0.0))):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
+        if not self._update(symmetric_cross_entropy(logits, target).mean()):
             return target.detach()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_taken += 1
         with torch.no_grad():
             torch._foreach_mul_(self._teacher_params, cfg.ema_alpha)
             torch._foreach_add_(self._teacher_params, self.params, alpha=1 - cfg.ema_alpha)
@@ -196,31 +172,21 @@ class CoTTA(Tent):
         return target.detach()
 
     @torch.no_grad()
-    def reset(self) -> None:
-        """Student, optimizer, teacher, generators and counters back to their start values."""
-        super().reset()
+    def _reset_state(self) -> None:
+        """Teacher and generators back to their start values."""
         torch._foreach_copy_(self._teacher_params, self._start_params)
         self._seed()
+
+    def _reset_counters(self) -> None:
         self.augmented_batches = 0
 
     # ------------------------------------------------------------------ state (tta.adapter)
-    def _settings(self) -> dict:
-        return {**super()._settings(), "config": dataclasses.asdict(self.config)}
+    def _method_state(self) -> dict:
+        """The teacher's trained parameters, the generators' states and the augmented-batch count."""
+        return {"teacher": list(self._teacher_params), "generator": self.generator.get_state(),
+                "device_generator": self.device_generator.get_state(), "augmented_batches": self.augmented_batches}
 
-    def _adaptation_state(self) -> dict:
-        """Tent's (settings with the config, counters, optimizer, start values = the anchor's) plus the teacher's
-        trained parameters, the generators' states and the augmented-batch count."""
-        return {**super()._adaptation_state(),
-                "cotta": {"teacher": list(self._teacher_params), "generator": self.generator.get_state(),
-                          "device_generator": self.device_generator.get_state(),
-                          "augmented_batches": self.augmented_batches}}
-
-    def _check_adaptation_state(self, state: dict) -> None:
-        try:
-            super()._check_adaptation_state(state)
-        except AdapterStateError as err:
-            raise AdapterStateError(f"CoTTA ({err})") from err
-        own = state.get("cotta")
+    def _check_method_state(self, own) -> None:
         gens = ("generator", "device_generator")
         if not isinstance(own, dict) or not isinstance(own.get("augmented_batches"), int) or not all(
                 isinstance(own.get(k), Tensor) and own[k].dtype == torch.uint8 for k in gens):
@@ -231,9 +197,7 @@ class CoTTA(Tent):
             raise AdapterStateError("CoTTA: the state's teacher does not match the trained parameters' shapes")
 
     @torch.no_grad()
-    def _load_adaptation_state(self, state: dict) -> None:
-        super()._load_adaptation_state(state)
-        own = state["cotta"]
+    def _load_method_state(self, own: dict) -> None:
         for p, t in zip(self._teacher_params, own["teacher"]):
             p.copy_(t)
         for p, t in zip(self._anchor_params, self._start_params):

@@ -16,10 +16,11 @@ and back, as the official torchvision Resize. A loss or gradient that is not fin
 
 Trained parameters (official `collect_params`, the same as SAR's): the normalisation affine parameters of
 every transformer block but the last `frozen_blocks` (blocks 9–11 of ViT-B's 12), not the final `norm`.
-DeYO is built on `Tent` (as the official code is on Tent's): its optimizer, start values, `reset()` and
-state handling, with the step replaced.
+
+Deliberate differences from the authors' code (docs/design.md, section 12): the patch permutations come from
+a seeded generator (theirs: the global one); a loss or gradient that is not finite skips the update; the
+thresholds are fractions of ln C for any number of classes (theirs: of ln 1000).
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,26 +30,33 @@ from torch import Tensor, nn
 
 from ..losses import entropy_threshold, softmax_entropy
 from .adapter import AdapterStateError
-from .sar import sar_parameters
-from .tent import Tent
+from .method import Method
+from .method_config import MethodConfig
+from .parameters import block_norm_parameters, configure_for_adaptation
 
 
 @dataclass
-class DeYOConfig:
+class DeYOConfig(MethodConfig):
     """Official ViT-B/16 ImageNet-C settings, batch 64 (Jhyun17/DeYO @3d7d289).
 
-    lr, momentum       SGD; official lr = 0.001 · batch / 64 (main.py lines 350–352), momentum 0.9 (line 588).
+    lr, momentum       SGD: lr at batch 64 (main.py lines 350–352: 0.001 / 64 · batch for vitbase_timm),
+                       momentum 0.9 (line 588).
+    lr_scaling, lr_batch1_factor, batch_size   the authors' batch scaling (`tta.lr_scaling`): "linear",
+                       doubled at batch 1 (main.py lines 377–379); batch_size None: lr as given.
     deyo_margin        entropy filter at deyo_margin · ln C (config.py line 52, exp_deyo.sh ETHR: 0.5).
     margin_e0          entropy re-weighting margin, · ln C (config.py line 54, exp_deyo.sh EMAR: 0.4).
     plpd_threshold     PLPD filter (config.py line 55 and exp_deyo.sh DTHR for vitbase_timm: 0.2).
     patch_len          patches per row/column of the shuffle (config.py line 39: 4; aug_type 'patch', line 47).
     reweight_ent, reweight_plpd   weights of the two re-weighting terms (config.py lines 61–62: 1 and 1).
     frozen_blocks      the last blocks not adapted (deyo.py lines 198–207: blocks 9–11 of 12, and `norm`).
-    seed               the patch permutations' generator.
+    seed               the patch permutations' generator; None (the default) is 0, or the run's seed under
+                       imse-eval (`tta.build(..., seed=)`).
     steps, episodic    updates per batch; restore the start state before every batch.
     """
 
     lr: float = 1e-3
+    lr_scaling: str = "linear"
+    lr_batch1_factor: float = 2.0
     momentum: float = 0.9
     deyo_margin: float = 0.5
     margin_e0: float = 0.4
@@ -57,30 +65,17 @@ class DeYOConfig:
     reweight_ent: float = 1.0
     reweight_plpd: float = 1.0
     frozen_blocks: int = 3
-    seed: int = 0
-    steps: int = 1
-    episodic: bool = False
+    seed: Optional[int] = None
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"DeYOConfig: {msg}")
-
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.deyo_margin > 0, f"deyo_margin must be > 0 (a fraction of ln C), got {self.deyo_margin}")
-        need(self.margin_e0 > 0, f"margin_e0 must be > 0 (a fraction of ln C), got {self.margin_e0}")
-        need(-1 <= self.plpd_threshold < 1, f"plpd_threshold must be in [-1, 1) (a difference of probabilities), "
-             f"got {self.plpd_threshold}")
-        need(isinstance(self.patch_len, int) and self.patch_len >= 2,
-             f"patch_len must be an int >= 2 (patches per side), got {self.patch_len}")
-        need(self.reweight_ent >= 0, f"reweight_ent must be >= 0, got {self.reweight_ent}")
-        need(self.reweight_plpd >= 0, f"reweight_plpd must be >= 0, got {self.reweight_plpd}")
-        need(isinstance(self.frozen_blocks, int) and self.frozen_blocks >= 0,
-             f"frozen_blocks must be an int >= 0, got {self.frozen_blocks}")
-        need(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps}")
-        need(isinstance(self.episodic, bool), f"episodic must be a bool, got {self.episodic!r}")
+    def check(self) -> None:
+        self.need_fraction("momentum")
+        self.need(self.deyo_margin > 0, f"deyo_margin must be > 0 (a fraction of ln C), got {self.deyo_margin}")
+        self.need(self.margin_e0 > 0, f"margin_e0 must be > 0 (a fraction of ln C), got {self.margin_e0}")
+        self.need(-1 <= self.plpd_threshold < 1, f"plpd_threshold must be in [-1, 1) (a difference of probabilities), "
+                  f"got {self.plpd_threshold}")
+        self.need_at_least("patch_len", 2)
+        self.need_non_negative("reweight_ent", "reweight_plpd")
+        self.need_at_least("frozen_blocks", 0)
 
 
 def patch_shuffle(x: Tensor, patch_len: int, generator: torch.Generator) -> Tensor:
@@ -99,34 +94,36 @@ def patch_shuffle(x: Tensor, patch_len: int, generator: torch.Generator) -> Tens
     return y if (hh, ww) == (h, w) else F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
 
 
-class DeYO(Tent):
-    """DeYO(model, config=None): adapts `model` (in place, train mode) on every call; see the module doc.
+class DeYO(Method):
+    """DeYO(model, config=None, *, compile=False, **fields): adapts `model` (in place, train mode) on every call;
+    see the module doc. `compile=` compiles the model's forward (the adapting pass).
 
     `reliable_samples` and `selected_samples` count the samples that passed the entropy filter and both filters.
     """
 
     kind = "DeYO"
+    config_class = DeYOConfig
 
-    def __init__(self, model: nn.Module, config: Optional[DeYOConfig] = None) -> None:
-        cfg = DeYOConfig() if config is None else config
-        if not isinstance(cfg, DeYOConfig):
-            raise TypeError(f"DeYO: config must be a DeYOConfig, got {type(cfg).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"DeYO: model must be an nn.Module, got {type(model).__name__}")
-        params = [p for _, p in sar_parameters(model, cfg.frozen_blocks, "DeYO")]
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        super().__init__(model, optimizer, steps=cfg.steps, episodic=cfg.episodic)
-        self.config = cfg
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+    def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        configure_for_adaptation(model)
+        return block_norm_parameters(model, self.config.frozen_blocks, "DeYO")
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.config.momentum)
+
+    def _setup(self) -> None:
+        self.generator = torch.Generator()
+        self._seed()
         self.reliable_samples = self.selected_samples = 0
+
+    def _seed(self) -> None:
+        self.generator.manual_seed(0 if self.config.seed is None else self.config.seed)
 
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("DeYO adapts with gradients: call it outside torch.inference_mode()")
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        logits = self._call(x)
         c = logits.shape[1]
         entropy = softmax_entropy(logits)
         reliable = entropy.detach() < entropy_threshold(c, cfg.deyo_margin)
@@ -153,36 +150,25 @@ class DeYO(Tent):
         self._update(loss)
         return logits.detach()
 
-    def reset(self) -> None:
-        """Trained parameters, optimizer, counters and the permutation generator back to their start values."""
-        super().reset()
-        self.generator.manual_seed(self.config.seed)
+    def _reset_state(self) -> None:
+        """The permutation generator back to its seed."""
+        self._seed()
+
+    def _reset_counters(self) -> None:
         self.reliable_samples = self.selected_samples = 0
 
     # ------------------------------------------------------------------ state (tta.adapter)
-    def _settings(self) -> dict:
-        return {**super()._settings(), "config": dataclasses.asdict(self.config)}
+    def _method_state(self) -> dict:
+        """The sample counts and the permutation generator's state."""
+        return {"reliable_samples": self.reliable_samples, "selected_samples": self.selected_samples,
+                "generator": self.generator.get_state()}
 
-    def _adaptation_state(self) -> dict:
-        """Tent's (settings with the config, counters, optimizer, start values) plus the sample counts and the
-        permutation generator's state."""
-        return {**super()._adaptation_state(),
-                "deyo": {"reliable_samples": self.reliable_samples, "selected_samples": self.selected_samples,
-                         "generator": self.generator.get_state()}}
-
-    def _check_adaptation_state(self, state: dict) -> None:
-        try:
-            super()._check_adaptation_state(state)
-        except AdapterStateError as err:
-            raise AdapterStateError(f"DeYO ({err})") from err
-        own = state.get("deyo")
+    def _check_method_state(self, own) -> None:
         if not isinstance(own, dict) or not all(isinstance(own.get(k), int)
                                                 for k in ("reliable_samples", "selected_samples")) \
                 or not (isinstance(own.get("generator"), Tensor) and own["generator"].dtype == torch.uint8):
             raise AdapterStateError("DeYO: malformed adapter state (sample counts, generator state)")
 
-    def _load_adaptation_state(self, state: dict) -> None:
-        super()._load_adaptation_state(state)
-        own = state["deyo"]
+    def _load_method_state(self, own: dict) -> None:
         self.reliable_samples, self.selected_samples = own["reliable_samples"], own["selected_samples"]
         self.generator.set_state(own["generator"].cpu())

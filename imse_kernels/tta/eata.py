@@ -10,17 +10,20 @@ settings). Per batch (`logits = adapter(x)`, the forward's logits):
      mean softmax (p̄ ← 0.9 · p̄ + 0.1 · mean_{S2} softmax; the first batch has no p̄: S2 = S1, p̄ = mean_{S1});
   3. L = mean_{S2} H / exp(H − E0) (the weight detached) + fisher_alpha · Σ F · (θ − θ0)²;
      one SGD step (momentum) when S2 is not empty, none otherwise (as the official code).
-The Fisher F (diagonal) comes from clean source images, `fisher_from(batches)`: per batch the gradient of
-the cross entropy against the model's own predictions, squared, averaged over the batches (official
-main.py lines 238–270, 2000 images in batches of 64); θ0 is the parameters at that call. Without it EATA
+The Fisher F (diagonal) comes from clean source images, `prepare(batches)` (or `source=`; `fisher_from` is
+the same): per batch the gradient of the cross entropy against the model's own predictions, squared,
+averaged over the batches (official main.py lines 238–270, 2000 images in batches of 64); θ0 is the
+parameters at that call. Without it EATA
 runs without the regulariser (the official `fishers=None`). A loss or gradient that is not finite skips
 the update (`skipped_steps`).
 
 Trained parameters: every LayerNorm/GroupNorm/BatchNorm affine parameter (SAR repo eata.py
-`collect_params`, lines 143–157), the final norm included. EATA is built on `Tent` (as the official code
-is on Tent's): its optimizer, start values, `reset()` and state handling, with the step replaced.
+`collect_params`, lines 143–157), the final norm included.
+
+Deliberate differences from the authors' code (docs/design.md, section 12): a loss or gradient that is not
+finite skips the update instead of writing NaN into the weights; E0 is a fraction of ln C for any number of
+classes (theirs: 0.4 · ln 1000).
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -30,14 +33,19 @@ from torch import Tensor, nn
 
 from ..losses import entropy_threshold, softmax_entropy
 from .adapter import AdapterStateError
-from .tent import Tent, norm_parameters
+from .method import Method, source_images
+from .method_config import MethodConfig
+from .parameters import configure_for_adaptation, norm_parameters
 
 
 @dataclass
-class EATAConfig:
+class EATAConfig(MethodConfig):
     """Official ViT-B/16 ImageNet-C settings, batch 64 (mr-eggplant/SAR @20f6e24, main.py).
 
-    lr, momentum       SGD; official lr = 0.001 · batch / 64 (main.py lines 191–193), momentum 0.9 (line 273).
+    lr, momentum       SGD: lr at batch 64 (main.py lines 191–193: 0.001 / 64 · batch for vitbase_timm),
+                       momentum 0.9 (line 273).
+    lr_scaling, lr_batch1_factor, batch_size   the authors' batch scaling (`tta.lr_scaling`): "linear", not
+                       doubled at batch 1; batch_size None: lr as given.
     entropy_margin     E0 = entropy_margin · ln C (main.py line 98: 0.4 · ln 1000).
     d_margin           cosine-similarity threshold of the redundancy filter (main.py line 99: 0.05).
     fisher_alpha       weight of the Fisher regulariser (main.py line 97: 2000).
@@ -46,27 +54,21 @@ class EATAConfig:
     """
 
     lr: float = 1e-3
+    lr_scaling: str = "linear"
+    lr_batch1_factor: float = 1.0
     momentum: float = 0.9
     entropy_margin: float = 0.4
     d_margin: float = 0.05
     fisher_alpha: float = 2000.0
     probs_momentum: float = 0.9
-    steps: int = 1
-    episodic: bool = False
 
-    def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"EATAConfig: {msg}")
-
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
-        need(self.entropy_margin > 0, f"entropy_margin must be > 0 (a fraction of ln C), got {self.entropy_margin}")
-        need(self.d_margin > 0, f"d_margin must be > 0 (a cosine similarity, at most 1 keeps all), got {self.d_margin}")
-        need(self.fisher_alpha >= 0, f"fisher_alpha must be >= 0, got {self.fisher_alpha}")
-        need(0 <= self.probs_momentum < 1, f"probs_momentum must be in [0, 1), got {self.probs_momentum}")
-        need(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an int >= 1, got {self.steps}")
-        need(isinstance(self.episodic, bool), f"episodic must be a bool, got {self.episodic!r}")
+    def check(self) -> None:
+        self.need_fraction("momentum", "probs_momentum")
+        self.need(self.entropy_margin > 0,
+                  f"entropy_margin must be > 0 (a fraction of ln C), got {self.entropy_margin}")
+        self.need(self.d_margin > 0, f"d_margin must be > 0 (a cosine similarity, at most 1 keeps all), "
+                                     f"got {self.d_margin}")
+        self.need_non_negative("fisher_alpha")
 
 
 def _probs(logits: Tensor) -> Tensor:
@@ -74,48 +76,43 @@ def _probs(logits: Tensor) -> Tensor:
     return z.softmax(1)
 
 
-class EATA(Tent):
-    """EATA(model, config=None, *, source_batches=None): adapts `model` (in place, train mode) on every call.
+class EATA(Method):
+    """EATA(model, config=None, *, compile=False, source=None, **fields): adapts `model` (in place, train mode)
+    on every call; `compile=` compiles the model's forward.
 
-    `source_batches` (clean images: tensors or (images, labels) tuples) is passed to `fisher_from`.
+    `source` (clean images: tensors or (images, labels) tuples) sets the Fisher regulariser (`prepare`).
     `probs` is the moving average p̄ (None before the first selected sample); `reliable_samples` and
     `selected_samples` count the samples that passed the entropy filter and both filters.
     """
 
     kind = "EATA"
+    config_class = EATAConfig
+    uses_source = True
 
-    def __init__(self, model: nn.Module, config: Optional[EATAConfig] = None, *,
-                 source_batches: Optional[Iterable] = None) -> None:
-        cfg = EATAConfig() if config is None else config
-        if not isinstance(cfg, EATAConfig):
-            raise TypeError(f"EATA: config must be an EATAConfig, got {type(cfg).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"EATA: model must be an nn.Module, got {type(model).__name__}")
-        params = norm_parameters(model)
-        if not params:
-            raise ValueError("EATA: the model has no normalisation layer with affine parameters")
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        super().__init__(model, optimizer, steps=cfg.steps, episodic=cfg.episodic)
-        self.config = cfg
+    def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        configure_for_adaptation(model)
+        return norm_parameters(model, "EATA")
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.config.momentum)
+
+    def _setup(self) -> None:
         self.probs: Optional[Tensor] = None
         self.reliable_samples = self.selected_samples = 0
         self.fisher: Optional[list[Tensor]] = None
         self.fisher_anchor: Optional[list[Tensor]] = None
-        if source_batches is not None:
-            self.fisher_from(source_batches)
+
+    def fisher_from(self, batches: Iterable) -> int:
+        """The same as `prepare(batches)`: the Fisher regulariser from clean source images."""
+        return self.prepare(batches)
 
     @torch.enable_grad()
-    def fisher_from(self, batches: Iterable) -> int:
-        """Set the Fisher regulariser from clean source images (a DataLoader or an iterable of tensors or
-        (images, ...) tuples); θ0 = the trained parameters now. Returns the number of images used."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("EATA.fisher_from takes gradients: call it outside torch.inference_mode()")
+    def _prepare(self, batches: Iterable) -> int:
+        """Set the Fisher regulariser from clean source images; θ0 = the trained parameters now. Returns the
+        number of images used."""
         sums = [torch.zeros_like(p) for p in self.params]
         n_batches = n_images = 0
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                raise TypeError("EATA.fisher_from: expected image batches (B, C, H, W) or (images, labels) tuples")
+        for x in source_images(batches, "EATA.prepare"):
             logits = self.model(x)
             loss = F.cross_entropy(logits, logits.argmax(1))  # the model's own predictions as labels
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -125,18 +122,16 @@ class EATA(Tent):
             n_batches += 1
             n_images += x.shape[0]
         if n_batches == 0:
-            raise ValueError("EATA.fisher_from: no images were given")
+            raise ValueError("EATA.prepare: no images were given")
         self.fisher = [s / n_batches for s in sums]
         self.fisher_anchor = [p.detach().clone() for p in self.params]
         return n_images
 
     @torch.enable_grad()
     def _step(self, x: Tensor) -> Tensor:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("EATA adapts with gradients: call it outside torch.inference_mode()")
         cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        logits = self._call(x)
         e0 = entropy_threshold(logits.shape[1], cfg.entropy_margin)
         entropy = softmax_entropy(logits)
         reliable = entropy.detach() < e0
@@ -163,31 +158,22 @@ class EATA(Tent):
         self._update(loss)
         return logits.detach()
 
-    def reset(self) -> None:
-        """Trained parameters, optimizer, p̄ and counters back to their start values; the Fisher stays."""
-        super().reset()
+    def _reset_state(self) -> None:
+        """p̄ back to None; the Fisher (source information) stays."""
         self.probs = None
+
+    def _reset_counters(self) -> None:
         self.reliable_samples = self.selected_samples = 0
 
     # ------------------------------------------------------------------ state (tta.adapter)
-    def _settings(self) -> dict:
-        return {**super()._settings(), "config": dataclasses.asdict(self.config)}
+    def _method_state(self) -> dict:
+        """p̄, the sample counts and the Fisher regulariser (F and θ0, or None)."""
+        return {"probs": self.probs, "reliable_samples": self.reliable_samples,
+                "selected_samples": self.selected_samples,
+                "fisher": None if self.fisher is None else list(self.fisher),
+                "fisher_anchor": None if self.fisher_anchor is None else list(self.fisher_anchor)}
 
-    def _adaptation_state(self) -> dict:
-        """Tent's (settings with the config, counters, optimizer, start values) plus p̄, the sample counts and
-        the Fisher regulariser (F and θ0, or None)."""
-        return {**super()._adaptation_state(),
-                "eata": {"probs": self.probs, "reliable_samples": self.reliable_samples,
-                         "selected_samples": self.selected_samples,
-                         "fisher": None if self.fisher is None else list(self.fisher),
-                         "fisher_anchor": None if self.fisher_anchor is None else list(self.fisher_anchor)}}
-
-    def _check_adaptation_state(self, state: dict) -> None:
-        try:
-            super()._check_adaptation_state(state)
-        except AdapterStateError as err:
-            raise AdapterStateError(f"EATA ({err})") from err
-        own = state.get("eata")
+    def _check_method_state(self, own) -> None:
         if not isinstance(own, dict) or not all(isinstance(own.get(k), int)
                                                 for k in ("reliable_samples", "selected_samples")):
             raise AdapterStateError(f"EATA: malformed adapter state (p̄, counts, Fisher): {own!r}")
@@ -203,9 +189,7 @@ class EATA(Tent):
         if (own.get("fisher") is None) != (own.get("fisher_anchor") is None):
             raise AdapterStateError("EATA: the state has a Fisher without its anchor θ0 (or the other way round)")
 
-    def _load_adaptation_state(self, state: dict) -> None:
-        super()._load_adaptation_state(state)
-        own = state["eata"]
+    def _load_method_state(self, own: dict) -> None:
         dev = self.params[0].device
         self.probs = None if own["probs"] is None else own["probs"].to(dev)
         self.reliable_samples, self.selected_samples = own["reliable_samples"], own["selected_samples"]

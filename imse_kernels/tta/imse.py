@@ -38,137 +38,80 @@ flag and Adam's step are the same on every rank. The code bank sees every rank's
 (all-gathered in rank order), so shifts, retrievals and the bank are identical everywhere. At start the
 ranks check that they hold the same model and config (`DistributedError` otherwise).
 
-`IMSE` is an `nn.Module` holding the model as `self.model`; `state_dict()` carries the whole adaptation
+`IMSE` follows the template of every method (`tta.method`); `state_dict()` carries the whole adaptation
 state (model with its codes, Adam state, code bank, counters; see `tta.adapter`), so a stream resumes
-from a saved state with identical results.
+from a saved state with identical results. The official code uses `cfg.OPTIM.LR` at any batch size (main.py,
+svd.py `collect_params`), so `lr_scaling` is "none" by default.
 """
 import copy
 import dataclasses
-import re
 from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import FusedSpectralLinear, spectral_layers, spectralize
 from ..losses import ExpertMoments, diversity_loss, entropy_threshold, reliable_mask, softmax_entropy
 from ..optim import SAM
-from .adapter import Adapter, AdapterStateError, check_optimizer_state, differences
+from .adapter import AdapterStateError, check_optimizer_state
 from .code_bank import BankEvent, CodeBank, Retrieval
-from .config import IMSEConfig, with_defaults
+from .config import IMSEConfig
 from .diversity_probe import DiversityProbe
-from .distributed import GroupComm, digest, model_digests
+from .distributed import digest, model_digests
 from .domain_stats import DomainStats, image_moments, patch_embedding_tokens
-from .tent import compile_fn
-
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def _block_of(name: str) -> Optional[int]:
-    m = _BLOCK.search(name)
-    return int(m.group(1)) if m else None
+from .method import Method, source_images
+from .parameters import select_layers
 
 
-def select_layers(model: nn.Module, cfg: IMSEConfig, owner: str) -> tuple[dict, dict, dict]:
-    """Spectralize `model` if needed and freeze it; returns its spectral layers, the adapted ones
-    (`cfg.adapt_blocks`) and the probed ones (the last `cfg.diversity_blocks` blocks), by name."""
-    if not spectral_layers(model):
-        spectralize(model)
-    model.requires_grad_(False)
-    layers: dict[str, FusedSpectralLinear] = spectral_layers(model)
-    blocks = {n: _block_of(n) for n in layers}
-    in_blocks = [b for b in blocks.values() if b is not None]
-    if not in_blocks:
-        raise ValueError(f"{owner}: no spectral layer lives in a `blocks.<i>` module; is this a timm ViT?")
-    depth = max(in_blocks) + 1
-    adapt = IMSE._resolve_blocks(cfg.adapt_blocks, depth)
-    if cfg.diversity_blocks > depth:
-        raise ValueError(f"{owner}: diversity_blocks={cfg.diversity_blocks} but the model has {depth} blocks")
-    div = set(range(depth - cfg.diversity_blocks, depth))
-    adapted = {n: m for n, m in layers.items() if blocks[n] in adapt}
-    if not adapted:
-        raise ValueError(f"{owner}: no spectral layer in the adapted blocks {sorted(adapt)} (depth {depth})")
-    return layers, adapted, {n: m for n, m in layers.items() if blocks[n] in div}
-
-
-class IMSE(Adapter):
-    """IMSE(model, config=None, *, compile=False, process_group=None): spectralizes `model` in place if needed
-    and adapts it on every call.
+class IMSE(Method):
+    """IMSE(model, config=None, *, compile=False, source=None, process_group=None, **fields): spectralizes
+    `model` in place if needed and adapts it on every call.
 
     `compile`: False (eager), True (`torch.compile` with its defaults), a backend name (e.g. "aot_eager")
     or a dict of `torch.compile` keywords; forward + loss are compiled, the update stays eager (module doc).
+    `source`: clean images for the code bank's source entry (`prepare`, also `source_statistics`).
     `process_group`: data-parallel over these ranks (module doc); every rank calls the adapter on every batch.
     `adapter.train()` / `eval()` leave the model in train mode (see `tta.adapter`); adaptation goes on.
     """
 
     kind = "IMSE"
+    config_class = IMSEConfig
+    uses_source = True
+    data_parallel = True
 
-    def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None, *,
-                 compile: "bool | str | dict" = False, process_group=None) -> None:
-        super().__init__()
-        cfg = IMSEConfig() if config is None else config
-        if not isinstance(cfg, IMSEConfig):
-            raise TypeError(f"IMSE: config must be an IMSEConfig, got {type(cfg).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"IMSE: model must be an nn.Module, got {type(model).__name__}")
-        self.config = cfg
-        self.model = model
-        self.layers, self.adapted, probed = select_layers(model, cfg, "IMSE")
-        for m in self.adapted.values():
-            m.s.requires_grad_(True)
-        self.probe = DiversityProbe(probed) if cfg.diversity_weight > 0 else None
-        self.optimizer = SAM([m.s for m in self.adapted.values()], torch.optim.Adam, rho=cfg.rho,
-                             adaptive=False, lr=cfg.lr, betas=cfg.betas)
+    def __init__(self, model: nn.Module, config: Optional[IMSEConfig] = None, *, compile: "bool | str | dict" = False,
+                 source: Optional[Iterable] = None, process_group=None, **fields) -> None:
+        super().__init__(model, config, compile=compile, source=source, process_group=process_group, **fields)
+
+    def _configure(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        cfg = self.config
+        self.layers, self.adapted, self._probed = select_layers(model, cfg.adapt_blocks, cfg.diversity_blocks, "IMSE")
+        model.train()  # as the official code; timm ViTs have no batch statistics
+        return [(f"{n}.s", m.s) for n, m in self.adapted.items()]
+
+    def _build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return SAM(params, torch.optim.Adam, rho=self.config.rho, adaptive=False, lr=self.lr, betas=self.config.betas)
+
+    def _setup(self) -> None:
+        cfg = self.config
+        self.probe = DiversityProbe(self._probed) if cfg.diversity_weight > 0 else None
+        del self._probed
         self._start_codes = self._codes()
-        self._start_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.bank = CodeBank(self._start_codes, cfg.retrieval, cfg.shift_threshold, cfg.stats_momentum,
                              cfg.stats_window, cfg.temperature, cfg.max_entries, cfg.bank_policy,
                              distance=cfg.distance, retrieval_distance=cfg.retrieval_distance,
                              partial_batch=cfg.partial_batch)
-        device = next(iter(self.adapted.values())).s.device
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)  # device counters (no sync)
-        self._taken = torch.zeros((), dtype=torch.int64, device=device)
-        self._comm = None if process_group is None else GroupComm(process_group, "IMSE")
         if self._comm is not None:
-            self._comm.check_same({**model_digests(model), "IMSE config": digest(dataclasses.asdict(cfg)),
+            self._comm.check_same({**model_digests(self.model), "IMSE config": digest(dataclasses.asdict(cfg)),
                                    "adapted layers": digest(list(self.adapted))})
-        self._compiled = compile_fn(self._forward_loss if self._comm is None else self._forward_stats, compile, "IMSE")
-        model.train()  # as the official code; timm ViTs have no batch statistics
 
-    @staticmethod
-    def _resolve_blocks(blocks: Optional[Iterable[int]], depth: int) -> set[int]:
-        if blocks is None:
-            return set(range(max(depth - 3, 0)))
-        out = set()
-        for b in blocks:
-            if not -depth <= b < depth:
-                raise ValueError(f"IMSE: adapt_blocks index {b} out of range for {depth} blocks")
-            out.add(b % depth)
-        return out
+    def _compile_target(self):
+        return self._forward_loss if self._comm is None else self._forward_stats
 
     # ------------------------------------------------------------------ public
     @property
     def events(self) -> list[BankEvent]:
         """The code bank's log: shifts, retrievals (with distances), drops and merges."""
         return self.bank.events
-
-    @property
-    def skipped_steps(self) -> int:
-        """Updates skipped for a non-finite loss or gradient (a device counter: reading it syncs)."""
-        return int(self._skipped)
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._skipped.fill_(int(value))
-
-    @property
-    def steps_taken(self) -> int:
-        """SAM updates applied (a device counter: reading it syncs)."""
-        return int(self._taken)
-
-    @steps_taken.setter
-    def steps_taken(self, value: int) -> None:
-        self._taken.fill_(int(value))
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict `x` (the first forward's logits, detached) and adapt."""
@@ -177,7 +120,7 @@ class IMSE(Adapter):
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise TypeError(f"IMSE: expected an image batch (B, C, H, W), got {getattr(x, 'shape', type(x))}")
         if self.config.episodic:
-            self._restore(self._start_codes, reset_optimizer=True)
+            self._episode_start()
         self._observe(x)
         if not self.bank.adapting:  # after a *_no_adapt retrieval: predict with the code in place, no update
             with torch.no_grad():
@@ -187,22 +130,25 @@ class IMSE(Adapter):
             logits = self._step(x)
         return logits
 
-    def reset(self) -> None:
-        """Back to the start: pretrained `s`, fresh optimizer, bank with its source entry only, counters 0."""
+    def _episode_start(self) -> None:
+        """Episodic: the start codes and a fresh optimizer before every batch; the bank goes on."""
         self._restore(self._start_codes, reset_optimizer=True)
+
+    def _reset_state(self) -> None:
+        """The bank back to its source entry only."""
         self.bank.reset()
-        self.skipped_steps = self.steps_taken = 0
+
+    def source_statistics(self, batches: Iterable) -> DomainStats:
+        """The same as `prepare(batches)`: entry 0's descriptor from clean source images."""
+        return self.prepare(batches)
 
     @torch.no_grad()
-    def source_statistics(self, batches: Iterable) -> DomainStats:
-        """Record entry 0's descriptor from clean source images (a DataLoader or an iterable of
-        tensors or (images, ...) tuples); EMA over windows as during the stream (the official code)."""
+    def _prepare(self, batches: Iterable) -> DomainStats:
+        """Record entry 0's descriptor from clean source images; EMA over windows as during the stream (the
+        official code)."""
         tracker = self.bank.tracker
         tracker.reset()
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                raise TypeError("source_statistics: expected image batches (B, C, H, W) or (images, labels) tuples")
+        for x in source_images(batches, "source_statistics"):
             tracker.observe(self._bank_input(x), detect=False)
         stats = tracker.summary()
         if stats is None:
@@ -225,23 +171,18 @@ class IMSE(Adapter):
     def _adaptation_state(self) -> dict:
         """config (as a dict), layer names, counters, optimizer (Adam inside SAM) and code bank."""
         return {"config": dataclasses.asdict(self.config), "layers": list(self.layers), "adapted": list(self.adapted),
-                "counters": {"steps_taken": self.steps_taken, "skipped_steps": self.skipped_steps},
-                "optimizer": self.optimizer.state_dict(), "bank": self.bank.state_dict()}
+                "counters": self._counters(), "optimizer": self.optimizer.state_dict(),
+                "bank": self.bank.state_dict()}
 
     def _check_adaptation_state(self, state: dict) -> None:
         try:
-            found, want = with_defaults(state["config"]), dataclasses.asdict(self.config)
-            if found != want:
-                raise AdapterStateError(f"IMSE: the state was saved with another config: "
-                                        f"{'; '.join(differences(found, want))}")
+            self._check_config_state(state["config"])
             for key, own in (("layers", list(self.layers)), ("adapted", list(self.adapted))):
                 if list(state[key]) != own:
                     diff = sorted(set(state[key]) ^ set(own))[:6]
                     raise AdapterStateError(f"IMSE: the state's {key} spectral layers differ from this model's "
                                             f"({len(state[key])} vs {len(own)}; differences: {diff})")
-            counters = state["counters"]
-            if not all(isinstance(counters[k], int) for k in ("steps_taken", "skipped_steps")):
-                raise AdapterStateError(f"IMSE: malformed counters in the state: {counters!r}")
+            self._check_counters(state["counters"])
             check_optimizer_state(state["optimizer"], self.optimizer, "IMSE")
         except KeyError as err:
             raise AdapterStateError(f"IMSE: the adapter state lacks {err}") from err
@@ -253,6 +194,7 @@ class IMSE(Adapter):
             raise AdapterStateError(f"IMSE: the code bank state does not fit: {err}") from err
         self.optimizer.load_state_dict(state["optimizer"])
         self._start_codes = {k: v.detach().clone() for k, v in self.bank._source_codes.items()}
+        self._start_params = [self._start_codes[n].to(m.s) for n, m in self.adapted.items()]
         self.steps_taken = state["counters"]["steps_taken"]
         self.skipped_steps = state["counters"]["skipped_steps"]
 
@@ -395,7 +337,6 @@ class IMSE(Adapter):
         _, loss2, _ = self._pass(x, mask)  # the first pass's reliable set, filtered again
         ok = ok & torch.isfinite(loss2.detach() + opt.grad_norm())
         opt.second_step(zero_grad=True, ok=ok)  # restore s, then Adam only where ok
-        self._taken += ok
-        self._skipped += ~ok
+        self._count(ok)
         return logits.detach()
 

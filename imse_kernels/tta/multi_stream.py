@@ -12,7 +12,7 @@ samples in the same order; everything per stream follows from that:
     codes act within a sample), so row k of a table's gradient is stream k's own loss gradient, also
     through layers fed by earlier adapted layers;
   * SAM: each stream ascends by ρ·g_k/‖g_k‖, its own gradient norm over all its rows;
-  * Adam: `_RowAdam` keeps per-row moments and a per-stream step count with its own bias correction;
+  * Adam: `optim.RowAdam` keeps per-row moments and a per-stream step count with its own bias correction;
     a stream absent from the batch, or whose step is skipped, is not stepped at all (no moment decay);
   * code bank: one `CodeBank` (with its `DomainTracker`) per stream, fed that stream's patch tokens;
     a retrieval loads row k and resets (or loads) only stream k's Adam state;
@@ -46,15 +46,17 @@ from torch import Tensor, nn
 
 from ..layers import stream_codes as select_codes
 from ..losses import entropy_threshold, lowest_k, softmax_entropy
-from ..optim import SAM
+from ..optim import SAM, RowAdam
 from .adapter import Adapter, AdapterStateError, differences
 from .code_bank import BankEvent, CodeBank
+from .compile_option import compile_fn
 from .config import IMSEConfig, with_defaults
 from .distributed import GroupComm, digest, model_digests
 from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, patch_embedding_tokens, stats_from_state, stats_state
-from .imse import select_layers
-from .tent import compile_fn
+from .lr_scaling import scaled_lr
+from .method import resolve_config, source_images
+from .parameters import select_layers
 
 __all__ = ["MultiStreamIMSE"]
 
@@ -65,86 +67,6 @@ class _StreamMoments:
 
     def __init__(self, s: Tensor, sq: Tensor, count: Tensor) -> None:
         self.sum, self.sum_sq, self.count = s, sq, count
-
-
-class _RowAdam:
-    """Adam over the rows of (K, r) tables: row k of every table is stream k's parameter.
-
-    Each row follows `torch.optim.Adam` (single-tensor CPU path: lerp, mul/addcmul, bias corrections from
-    the stream's own step count, addcdiv) on a separate (r,) parameter, elementwise the same arithmetic.
-    Only the rows passed to `step` change; `reset(k)` is a fresh optimizer for stream k.
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, int]], device, lr: float, betas: tuple[float, float],
-                 eps: float = 1e-8) -> None:
-        self.lr, self.betas, self.eps = float(lr), tuple(float(b) for b in betas), float(eps)
-        self.exp_avg = {n: torch.zeros(k, r, device=device) for n, (k, r) in shapes.items()}
-        self.exp_avg_sq = {n: torch.zeros(k, r, device=device) for n, (k, r) in shapes.items()}
-        self.steps = [0] * next(iter(shapes.values()))[0]
-
-    @torch.no_grad()
-    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], rows: list[int]) -> None:
-        """One Adam step of the listed rows of every table in `params`; `grads[n]` is (len(rows), r)."""
-        if not rows:
-            return
-        b1, b2 = self.betas
-        for k in rows:
-            self.steps[k] += 1
-        bc1 = [1 - b1 ** self.steps[k] for k in rows]
-        bc2 = [(1 - b2 ** self.steps[k]) ** 0.5 for k in rows]
-        any_p = next(iter(params.values()))
-        idx = torch.tensor(rows, dtype=torch.long, device=any_p.device)
-        neg_step = torch.tensor([-self.lr / c for c in bc1], dtype=torch.float32, device=any_p.device)[:, None]
-        bc2_sqrt = torch.tensor(bc2, dtype=torch.float32, device=any_p.device)[:, None]
-        for n, p in params.items():
-            g = grads[n].to(torch.float32)
-            m, v = self.exp_avg[n][idx], self.exp_avg_sq[n][idx]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            w = p[idx]
-            w.addcdiv_(m * neg_step, denom)  # = w + (−lr/bc1)·m / denom, as Adam's addcdiv_(value=−step_size)
-            self.exp_avg[n][idx] = m
-            self.exp_avg_sq[n][idx] = v
-            p[idx] = w
-
-    @torch.no_grad()
-    def reset(self, k: int) -> None:
-        for n in self.exp_avg:
-            self.exp_avg[n][k].zero_()
-            self.exp_avg_sq[n][k].zero_()
-        self.steps[k] = 0
-
-    def grow(self) -> None:
-        for d in (self.exp_avg, self.exp_avg_sq):
-            for n, t in d.items():
-                d[n] = torch.cat([t, t.new_zeros(1, t.shape[1])])
-        self.steps.append(0)
-
-    def export(self, k: int, names: list[str], param_groups: list) -> dict:
-        """Stream k's state in the layout of IMSE's `optimizer.state_dict()` (copies)."""
-        state = {}
-        if self.steps[k] > 0:
-            for i, n in enumerate(names):
-                state[i] = {"step": torch.tensor(float(self.steps[k]), dtype=torch.float32),
-                            "exp_avg": self.exp_avg[n][k].clone(), "exp_avg_sq": self.exp_avg_sq[n][k].clone()}
-        return {"state": state, "param_groups": copy.deepcopy(param_groups)}
-
-    @torch.no_grad()
-    def load_row(self, k: int, names: list[str], state: dict) -> None:
-        """Stream k's state from an IMSE-layout optimizer state (e.g. a bank entry's)."""
-        per = state.get("state", {})
-        if not per:
-            self.reset(k)
-            return
-        per = {int(i): st for i, st in per.items()}  # a file's JSON may give the ids as strings
-        for i, n in enumerate(names):
-            self.exp_avg[n][k].copy_(per[i]["exp_avg"])
-            self.exp_avg_sq[n][k].copy_(per[i]["exp_avg_sq"])
-        self.steps[k] = int(per[0]["step"])
-
-    def state_dict(self) -> dict:
-        return {"steps": list(self.steps), "exp_avg": dict(self.exp_avg), "exp_avg_sq": dict(self.exp_avg_sq)}
 
 
 class MultiStreamIMSE(Adapter):
@@ -165,9 +87,7 @@ class MultiStreamIMSE(Adapter):
                  max_group_samples: Optional[int] = None, *, compile: "bool | str | dict" = False,
                  process_group=None, stream_owner: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        cfg = IMSEConfig() if config is None else config
-        if not isinstance(cfg, IMSEConfig):
-            raise TypeError(f"MultiStreamIMSE: config must be an IMSEConfig, got {type(cfg).__name__}")
+        cfg = resolve_config(IMSEConfig, config, {}, "MultiStreamIMSE")
         if not isinstance(model, nn.Module):
             raise TypeError(f"MultiStreamIMSE: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
@@ -177,14 +97,16 @@ class MultiStreamIMSE(Adapter):
                              "supported per stream; use IMSE for it, or a retrieval mode without _no_adapt")
         if max_group_samples is not None and (isinstance(max_group_samples, bool)
                                               or not isinstance(max_group_samples, int) or max_group_samples < 1):
-            raise ValueError(f"MultiStreamIMSE: max_group_samples must be None or an int >= 1, got {max_group_samples!r}")
+            raise ValueError(f"MultiStreamIMSE: max_group_samples must be None or an int >= 1, "
+                             f"got {max_group_samples!r}")
         self.config, self.model, self.max_group_samples = cfg, model, max_group_samples
         self._compiled = compile_fn(self._model_forward, compile, "MultiStreamIMSE")
         self.owned_streams = self._owned(num_streams, process_group, stream_owner)
         self._slot_of = {k: i for i, k in enumerate(self.owned_streams)}
         self._sharded = process_group is not None
         num_streams = len(self.owned_streams)
-        self.layers, self.adapted, probed = select_layers(model, cfg, "MultiStreamIMSE")
+        self.layers, self.adapted, probed = select_layers(model, cfg.adapt_blocks, cfg.diversity_blocks,
+                                                          "MultiStreamIMSE")
         stray = [n for n, m in self.layers.items() if n not in self.adapted and m.codes is not None]
         if stray:
             raise ValueError(f"MultiStreamIMSE: layers outside the adapted blocks hold code tables: {stray[:4]}; "
@@ -198,9 +120,10 @@ class MultiStreamIMSE(Adapter):
         self._slots: Optional[Tensor] = None  # per sample of the running forward: its stream's slot
         self._num_slots = 0
         device = next(iter(self.adapted.values())).s.device
-        self.adam = _RowAdam({n: (num_streams, m.rank) for n, m in self.adapted.items()}, device, cfg.lr, cfg.betas)
+        self.lr = scaled_lr(cfg.lr, cfg.lr_scaling, cfg.batch_size, cfg.lr_batch1_factor)
+        self.adam = RowAdam({n: (num_streams, m.rank) for n, m in self.adapted.items()}, device, self.lr, cfg.betas)
         template = SAM([torch.zeros(m.rank) for m in self.adapted.values()], torch.optim.Adam, rho=cfg.rho,
-                       adaptive=False, lr=cfg.lr, betas=cfg.betas)
+                       adaptive=False, lr=self.lr, betas=cfg.betas)
         self._param_groups = template.state_dict()["param_groups"]  # what IMSE's optimizer state carries
         self._source_stats: Optional[DomainStats] = None
         self.banks: list[CodeBank] = [self._new_bank() for _ in range(num_streams)]
@@ -258,7 +181,8 @@ class MultiStreamIMSE(Adapter):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("MultiStreamIMSE adapts with gradients: call it outside torch.inference_mode()")
         if not isinstance(x, Tensor) or x.dim() != 4:
-            raise TypeError(f"MultiStreamIMSE: expected an image batch (B, C, H, W), got {getattr(x, 'shape', type(x))}")
+            raise TypeError(f"MultiStreamIMSE: expected an image batch (B, C, H, W), "
+                            f"got {getattr(x, 'shape', type(x))}")
         streams = self._check_streams(streams, x)
         present = torch.unique(streams).tolist()
         if self.config.episodic:
@@ -309,16 +233,18 @@ class MultiStreamIMSE(Adapter):
         for k in self.owned_streams:
             self.reset_stream(k)
 
+    def prepare(self, source: Iterable) -> DomainStats:
+        """Clean source images for every stream's code bank: the same as `source_statistics` (the methods'
+        one entry point for source data, `tta.method`)."""
+        return self.source_statistics(source)
+
     @torch.no_grad()
     def source_statistics(self, batches: Iterable) -> DomainStats:
         """Entry 0's descriptor for every stream's bank (and streams added later), from clean source images,
         as `IMSE.source_statistics`; every bank restarts."""
         tracker = copy.deepcopy(self.banks[0].tracker)
         tracker.reset()
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if not isinstance(x, Tensor) or x.dim() != 4:
-                raise TypeError("source_statistics: expected image batches (B, C, H, W) or (images, labels) tuples")
+        for x in source_images(batches, "source_statistics"):
             tracker.observe(patch_embedding_tokens(self.model, x), detect=False)
         stats = tracker.summary()
         if stats is None:
@@ -400,7 +326,8 @@ class MultiStreamIMSE(Adapter):
             try:
                 bank.load_state_dict(bs)
             except (KeyError, TypeError, ValueError) as err:
-                raise AdapterStateError(f"MultiStreamIMSE: the code bank state of stream {i} does not fit: {err}") from err
+                raise AdapterStateError(f"MultiStreamIMSE: the code bank state of stream {i} does not fit: "
+                                        f"{err}") from err
             banks.append(bank)
         self.banks = banks
         self._source_stats = stats_from_state(state["source_stats"], device)
@@ -435,7 +362,8 @@ class MultiStreamIMSE(Adapter):
 
     def _check_streams(self, streams, x: Tensor) -> Tensor:
         if not isinstance(streams, Tensor):
-            raise TypeError(f"MultiStreamIMSE: streams must be an int64 tensor of shape (B,), got {type(streams).__name__}")
+            raise TypeError(f"MultiStreamIMSE: streams must be an int64 tensor of shape (B,), "
+                            f"got {type(streams).__name__}")
         if streams.dtype != torch.int64:
             raise TypeError(f"MultiStreamIMSE: streams must be int64, got {streams.dtype}")
         if streams.dim() != 1 or streams.shape[0] != x.shape[0]:

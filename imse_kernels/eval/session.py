@@ -1,0 +1,66 @@
+"""The set-up stage (docs/design.md, section 12): from a checked `Plan`, what one `imse-eval` invocation works
+with: the device, torch's CPU threads, the process group under torchrun, the log and the loaded data."""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..tta import registry
+from ..tta.distributed import GroupComm
+from . import distributed as dist_eval
+from .data_spec import Data, build_data
+from .progress import Log
+from .run_config import Plan
+from .usage import UsageError
+
+
+@dataclass
+class Session:
+    device: torch.device
+    comm: Optional[GroupComm]   # None: one process
+    log: Log                    # quiet on ranks other than 0
+    data: Data                  # model on `device` in eval mode, source batches on `device`
+
+    @property
+    def reports(self) -> bool:
+        """Whether this process prints and writes the results (rank 0, or the only process)."""
+        return self.comm is None or self.comm.rank == 0
+
+
+def pick_device(spec: str) -> torch.device:
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...; `UsageError` when CUDA is asked for but absent."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"--device {spec!r} is not a device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available")
+    return dev
+
+
+def set_up(plan: Plan) -> Session:
+    run = plan.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = pick_device(run.device)
+    comm = dist_eval.setup(plan.invocation.dist_timeout, device)
+    dist_eval.check_methods(run.methods, comm)
+    if comm is not None:
+        if run.setting == "multi_stream":
+            raise UsageError("--setting multi_stream runs in one process (MultiStreamIMSE shards streams across "
+                             "ranks through its process_group argument, not through imse-eval)")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    log = Log(quiet=comm is not None and comm.rank != 0)
+    data = build_data(plan.data, log)
+    data.model = data.model.to(device).eval()
+    if data.source is not None:
+        data.source = [x.to(device) for x in data.source]
+    elif plan.data.source != "digits":
+        users = [m for m in run.methods if getattr(registry.entry(m).cls, "uses_source", False)]
+        if users:
+            log(f"note: no --source-dir; {', '.join(users)} run without clean source data (EATA without its "
+                "Fisher regulariser, IMSE's code bank without source statistics)")
+    return Session(device, comm, log, data)
