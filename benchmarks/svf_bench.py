@@ -25,6 +25,8 @@ Inference, K = 4 experts mixed per sample (α: B × K, softmax of random logits)
   loop          Transformer²'s serving: per distinct mixture (here per sample) recompose the mixed weights
                 (WeightedCombination: α·Z, no sigmoid after mixing, rescale) into the dense model, run its rows
 Gradient check: z gradients of svf against t2 in the run dtype (relative max error).
+SVD: seconds of one float32 `svf.svd_factors` (torch.linalg.svd, LAPACK gesdd) per --svd-shapes matrix, once;
+  the decomposition file makes this a once-per-checkpoint cost.
 Writes benchmarks/results/svf_<machine>[_quick].{json,txt}.
 """
 import argparse
@@ -257,7 +259,16 @@ def infer_case(name: str, dtype_name: str, args, k: int = 4, log=print) -> dict:
             "mixed_vs_loop_logits_rel_err": agree, "rounds": len(t["mixed"].times), "load1": load1()}
 
 
-def text(train_rows, infer_rows, args) -> list:
+def svd_case(shape: tuple) -> dict:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) / math.sqrt(shape[1])
+    start = time.perf_counter()
+    U, S, Vh = svf.svd_factors(w, torch.float32)
+    seconds = time.perf_counter() - start
+    err = ((U * S) @ Vh - w).abs().max().item() / w.abs().max().item()
+    return {"shape": list(shape), "dtype": "fp32", "seconds": seconds, "reconstruction_rel_err": err, "load1": load1()}
+
+
+def text(train_rows, infer_rows, args, svd_rows=()) -> list:
     lines = ["SVF training step (forward + backward + clip + Adam on z), batch "
              f"{args.batch} x {args.seq} tokens; t2/svf = Transformer²'s time over this library's (paired median)",
              "decoder dtype  svf ms   t2 ms  t2/svf (min-rounds)  saved MB svf/t2   RSS peak MB svf/t2  "
@@ -275,6 +286,10 @@ def text(train_rows, infer_rows, args) -> list:
         lines.append(f"{r['decoder']:<7} {r['dtype']:<5} {r['experts']:>2} {r['mixed_ms']:>9.1f} {r['single_ms']:>10.1f} "
                      f"{r['single_coded_ms']:>16.1f} {r['loop_ms']:>8.1f} {r['mixed_over_single']:>13.2f} "
                      f"{r['mixed_over_single_coded']:>19.2f} {r['loop_over_mixed']:>11.2f}  {r['mixed_vs_loop_logits_rel_err']:.1e}")
+    if svd_rows:
+        lines += ["", "SVD (float32, once per checkpoint): " + "; ".join(
+            f"{r['shape'][0]}x{r['shape'][1]} {r['seconds']:.1f} s (reconstruction {r['reconstruction_rel_err']:.0e})"
+            for r in svd_rows)]
     return lines
 
 
@@ -285,7 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None, help="tokens per sample (default 256; --quick 32)")
-    ap.add_argument("--parts", default="train,infer")
+    ap.add_argument("--parts", default="train,infer,svd")
+    ap.add_argument("--svd-shapes", default=None, help="default 4096x4096,2048x5632 (--quick: 256x512)")
     args = ap.parse_args(argv)
     if args.device != "cpu":
         ap.error("svf_bench runs on the CPU only")
@@ -297,7 +313,7 @@ def main(argv=None) -> int:
     dtypes, parts = BC.csv_list(args.dtypes), BC.csv_list(args.parts)
     env = BC.env_info("cpu")
     print(BC.install_banner(env["install"]), flush=True)
-    train_rows, infer_rows, t0 = [], [], time.perf_counter()
+    train_rows, infer_rows, svd_rows, t0 = [], [], [], time.perf_counter()
     for name in decoders:
         for dt in dtypes:
             if "train" in parts:
@@ -306,7 +322,11 @@ def main(argv=None) -> int:
             if "infer" in parts and name != "large":
                 infer_rows.append(infer_case(name, dt, args))
                 print("  " + text([], infer_rows[-1:], args)[-1], flush=True)
-    lines = text(train_rows, infer_rows, args)
+    if "svd" in parts:
+        for shape in BC.csv_list(args.svd_shapes or ("256x512" if args.quick else "4096x4096,2048x5632")):
+            svd_rows.append(svd_case(tuple(int(v) for v in shape.split("x"))))
+            print(f"  svd {shape}: {svd_rows[-1]['seconds']:.1f} s", flush=True)
+    lines = text(train_rows, infer_rows, args, svd_rows)
     lines.insert(0, f"svf_bench on {BC.machine_tag('cpu')}, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY "
                     f"{env['omp_wait_policy']}; decoders {', '.join(f'{d}={DECODERS[d]}' for d in decoders)}; "
                     f"total {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f} at end")
@@ -317,7 +337,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"svf_{args.tag or BC.machine_tag('cpu')}" + ("_quick" if args.quick else "")
         (out / f"{stem}.json").write_text(json.dumps({"env": env, "args": vars(args), "train": train_rows,
-                                                      "infer": infer_rows}, indent=1, default=str))
+                                                      "infer": infer_rows, "svd": svd_rows}, indent=1, default=str))
         (out / f"{stem}.txt").write_text(BC.install_banner(env["install"]) + "\n" + out_text + "\n")
         print(f"wrote {out / stem}.json, .txt")
     return 0
