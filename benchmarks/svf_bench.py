@@ -81,7 +81,8 @@ class Transformer2SVF:
     def __init__(self, model, dtype: torch.dtype, z_init: dict) -> None:
         self.model, self.dtype = model, dtype
         model.requires_grad_(False)
-        self.keys = [n + ".weight" for n, _ in model.named_modules() if n.endswith(("gate_proj", "up_proj", "down_proj"))]
+        mlp = ("gate_proj", "up_proj", "down_proj")
+        self.keys = [n + ".weight" for n, _ in model.named_modules() if n.endswith(mlp)]
         self.dec, self.z = {}, {}
         for k in self.keys:
             w = model.get_parameter(k)
@@ -274,8 +275,9 @@ def text(train_rows, infer_rows, args, svd_rows=()) -> list:
              "decoder dtype  svf ms   t2 ms  t2/svf (min-rounds)  saved MB svf/t2   RSS peak MB svf/t2  "
              "state MB svf/t2 (ratio)  z-grad rel err"]
     for r in train_rows:
-        lines.append(f"{r['decoder']:<7} {r['dtype']:<5} {r['svf_ms']:>7.1f} {r['t2_ms']:>7.1f} {r['t2_over_svf']:>6.2f} "
-                     f"({r['t2_over_svf_min']:.2f})       {r.get('svf_saved_mb', math.nan):>6.1f}/{r.get('t2_saved_mb', math.nan):<6.1f}"
+        saved = f"{r.get('svf_saved_mb', math.nan):>6.1f}/{r.get('t2_saved_mb', math.nan):<6.1f}"
+        lines.append(f"{r['decoder']:<7} {r['dtype']:<5} {r['svf_ms']:>7.1f} {r['t2_ms']:>7.1f} "
+                     f"{r['t2_over_svf']:>6.2f} ({r['t2_over_svf_min']:.2f})       {saved}"
                      f"    {r.get('svf_rss_peak_mb', math.nan):>6.0f}/{r.get('t2_rss_peak_mb', math.nan):<6.0f}"
                      f"       {r['svf_state_mb']:>6.1f}/{r['t2_state_mb']:<6.1f} ({r['state_ratio']:.3f})"
                      f"    {r['z_grad_rel_err']:.1e}")
@@ -283,9 +285,10 @@ def text(train_rows, infer_rows, args, svd_rows=()) -> list:
               "decoder dtype  K  mixed ms  single ms  single_coded ms  loop ms  mixed/single  mixed/single_coded  "
               "loop/mixed  logits mixed-vs-loop"]
     for r in infer_rows:
-        lines.append(f"{r['decoder']:<7} {r['dtype']:<5} {r['experts']:>2} {r['mixed_ms']:>9.1f} {r['single_ms']:>10.1f} "
-                     f"{r['single_coded_ms']:>16.1f} {r['loop_ms']:>8.1f} {r['mixed_over_single']:>13.2f} "
-                     f"{r['mixed_over_single_coded']:>19.2f} {r['loop_over_mixed']:>11.2f}  {r['mixed_vs_loop_logits_rel_err']:.1e}")
+        lines.append(f"{r['decoder']:<7} {r['dtype']:<5} {r['experts']:>2} {r['mixed_ms']:>9.1f} "
+                     f"{r['single_ms']:>10.1f} {r['single_coded_ms']:>16.1f} {r['loop_ms']:>8.1f} "
+                     f"{r['mixed_over_single']:>13.2f} {r['mixed_over_single_coded']:>19.2f} "
+                     f"{r['loop_over_mixed']:>11.2f}  {r['mixed_vs_loop_logits_rel_err']:.1e}")
     if svd_rows:
         lines += ["", "SVD (float32, once per checkpoint): " + "; ".join(
             f"{r['shape'][0]}x{r['shape'][1]} {r['seconds']:.1f} s (reconstruction {r['reconstruction_rel_err']:.0e})"

@@ -127,7 +127,8 @@ def test_frozen_z_computes_s_once_and_serves_one_gemm():
         layer.z.add_(0.5)  # in place: s and W' are rebuilt
         y3 = layer(x)
     assert layer._weight_cache.misses == 2
-    ref = x @ dense_weight(layer.U.double(), layer.S.double(), layer.Vh.double(), layer.z.double(), layer.config).T.float()
+    W = dense_weight(layer.U.double(), layer.S.double(), layer.Vh.double(), layer.z.double(), layer.config)
+    ref = x @ W.T.float()
     assert rel(y3 - lin.bias, ref) < 1e-5 and not torch.allclose(y3, y1)
 
 

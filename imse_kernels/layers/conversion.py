@@ -106,8 +106,8 @@ def unspectralize(model: nn.Module) -> list[str]:
     for name in targets:
         linear = model.get_submodule(name).to_linear()
         if name in shells:
-            linear = rebuild_conv1d(shells.pop(name), linear.weight, linear.bias,
-                                    (linear.weight.requires_grad, linear.bias is not None and linear.bias.requires_grad))
+            grads = (linear.weight.requires_grad, linear.bias is not None and linear.bias.requires_grad)
+            linear = rebuild_conv1d(shells.pop(name), linear.weight, linear.bias, grads)
         _set_submodule(model, name, linear)
     restore_requires_grad(model)
     return targets

@@ -105,8 +105,9 @@ def set_experts(model: nn.Module, states: list[dict[str, Tensor]], trainable: bo
         raise ValueError("set_experts: give at least one z_state")
     for i, state in enumerate(states):
         if set(state) != set(layers):
+            missing, extra = sorted(set(layers) - set(state))[:4], sorted(set(state) - set(layers))[:4]
             raise ValueError(f"set_experts: state {i} does not name exactly the model's SVF layers "
-                             f"(missing {sorted(set(layers) - set(state))[:4]}, extra {sorted(set(state) - set(layers))[:4]})")
+                             f"(missing {missing}, extra {extra})")
     for n, m in layers.items():
         for i, state in enumerate(states):
             if tuple(state[n].shape) != (m.rank,):
