@@ -3,7 +3,8 @@
     python tools/import_graph.py [ROOT]        # ROOT: a checkout (default: this one)
 
 The allowed edges (docs/design.md §3): ops -> backends -> triton_kernels; layers -> ops;
-losses and optim are plain math (shared utilities only); tta -> layers, losses, optim; eval -> tta and
+losses and optim are plain math (shared utilities only); tta -> layers, losses, optim; svf -> layers, ops
+(singular-value fine-tuning of language models); eval -> tta and
 the public layers; the package root re-exports everything; benchmarks use the library but not `eval`.
 Every package may use the shared utilities (`util`: _extension, overrides, precision, proc_status, state_file).
 Any other edge is a violation. Imports inside functions count: a lazy import is still a dependency.
@@ -23,9 +24,10 @@ ALLOWED = {
     "losses": set(),
     "optim": set(),
     "tta": {"layers", "losses", "optim"},
+    "svf": {"layers", "ops"},
     "eval": {"tta", "layers", "losses", "backends"},
-    "root": {"backends", "ops", "layers", "losses", "optim", "tta", "eval"},
-    "benchmarks": {"root", "backends", "ops", "layers", "losses", "optim", "tta", "triton_kernels"},
+    "root": {"backends", "ops", "layers", "losses", "optim", "tta", "eval", "svf"},
+    "benchmarks": {"root", "backends", "ops", "layers", "losses", "optim", "tta", "triton_kernels", "svf"},
 }
 ORDER = list(ALLOWED)
 UTIL = {"_extension", "_build_info", "overrides", "precision", "proc_status", "state_file"}
