@@ -1,8 +1,9 @@
 """The report stage: results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot.
 
 Files are written atomically (`imse_kernels.state_file`): an interrupted run never leaves half a file.
-`write_report` prints and writes one run (one or several seeds); every results.json holds the resolved
-config (`config`, readable by `imse-eval --config`), the provenance record and the measurements.
+`ResultsWriter` writes one run (one or several seeds) after each method and at the end, when it also prints
+the table; every results.json holds the resolved config (`config`, readable by `imse-eval --config`), the
+provenance record, the data protocol and the measurements.
 """
 import csv
 import io
@@ -425,8 +426,3 @@ def header_lines(session) -> str:
     if "clean_test_accuracy" in info:
         lines.append(f"embedded ViT: clean test accuracy {100 * info['clean_test_accuracy']:.1f}% ({info['cache']})")
     return "\n".join(lines)
-
-
-def write_report(plan, session, runs: Sequence[SeedRun], images: int, t_start: float) -> dict:
-    """`ResultsWriter(plan, session, t_start).final(runs, images)`: print the table and write the files."""
-    return ResultsWriter(plan, session, t_start).final(runs, images)
