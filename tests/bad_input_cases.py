@@ -178,6 +178,10 @@ def make_cases(root: Path) -> list[Case]:
              + MODEL, 2, ("nowhere", "not found")),
         Case("--subset 5000 on a tree without the listed images", IMNET[:-2] + MODEL + ["--checkpoint", str(w224)], 2,
              ("lacks 4992 of the 5000", "--subset full")),
+        Case("an extra ImageNet-C corruption (speckle_noise)", IMNET[:4] + ["--corruptions", "speckle_noise",
+             "--max-per-domain", "8"] + MODEL + ["--checkpoint", str(w224)], 0, ("speckle_noise",), L),
+        Case("--corruptions all on a tree with 3 of the 19", IMNET[:4] + ["--corruptions", "all", "--max-per-domain",
+             "8"] + MODEL + ["--checkpoint", str(w224)], 0, ("gaussian_noise", "fog", "speckle_noise"), L),
         Case("corruption not on disk", IMNET[:4] + ["--corruptions", "hail", "--max-per-domain", "8"] + MODEL
              + ["--checkpoint", str(w224)], 2, ("hail", "gaussian_noise, fog, speckle_noise")),
         Case("--preprocess crop224 for a 160-px model", IMNET + ["--preprocess", "crop224", "--model", "test_vit",

@@ -34,12 +34,15 @@ def shown(argv: list, tmp: str) -> str:
     return " ".join(out)
 
 
-def message(kind: str, rc: int, err: str) -> str:
+def message(rc: int, err: str, out: Path) -> str:
+    """The error line; or for a run, the corruptions it ran and its warnings and notes."""
     lines = [ln for ln in err.splitlines() if ln.strip()]
     if rc != 0:
         return next((ln for ln in reversed(lines) if ln.startswith("imse-eval: error:")), lines[-1] if lines else "")
     said = [ln for ln in lines if ln.startswith(("warning", "note"))]
-    return "runs; " + (" / ".join(said) if said else "no warning")
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    ran = f"runs ({', '.join(meta['corruptions'])}; {meta['images_per_domain']} images per domain)"
+    return ran + "; " + (" / ".join(said) if said else "no warning")
 
 
 def main(out_prefix: str) -> None:
@@ -50,7 +53,8 @@ def main(out_prefix: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
                "HF_HUB_CACHE": str(Path(tmp) / "hf")}
         for i, case in enumerate(make_cases(root)):
-            argv = case.argv + ["--output-dir", str(Path(tmp) / f"out{i}")]
+            out = Path(tmp) / f"out{i}"
+            argv = case.argv + ["--output-dir", str(out)]
             t0 = time.perf_counter()
             p = subprocess.run([sys.executable, "-m", "imse_kernels.eval", *argv], capture_output=True, text=True,
                                env={**env, **case.env}, cwd=tmp, timeout=600)
@@ -58,7 +62,7 @@ def main(out_prefix: str) -> None:
             rows.append({"input": case.name, "options": shown(case.argv, tmp), "exit": p.returncode,
                          "expected_exit": case.rc, "stderr_lines": len([ln for ln in err.splitlines() if ln.strip()]),
                          "traceback": "Traceback" in err, "stderr_bytes": len(err.encode()),
-                         "message": message(case.kind, p.returncode, err).replace(tmp, "<tmp>"),
+                         "message": message(p.returncode, err, out).replace(tmp, "<tmp>"),
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{rows[-1]['exit']} {case.name}: {rows[-1]['message'][:160]}", flush=True)
     Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)

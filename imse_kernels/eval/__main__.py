@@ -111,10 +111,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     add(d, "--data-dir", help="the data set's folder (with --data imagenet-c, cifar10-c or cifar100-c)")
     add(d, "--source-dir", help="clean source images (ImageFolder) for EATA's Fisher and IMSE's source statistics "
                                 "(imagenet-c); without it they run without clean source data")
-    add(d, "--corruptions", type=corruption_list, default="all",
+    add(d, "--corruptions", type=corruption_list, default=None,
         help="comma-separated names or all. digits: any of the 15 made here (all: the 15: "
              f"{', '.join(CORRUPTIONS)}); data on disk: any corruption folder or .npy name present, ImageNet-C's "
-             f"extra {', '.join(EXTRA_CORRUPTIONS)} included; all: every one present. Default: the 15")
+             f"extra {', '.join(EXTRA_CORRUPTIONS)} included; all: every one present. None given: the 15")
     add(d, "--severity", type=int, default=DEFAULT_SEVERITY, help="1..5; the maximum in 'gradual'")
     add(d, "--n-test", type=int, default=None, help="digits: test images per domain (default 512)")
     add(d, "--max-per-domain", type=int, default=None,
