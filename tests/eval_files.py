@@ -61,3 +61,14 @@ def write_cifar_c(root: Path, corruptions=("gaussian_noise", "fog"), n: int = 20
         arrays[c] = x
     np.save(root / "labels.npy", np.tile(labels, 5) if labels_repeat else labels)
     return arrays, labels
+
+
+def write_damaged_jpeg(path: Path, seed: int = 0) -> Path:
+    """A JPEG whose Huffman table is damaged: its header and end marker are intact (an up-front header check
+    passes it), a full decode fails."""
+    path = write_jpeg(path, 40, 30, seed=seed)
+    data = bytearray(path.read_bytes())
+    i = data.index(b"\xff\xc4")  # DHT: the code counts after the marker, length and class byte
+    data[i + 5:i + 21] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    return path

@@ -150,13 +150,16 @@ def test_imagenet_c_folder_run_with_a_local_timm_checkpoint(tmp_path, capsys):
                 Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
     out = tmp_path / "out"
     rc, stdout, err = _run(["--data", "imagenet-c", "--data-dir", str(tmp_path / "inc"), "--corruptions",
-                            "gaussian_noise,fog", "--model", "test_vit", "--checkpoint",
-                            str(tmp_path / "test_vit.safetensors"), "--source-dir", str(tmp_path / "inc" / "clean" / "x"),
+                            "gaussian_noise,fog", "--subset", "full", "--preprocess", "timm", "--model", "test_vit",
+                            "--checkpoint",
+                            str(tmp_path / "test_vit.safetensors"), "--source-dir",
+                            str(tmp_path / "inc" / "clean" / "x"),
                             "--method", "source,imse", "--batch-size", "4", "--output-dir", str(out), "--no-progress",
                             "--no-plot", "--threads", "1"], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert res["meta"]["data_config"]["input_size"] == [3, 160, 160]
+    assert res["meta"]["data_config"]["input_size"] == [3, 160, 160] and res["meta"]["preprocess"] == "timm"
+    assert res["config"]["run"]["subset"] == "full" and res["meta"]["protocol"]["order"] == "shuffled by seed 0"
     assert res["provenance"]["model"] == "test_vit" and res["provenance"]["images_per_domain"] == 6
     assert res["provenance"]["checkpoint_sha256"] == hashlib.sha256(
         (tmp_path / "test_vit.safetensors").read_bytes()).hexdigest()

@@ -26,7 +26,8 @@ def test_every_corruption_is_valid_deterministic_and_changes_the_image(name):
     assert (a - x).abs().mean() > 1e-3, f"{name} left the images unchanged"
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "snow", "fog", "frost"])
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "motion_blur", "snow", "fog",
+                                  "frost"])
 def test_random_corruptions_depend_on_the_seed(name):
     x = _images()
     assert not torch.equal(C.corrupt(x, name, 3, seed=1), C.corrupt(x, name, 3, seed=2))
@@ -104,7 +105,8 @@ def test_bad_arguments_are_refused():
 
 def test_content_scale_coarsens_noise_grain_and_widens_blurs():
     x = _images(2)
-    assert not torch.equal(C.corrupt(x, "gaussian_noise", 5, seed=0, scale=4), C.corrupt(x, "gaussian_noise", 5, seed=0))
+    assert not torch.equal(C.corrupt(x, "gaussian_noise", 5, seed=0, scale=4),
+                           C.corrupt(x, "gaussian_noise", 5, seed=0))
     delta = C.gaussian_noise(x, 5, torch.Generator().manual_seed(0), 4) - x
     blocks = delta.reshape(2, 3, 8, 4, 8, 4)
     assert torch.allclose(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks), atol=1e-6), "noise grain is 4x4 pixels"
@@ -115,3 +117,23 @@ def test_content_scale_coarsens_noise_grain_and_widens_blurs():
     assert spread[1] > 8 * spread[0]
     with pytest.raises(ValueError, match="scale"):
         C.corrupt(x, "fog", 1, scale=0)
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3, 4, 5])
+def test_every_severity_runs_at_the_digits_content_scale(severity):
+    """Severities 1-5 at content scale 4 (the CIFAR-10-C files of tools/eval_demo_data.py): the elastic
+    transform's sigma at severities 2-3 spans more than the 32-pixel image, which padding must survive."""
+    x = _images(2)
+    for name in C.CORRUPTIONS:
+        y = C.corrupt(x, name, severity, seed=0, scale=4)
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1, name
+
+
+def test_blur_padding_wider_than_the_image_is_scipys_mirror():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(2, 1, 10, 12, dtype=torch.float64)
+    assert torch.equal(C._pad(x, (3, 3, 2, 2), "reflect"), torch.nn.functional.pad(x, (3, 3, 2, 2), mode="reflect"))
+    y = C.gaussian_blur(x, 9.0, mode="reflect", truncate=3.0)  # radius 27 against sides of 10 and 12
+    ref = ndimage.gaussian_filter1d(x.numpy(), 9.0, axis=3, mode="mirror", truncate=3.0)
+    ref = ndimage.gaussian_filter1d(ref, 9.0, axis=2, mode="mirror", truncate=3.0)
+    assert abs(y.numpy() - ref).max() < 1e-6  # the kernel is float32

@@ -107,7 +107,7 @@ def test_bad_config_files_are_usage_errors(tmp_path, capsys):
 
 def test_a_bug_shows_its_traceback(monkeypatch, cache):
     """Only UsageError and ConfigError become exit status 2; any other exception (a bug) propagates."""
-    def boom(plan, session):
+    def boom(plan, session, writer=None):
         raise ValueError("a bug, not a usage error")
 
     monkeypatch.setattr(cli, "run_seeds", boom)
@@ -169,3 +169,31 @@ def test_resolve_checks_unused_sections_too():
     with pytest.raises(ConfigError, match="unknown key 'cotta.alpha'"):
         resolve([{"run": {"methods": ["sar"]}, "cotta": {"alpha": 0.5}}])
     assert resolve([{"run": {"methods": "all"}}]).run.methods[0] == "source"
+
+
+def test_data_options_resolve_to_the_protocol_that_runs(tmp_path):
+    """Each data set's defaults are filled in (so results.json records them and a rerun repeats them); options
+    for another data set, and corruptions digits cannot make, are errors."""
+    from imse_kernels.eval.errors import DataError
+
+    inc = check(["--data", "imagenet-c", "--data-dir", str(tmp_path), "--model", "m"]).run
+    assert (inc.subset, inc.preprocess, inc.image_check, inc.report) == ("5000", "res256crop224", "header", "error")
+    assert inc.n_test is None and inc.corruptions == tuple(RunConfig().corruptions)
+    c10 = check(["--data", "cifar10-c", "--data-dir", str(tmp_path), "--corruptions", "all", "--model", "m"]).run
+    assert (c10.subset, c10.preprocess, c10.report, c10.corruptions) == (None, None, "error", ("all",))
+    digits = check([]).run
+    assert (digits.data, digits.n_test, digits.report, digits.subset) == ("digits", 512, "accuracy", None)
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  data: imagenet-c\n  subset: 5000\n  preprocess: crop224\n  report: accuracy\n")
+    run = check(["--config", str(f), "--data-dir", str(tmp_path), "--model", "m", "--set",
+                 "run.max_per_domain=100"]).run
+    assert (run.subset, run.preprocess, run.report, run.max_per_domain) == ("5000", "crop224", "accuracy", 100)
+    with pytest.raises(ConfigError, match="subset must be one of"):
+        check(["--config", str(f), "--data-dir", str(tmp_path), "--set", "run.subset=500"])
+    with pytest.raises(DataError, match="--subset does not apply to --data cifar10-c"):
+        check(["--data", "cifar10-c", "--data-dir", str(tmp_path), "--subset", "full"])
+    with pytest.raises(DataError, match="--label-map does not apply to --data digits"):
+        check(["--label-map", "x.txt"])
+    with pytest.raises(ConfigError, match="speckle_noise: ImageNet-C's extra corruptions, read from disk with"):
+        check(["--corruptions", "fog,speckle_noise"])
+    assert main(["--corruptions", "fog,speckle_noise", "--no-progress"]) == 2

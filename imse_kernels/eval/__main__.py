@@ -8,8 +8,9 @@ pairs); see `--help` and docs/design.md, section 12.
 
 The shell runs four stages: check (the options, config file and overrides resolved into a `Plan`,
 `eval.run_config`), set-up (device, threads, process group, data: `eval.session`), run (`eval.runner`,
-`eval.multi_stream`) and report (`eval.report`). A `UsageError` or `ConfigError` (a bad option, key, value
-or missing file) prints one line and exits with status 2; anything else is a bug and shows its traceback.
+`eval.multi_stream`) and report (`eval.report`, the files written as each method finishes). A `UsageError`,
+`ConfigError` or `DataError` (a bad option, key, value, file or folder) prints one line and exits with status 2;
+anything else is a bug and shows its traceback. Data sets and checkpoints: docs/design.md, section 13.
 """
 import argparse
 import contextlib
@@ -23,11 +24,16 @@ import torch
 from ..backends import use_backend
 from ..tta import ConfigError, IMSE, registry
 from . import progress
-from .corruptions import CORRUPTIONS, parse_corruptions
+from .corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .data_spec import DATA_SOURCES, images_per_domain, spec_from_run
+from .errors import DataError
+from .imagenet_c import SUBSET_HELP, SUBSETS
+from .images import SCAN_MODES
 from .methods import METHODS, MethodOptions, parse_methods
 from .multi_stream import evaluate_multi_stream
-from .report import write_report
+from .preprocess import DEFAULT_PREPROCESS, PREPROCESS, PREPROCESS_HELP
+from .protocol import REPORTS
+from .report import ResultsWriter
 from .run_config import (RUN, Invocation, Plan, layer, load_config_file, parse_assignment, parse_pairs, resolve)
 from .runner import run_seed
 from .session import Session, set_up
@@ -67,11 +73,12 @@ def method_list(spec: str) -> list[str]:
 
 
 def corruption_list(spec: str) -> list[str]:
-    """'all' or comma-separated corruption names."""
-    try:
-        return parse_corruptions(spec)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    """'all' or comma-separated corruption names (checked against the data set: the 15 made for digits, the
+    folder's for data read from disk)."""
+    names = list(dict.fromkeys(s.strip() for s in str(spec).split(",") if s.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"--corruptions takes 'all' or comma-separated names, got {spec!r}")
+    return names
 
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -97,21 +104,49 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     add(c, "overrides", nargs="*", default=[], metavar="KEY VALUE",
         help="yacs-style overrides after the options, e.g. `sar.lr 5e-4 imse.retrieval mix`")
     d = p.add_argument_group("data")
-    add(d, "--data", choices=DATA_SOURCES, default="digits",
-        help="digits: the embedded default; imagenet-c: a folder tree DIR/<corruption>/<severity>/<class>/")
-    add(d, "--data-dir", help="ImageNet-C root (with --data imagenet-c)")
+    add(d, "--data", choices=DATA_SOURCES, default=None,
+        help="digits (when not given): the embedded default; imagenet-c: a folder tree "
+             "DIR/<corruption>/<severity>/<class>/<image>; cifar10-c, cifar100-c: RobustBench's .npy files "
+             "(DIR/<corruption>.npy and labels.npy, or DIR/CIFAR-10-C/...)")
+    add(d, "--data-dir", help="the data set's folder (with --data imagenet-c, cifar10-c or cifar100-c)")
     add(d, "--source-dir", help="clean source images (ImageFolder) for EATA's Fisher and IMSE's source statistics "
                                 "(imagenet-c); without it they run without clean source data")
-    add(d, "--corruptions", type=corruption_list, default="all",
-        help=f"comma-separated subset of: {', '.join(CORRUPTIONS)}")
+    add(d, "--corruptions", type=corruption_list, default=None,
+        help="comma-separated names or all. digits: any of the 15 made here (all: the 15: "
+             f"{', '.join(CORRUPTIONS)}); data on disk: any corruption folder or .npy name present, ImageNet-C's "
+             f"extra {', '.join(EXTRA_CORRUPTIONS)} included; all: every one present. None given: the 15")
     add(d, "--severity", type=int, default=DEFAULT_SEVERITY, help="1..5; the maximum in 'gradual'")
-    add(d, "--n-test", type=int, default=512, help="digits: test images per domain")
-    add(d, "--max-per-domain", type=int, default=None, help="imagenet-c: images per domain (same ones in each)")
-    add(d, "--workers", type=int, default=0, help="imagenet-c: DataLoader workers")
+    add(d, "--n-test", type=int, default=None, help="digits: test images per domain (default 512)")
+    add(d, "--max-per-domain", type=int, default=None,
+        help="imagenet-c / cifar: images per domain (the same ones in each; NUM_EX, RobustBench's n_examples); "
+             "default: all of the subset")
+    add(d, "--subset", choices=SUBSETS, default=None,
+        help="imagenet-c: " + "; ".join(f"{k}: {v}" for k, v in SUBSET_HELP.items()) + " (default 5000)")
+    add(d, "--preprocess", choices=PREPROCESS, default=None,
+        help="imagenet-c: the input pipeline, " + "; ".join(f"{k}: {v}" for k, v in PREPROCESS_HELP.items())
+             + f" (default {DEFAULT_PREPROCESS['imagenet-c']}, the IMSE paper's)")
+    add(d, "--label-map", metavar="FILE",
+        help="imagenet-c: class folder -> model output, as JSON {folder: index} or one folder per line (line k: "
+             "class k); needed when folders are not ImageNet WordNet ids")
+    add(d, "--image-check", choices=SCAN_MODES, default=None,
+        help="imagenet-c: how every chosen image file is checked before the run. header (default): format, empty "
+             "and text files, truncated JPEG/PNG; decode: a full decode of every file (slower, finds damage inside)")
+    add(d, "--skip-unreadable", action="store_true",
+        help="imagenet-c: leave unreadable image files out of every domain (counted and recorded) instead of "
+             "stopping with an error")
+    add(d, "--report", choices=REPORTS, default=None,
+        help="what the per-domain table shows: error (the corruption benchmarks' papers; default for imagenet-c "
+             "and cifar) or accuracy (default for digits); both means are always listed")
+    add(d, "--workers", type=int, default=0, help="imagenet-c: threads decoding images")
     m = p.add_argument_group("model")
-    add(m, "--model", help="timm model name (needs --checkpoint); default: the embedded digits ViT")
-    add(m, "--checkpoint", help="local weights file for --model (safetensors, .pth/.pt or timm's formats)")
+    add(m, "--model", help="timm model name (with --checkpoint), or hf-hub:<org>/<name> from the local Hugging Face "
+                           "cache; default: the embedded digits ViT")
+    add(m, "--checkpoint", help="local weights for --model: safetensors, .pth/.pt/.bin/.ckpt (loaded without "
+                                "executing pickled code), a model directory, or timm's .npz; nothing is downloaded")
     add(m, "--num-classes", type=int, default=None, help="classes of --checkpoint's head (default: timm's)")
+    add(m, "--img-size", type=int, default=None,
+        help="build the timm model at this input size (e.g. 32 for a CIFAR ViT; default: timm's)")
+    add(m, "--patch-size", type=int, default=None, help="build the timm ViT with this patch size (default: timm's)")
     add(m, "--train-steps", type=int, default=None, help="digits: training steps of the embedded ViT")
     add(m, "--cache-dir", help="where the embedded model is cached (default $IMSE_KERNELS_CACHE or "
                                "~/.cache/imse_kernels)")
@@ -163,9 +198,10 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
 
 
 #: option dest -> the run field it sets (the same name where absent).
-_RUN_OPTIONS = ("data", "data_dir", "source_dir", "corruptions", "severity", "n_test", "max_per_domain", "model",
-                "checkpoint", "num_classes", "train_steps", "setting", "dirichlet", "rounds", "streams", "batch_size",
-                "amp", "backend", "device", "threads", "compile")
+_RUN_OPTIONS = ("data", "data_dir", "source_dir", "corruptions", "severity", "n_test", "max_per_domain", "subset",
+                "preprocess", "label_map", "image_check", "skip_unreadable", "report", "model", "checkpoint",
+                "num_classes", "img_size", "patch_size", "train_steps", "setting", "dirichlet", "rounds", "streams",
+                "batch_size", "amp", "backend", "device", "threads", "compile")
 
 
 def option_layer(given: argparse.Namespace) -> dict[str, dict]:
@@ -208,37 +244,48 @@ def check(argv: Sequence[str]) -> Plan:
     return Plan(config, spec, invocation)
 
 
-def run_seeds(plan: Plan, session: Session) -> tuple[list, int]:
+def run_seeds(plan: Plan, session: Session, writer: Optional[ResultsWriter] = None) -> tuple[list, int]:
     """The run stage of the single-stream settings: every method on each seed's stream. Returns the runs and
-    the images per domain."""
+    the images per domain. `writer` writes the results files as each method finishes; a `DataError` met after
+    that says where the finished methods' results are."""
     run, data = plan.run, session.data
     comm = session.comm
     backend = use_backend(run.backend) if run.backend else contextlib.nullcontext()
     runs, images = [], data.domain_size
-    with backend:
-        for seed in run.seeds:
-            domains = data.domains(seed)
-            images = images or images_per_domain(domains)
-            opts = MethodOptions(plan.config.methods, run.batch_size, seed, run.compile,
-                                 None if comm is None else comm.group)
-            tag = f" (seed {seed})" if len(run.seeds) > 1 else ""
-            runs.append(run_seed(run, opts, domains, images, data.model, data.source, session.device, seed, comm,
-                                 session.log, plan.invocation.progress, tag))
-            del domains
+    try:
+        with backend:
+            for seed in run.seeds:
+                domains = data.domains(seed)
+                size = images_per_domain(domains)
+                images = images or size
+                opts = MethodOptions(plan.config.methods, run.batch_size, seed, run.compile,
+                                     None if comm is None else comm.group)
+                tag = f" (seed {seed})" if len(run.seeds) > 1 else ""
+                done = None if writer is None else (lambda part, runs=runs: writer.partial(runs + [part], images))
+                runs.append(run_seed(run, opts, domains, size, data.model, data.source, session.device, seed, comm,
+                                     session.log, plan.invocation.progress, tag, on_result=done))
+                del domains
+    except DataError as err:
+        if writer is None or not writer.methods_written:
+            raise
+        where = writer.out / "results.json"
+        raise DataError(err.path, err.problem, f"{err.fix + '; ' if err.fix else ''}the finished methods' results "
+                        f"({', '.join(writer.methods_written)}) are in {where}") from None
     return runs, images
 
 
 def evaluate(plan: Plan) -> dict:
     """Set up, run and report what `plan` describes; returns the results payload (also written to its output
-    directory)."""
+    directory, after each method and at the end)."""
     t_start = time.perf_counter()
     with progress.bars(plan.invocation.progress):
         session = set_up(plan)
         with progress.bars(plan.invocation.progress and session.reports):
             if plan.run.setting == "multi_stream":
                 return evaluate_multi_stream(plan, session, t_start)
-            runs, images = run_seeds(plan, session)
-            return write_report(plan, session, runs, images, t_start)
+            writer = ResultsWriter(plan, session, t_start)
+            runs, images = run_seeds(plan, session, writer)
+            return writer.final(runs, images)
 
 
 def restart_for_openmp(choice: str) -> None:
@@ -255,7 +302,8 @@ def restart_for_openmp(choice: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point; returns the exit status (2 for a usage error: a bad option, key, value or file).
+    """Console entry point; returns the exit status (2 for a usage or data error: a bad option, key, value, file
+    or folder).
 
     `argv` None means the command line (which may restart once for --omp-wait-policy)."""
     raw = sys.argv[1:] if argv is None else list(argv)
@@ -263,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv is None:
             restart_for_openmp(build_parser().parse_intermixed_args(raw).omp_wait_policy)
         evaluate(check(raw))
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, DataError) as exc:
         print(f"imse-eval: error: {exc}", file=sys.stderr)
         return 2
     return 0

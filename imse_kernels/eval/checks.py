@@ -10,6 +10,18 @@ from .errors import DataError
 #: Data sets read from a folder (--data-dir); `digits` is built in.
 FOLDER_DATA = ("imagenet-c", "cifar10-c", "cifar100-c")
 
+#: Every data set `--data` names.
+DATA_SETS = ("digits",) + FOLDER_DATA
+
+#: Run option -> the data sets it applies to (elsewhere it would be ignored in silence, so it is an error).
+APPLIES_TO = {
+    "n_test": ("digits",), "train_steps": ("digits",),
+    "model": FOLDER_DATA, "checkpoint": FOLDER_DATA, "num_classes": FOLDER_DATA, "img_size": FOLDER_DATA,
+    "patch_size": FOLDER_DATA, "max_per_domain": FOLDER_DATA,
+    "preprocess": ("imagenet-c",), "subset": ("imagenet-c",), "label_map": ("imagenet-c",),
+    "source_dir": ("imagenet-c",), "image_check": ("imagenet-c",), "skip_unreadable": ("imagenet-c",),
+}
+
 
 def check_data_dir(data: Optional[str], data_dir: Optional[str]) -> str:
     """The data set to use: `data`, or `digits` when neither is given. A folder without --data is an error (it
@@ -25,6 +37,22 @@ def check_data_dir(data: Optional[str], data_dir: Optional[str]) -> str:
         raise DataError(None, "--data digits is built in and reads no --data-dir", "leave --data-dir out, or pass "
                         f"--data {' / '.join(FOLDER_DATA)}")
     return data
+
+
+def check_options_apply(data: str, values: dict) -> None:
+    """Options given (not None / False) for a data set they do not apply to are errors: `values` maps run
+    fields (APPLIES_TO's keys) to their values."""
+    for name, sets in APPLIES_TO.items():
+        value = values.get(name)
+        if value is None or value is False or data in sets:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if data == "digits":
+            fix = ("the built-in digits default uses its own ViT and data; leave it out, or pass "
+                   f"--data {' / '.join(sets)} --data-dir DIR")
+        else:
+            fix = f"leave it out (it applies to --data {' / '.join(sets)})"
+        raise DataError(None, f"{flag} does not apply to --data {data}", fix)
 
 
 def check_max_per_domain(n: Optional[int]) -> Optional[int]:

@@ -202,6 +202,15 @@ class CifarC:
         """The labels of a domain's images, in order (the same in every domain of one severity)."""
         return [int(v) for v in self._labels_of(self.severities[-1])[:self.n_examples]]
 
+    @property
+    def images_per_domain(self) -> int:
+        return self.n_examples
+
+    @property
+    def image_size(self) -> int:
+        """The side of the stored images (32 in the release)."""
+        return int(next(iter(self._arrays.values())).shape[1])
+
     def protocol(self, reports: Optional[str] = None) -> DataProtocol:
         subset = "RobustBench .npy, first n_examples of each severity block"
         return DataProtocol(self.dataset, subset, self.n_examples, "file order", None,

@@ -66,9 +66,24 @@ def gaussian_blur(x: Tensor, sigma: float, mode: str = "replicate", truncate: fl
         return x
     n, c, h, w = x.shape
     y = x.reshape(n * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
+    y = F.conv2d(_pad(y, (r, r, 0, 0), mode), k.view(1, 1, 1, -1))
+    y = F.conv2d(_pad(y, (0, 0, r, r), mode), k.view(1, 1, -1, 1))
     return y.reshape(n, c, h, w)
+
+
+def _pad(x: Tensor, pad: tuple[int, int, int, int], mode: str) -> Tensor:
+    """`F.pad`; 'reflect' padding wider than the image is applied in steps (torch pads by less than the side
+    only), which extends the image periodically as scipy's 'mirror' mode does: an elastic transform's
+    sigma at severities 2-3 and content scale 4 spans more than a 32-pixel image."""
+    if mode != "reflect":
+        return F.pad(x, pad, mode=mode)
+    left, right, top, bottom = pad
+    while left or right or top or bottom:
+        h, w = x.shape[-2:]
+        step = (min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1))
+        x = F.pad(x, step, mode="reflect")
+        left, right, top, bottom = (a - b for a, b in zip((left, right, top, bottom), step))
+    return x
 
 
 def _filter2d(x: Tensor, kernel: Tensor) -> Tensor:
@@ -372,13 +387,16 @@ def corrupt(images: Tensor, name: str, severity: int, seed: Union[int, torch.Gen
 
 
 def parse_corruptions(spec: Union[str, Sequence[str], None]) -> list[str]:
-    """'all' / None -> the 15 types; otherwise a comma-separated list, each checked."""
+    """'all' / None -> the 15 types; otherwise a comma-separated list, each one of the 15 (what `corrupt` makes)."""
     if spec is None or spec == "all":
         return list(CORRUPTIONS)
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [s for s in names if s not in CORRUPTIONS]
     if bad:
-        raise ValueError(f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)}")
+        extra = [s for s in bad if s in EXTRA_CORRUPTIONS]
+        raise ValueError(f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)}"
+                         + (f" ({', '.join(extra)}: ImageNet-C's extra corruptions, read from disk with --data "
+                            "imagenet-c or cifar10-c, not made here)" if extra else ""))
     return names
 
 

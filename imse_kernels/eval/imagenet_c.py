@@ -30,8 +30,6 @@ from .protocol import DEFAULT_REPORTS, DataProtocol
 __all__ = ["ImageNetC", "ImageFolderDomain", "class_index", "list_images", "IMG_EXTENSIONS", "SUBSETS",
            "subset_5000"]
 
-_list_images = list_images  # the name the command line imported before images.py existed
-
 #: The image subsets: RobustBench's 5,000-image list, or every image on disk.
 SUBSETS = ("5000", "full")
 SUBSET_HELP = {"5000": "RobustBench's fixed 5,000-image list in its order (CoTTA, ViDA, IMSE; NUM_EX = first N)",
@@ -235,3 +233,7 @@ class ImageNetC:
     @property
     def num_classes(self) -> int:
         return max(self.classes.values()) + 1
+
+    @property
+    def images_per_domain(self) -> int:
+        return len(self.relpaths)

@@ -22,6 +22,9 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 SCAN_MODES = ("header", "decode")
 
 _SKIP_HINT = "replace the file, or pass --skip-unreadable to leave it out of every domain"
+#: For a file the up-front check passed and the run could not decode (damage inside the compressed data).
+_DECODE_HINT = ("replace the file, or pass --image-check decode --skip-unreadable to find such files before the run "
+                "and leave them out of every domain")
 
 
 def list_images(root: Path) -> list[str]:
@@ -46,7 +49,7 @@ def read_image(path: Path, transform: Callable):
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL: SyntaxError on bad headers
         if isinstance(exc, DataError):
             raise
-        raise DataError(path, f"cannot read image ({reason(exc)})", _SKIP_HINT) from None
+        raise DataError(path, f"cannot read image ({reason(exc)})", _DECODE_HINT) from None
 
 
 def _problem_of(path: Path, mode: str) -> Optional[str]:
@@ -136,14 +139,21 @@ def are_wnids(names: Sequence[str]) -> bool:
     return bool(names) and all(n in wnids for n in names)
 
 
+class LabelMap(dict):
+    """A label map read from a file (`load_label_map`): folder name -> label, and the file it came from."""
+
+    path: Optional[Path] = None
+
+
 def class_index(names: Sequence[str], label_map: Optional[dict] = None) -> dict[str, int]:
     """Folder name -> label: `label_map` when given (it must cover every name), ImageNet indices when every
     name is a WordNet id, else sorted order."""
     if label_map is not None:
         missing = [n for n in names if n not in label_map]
         if missing:
-            raise DataError(None, f"the label map has no entry for class folder(s) {', '.join(sorted(missing)[:5])}"
-                                  + (" ..." if len(missing) > 5 else ""), "add them to the label map file")
+            raise DataError(getattr(label_map, "path", None), "the label map has no entry for class folder(s) "
+                            f"{', '.join(sorted(missing)[:5])}" + (" ..." if len(missing) > 5 else ""),
+                            "add them to the label map file")
         return {n: int(label_map[n]) for n in names}
     if are_wnids(names):
         order = {n: i for i, n in enumerate(imagenet_wnids())}
@@ -168,14 +178,20 @@ def load_label_map(path) -> dict[str, int]:
         bad = [k for k, v in raw.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
         if bad:
             raise DataError(path, f"label of {bad[0]!r} is not a non-negative integer", 'write {"folder": index, ...}')
-        return dict(raw)
+        return _label_map(raw, path)
     names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise DataError(path, f"folder name {dup[0]!r} appears twice", "list each class folder once, in label order")
     if not names:
         raise DataError(path, "empty label map", "list the class folders one per line, in label order")
-    return {n: i for i, n in enumerate(names)}
+    return _label_map({n: i for i, n in enumerate(names)}, path)
+
+
+def _label_map(mapping: dict, path: Path) -> LabelMap:
+    out = LabelMap(mapping)
+    out.path = path
+    return out
 
 
 def head_label_warning(root, names: Sequence[str], num_outputs: Optional[int], label_map_given: bool) -> Optional[str]:

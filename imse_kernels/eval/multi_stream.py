@@ -21,7 +21,7 @@ from ..tta import IMSE, IMSEConfig, MultiStreamIMSE
 from . import provenance as prov
 from .data_spec import images_per_domain
 from .progress import Progress
-from .report import provenance_record, write_json
+from .report import header_lines, protocol_meta, provenance_record, write_json
 
 
 @dataclass
@@ -147,6 +147,7 @@ def evaluate_multi_stream(plan, session, t_start: float) -> dict:
             "corruptions": list(run.corruptions), "batch_size_per_stream": run.batch_size, "seed": run.seeds[0],
             "compile": run.compile, "device": str(session.device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "imse_config": dataclasses.asdict(config), **data.info,
+            **protocol_meta(session),
             "wall_seconds": round(time.perf_counter() - t_start, 1)}
     record = provenance_record(plan, session, {
         m: {"class": "MultiStreamIMSE" if m == "multi_stream" else "IMSE", "config": prov.jsonable(config),
@@ -164,6 +165,7 @@ def evaluate_multi_stream(plan, session, t_start: float) -> dict:
     print(f"{run.data} · multi_stream · K={run.streams} streams · severity {run.severity} · "
           f"{run.batch_size} images per stream per batch · seed {run.seeds[0]} · {session.device} · "
           f"{torch.get_num_threads()} threads")
+    print(header_lines(session))
     print(prov.summary_line(record))
     print(text)
     print(f"wrote {out / 'results.json'}")

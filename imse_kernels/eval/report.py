@@ -1,8 +1,9 @@
 """The report stage: results as a text table, JSON, CSV and (when matplotlib is importable) a PNG plot.
 
 Files are written atomically (`imse_kernels.state_file`): an interrupted run never leaves half a file.
-`write_report` prints and writes one run (one or several seeds); every results.json holds the resolved
-config (`config`, readable by `imse-eval --config`), the provenance record and the measurements.
+`ResultsWriter` writes one run (one or several seeds) after each method and at the end, when it also prints
+the table; every results.json holds the resolved config (`config`, readable by `imse-eval --config`), the
+provenance record, the data protocol and the measurements.
 """
 import csv
 import io
@@ -51,16 +52,25 @@ def _detector_rows(results: Sequence, detection: dict, mixed: bool) -> list:
     ]
 
 
-def table(stream: Stream, results: Sequence[MethodResult], detection: dict[str, Optional[dict]]) -> str:
-    """Per-segment accuracy (%) per method, then mean accuracy/error, shift detection, speed and memory."""
+def _score(reports: str, accuracy: Optional[float]) -> Optional[float]:
+    """An accuracy in [0, 1] as the table's number: error or accuracy in % (`protocol.DataProtocol.score`)."""
+    if accuracy is None or (isinstance(accuracy, float) and math.isnan(accuracy)):
+        return None
+    return 100.0 * (1.0 - accuracy if reports == "error" else accuracy)
+
+
+def table(stream: Stream, results: Sequence[MethodResult], detection: dict[str, Optional[dict]],
+          reports: str = "accuracy") -> str:
+    """Per-segment accuracy or error (%, `reports`) per method, then mean accuracy and error, shift detection,
+    speed and memory."""
     names = [r.method for r in results]
     labels = [s.label(stream.setting) for s in stream.segments]
     w0 = max([len(x) for x in labels] + [30])
     w = max([len(n) for n in names] + [8]) + 1
-    head = "accuracy (%)" + (" per domain" if stream.mixes_domains else "")
+    head = f"{reports} (%)" + (" per domain" if stream.mixes_domains else "")
     lines = [head.ljust(w0) + "".join(n.rjust(w) for n in names)]
     for i, lab in enumerate(labels):
-        lines.append(lab.ljust(w0) + "".join(_fmt(100 * r.accuracy[i], ".1f").rjust(w) for r in results))
+        lines.append(lab.ljust(w0) + "".join(_fmt(_score(reports, r.accuracy[i]), ".1f").rjust(w) for r in results))
     lines.append("-" * (w0 + w * len(names)))
     rows = [
         ("mean accuracy (%)", [100 * r.mean_accuracy for r in results], ".1f"),
@@ -140,28 +150,36 @@ def aggregate(runs: Sequence[tuple[int, Sequence[MethodResult], dict]]) -> dict:
     return out
 
 
-def seeds_table(stream: Stream, agg: dict) -> str:
-    """The table over several seeds: per-segment mean accuracy, then mean ± std and min–max of each method's
-    mean accuracy, the detector's scores averaged over the seeds, and images/s."""
+def seeds_table(stream: Stream, agg: dict, reports: str = "accuracy") -> str:
+    """The table over several seeds: per-segment mean accuracy or error (`reports`), then mean ± std and min–max
+    of each method's mean accuracy (and error), the detector's scores averaged over the seeds, and images/s."""
     names = list(agg)
     labels = [s.label(stream.setting) for s in stream.segments]
     w0 = max([len(x) for x in labels] + [30])
     w = max([len(n) for n in names] + [11]) + 1
     n = len(agg[names[0]]["seeds"])
-    lines = [f"accuracy (%), mean of {n} seeds".ljust(w0) + "".join(m.rjust(w) for m in names)]
+    lines = [f"{reports} (%), mean of {n} seeds".ljust(w0) + "".join(m.rjust(w) for m in names)]
     for i, lab in enumerate(labels):
-        lines.append(lab.ljust(w0) + "".join(_fmt(_pct(agg[m]["accuracy_per_segment"]["mean"][i]), ".1f").rjust(w)
-                                             for m in names))
+        lines.append(lab.ljust(w0) + "".join(
+            _fmt(_score(reports, agg[m]["accuracy_per_segment"]["mean"][i]), ".1f").rjust(w) for m in names))
     lines.append("-" * (w0 + w * len(names)))
 
     def cell(m, key, spec, scale=1.0):
         v = agg[m]["mean_accuracy"][key]
         return _fmt(None if v is None else scale * v, spec)
 
+    def err(m, key):  # the error's mean, std, min and max from the accuracy's
+        v = agg[m]["mean_accuracy"][{"min": "max", "max": "min"}.get(key, key)]
+        return _fmt(None if v is None else (100 * v if key == "std" else 100 - 100 * v), ".1f")
+
     lines.append("mean accuracy (%)".ljust(w0) + "".join(
         (cell(m, "mean", ".1f", 100) + " ± " + cell(m, "std", ".1f", 100)).rjust(w) for m in names))
     lines.append("  min – max".ljust(w0) + "".join(
         (cell(m, "min", ".1f", 100) + "–" + cell(m, "max", ".1f", 100)).rjust(w) for m in names))
+    if reports == "error":
+        lines.append("mean error (%)".ljust(w0) + "".join((err(m, "mean") + " ± " + err(m, "std")).rjust(w)
+                                                          for m in names))
+        lines.append("  min – max".ljust(w0) + "".join((err(m, "min") + "–" + err(m, "max")).rjust(w) for m in names))
     det_rows = ([("shifts per 100 batches", "shifts_per_100_batches", ".1f")] if stream.mixes_domains else
                 [("shift precision", "precision", ".2f"), ("shift recall", "recall", ".2f"),
                  ("detection delay mean (batches)", "mean_delay_batches", ".2f"),
@@ -270,6 +288,15 @@ def provenance_record(plan, session, method_configs: dict, images: int) -> dict:
                         methods=method_configs, extra={"argv": list(plan.invocation.argv)})
 
 
+def protocol_meta(session) -> dict:
+    """What results.json records about the data protocol: the record, the pipeline's name, error or accuracy, and
+    the warnings the set-up printed."""
+    p = session.data.protocol
+    return {"protocol": None if p is None else p.as_dict(),
+            "preprocess": None if p is None or p.preprocess is None else p.preprocess["name"],
+            "reports": "accuracy" if p is None else p.reports, "warnings": list(session.data.warnings)}
+
+
 def _meta(plan, session, runs: Sequence[SeedRun], images: int) -> dict:
     run, first = plan.run, runs[0]
     lrs = {r.method: r.config.get("effective_lr") for r in first.results}
@@ -281,7 +308,7 @@ def _meta(plan, session, runs: Sequence[SeedRun], images: int) -> dict:
         "device": str(session.device), "threads": torch.get_num_threads(), "methods": list(run.methods),
         "ranks": 1 if session.comm is None else session.comm.world_size,
         "effective_lr": lrs, "tent_lr": lrs.get("tent"), "imse_lr": lrs.get("imse"), "compile": run.compile,
-        "torch": torch.__version__, **session.data.info,
+        "torch": torch.__version__, **session.data.info, **protocol_meta(session),
         "images_per_domain": images,
         "dirichlet": run.dirichlet if run.setting in DIRICHLET_SETTINGS else None,
         "stream_batches": first.results[0].stream_batches,
@@ -290,65 +317,112 @@ def _meta(plan, session, runs: Sequence[SeedRun], images: int) -> dict:
         "detection_tolerance_batches": None if first.stream.mixes_domains else first.tolerance,
         "wall_seconds": None,
     }
-    if len(runs) > 1:
+    if len(run.seeds) > 1:
         meta["seeds"] = list(run.seeds)
     return meta
 
 
-def write_report(plan, session, runs: Sequence[SeedRun], images: int, t_start: float) -> dict:
-    """Print the table and write results.json, results.csv and accuracy.png into the output directory (on
-    rank 0; the other ranks return the meta only). Returns the results payload, with the printed `table`."""
-    run, first = plan.run, runs[0]
-    meta = _meta(plan, session, runs, images)
-    if not session.reports:
-        return {"meta": meta}  # every rank scored the whole stream; rank 0 writes it once
-    record = provenance_record(plan, session, {r.method: r.config for r in first.results}, images)
-    out = Path(plan.invocation.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stream = first.stream
-    dir_note = f" · dirichlet {run.dirichlet:g}" if run.setting in DIRICHLET_SETTINGS else ""
-    if len(runs) == 1:
-        text = table(stream, first.results, first.detection)
-        meta["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        data_out = payload(meta, stream, first.results, first.detection, record)
-        write_csv(out / "results.csv", stream, first.results, first.seed)
-        plotted, seed_note = first.results, f"seed {first.seed}"
-    else:
-        agg = aggregate([(r.seed, r.results, r.detection) for r in runs])
-        text = seeds_table(stream, agg)
-        meta["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-        data_out = {"meta": meta, "provenance": record, "segments": segments_payload(stream),
-                    "runs": [{"seed": r.seed, "stream_sha256": r.stream.fingerprint(), "true_boundaries": r.boundaries,
-                              "methods": methods_payload(r.results, r.detection)} for r in runs],
-                    "aggregate": agg}
-        write_csv(out / "results.csv", stream, [], runs=[(r.seed, r.results) for r in runs])
-        plotted = [Plotted(m, a["accuracy_per_segment"]["mean"], a["mean_accuracy"]["mean"], r.batches)
-                   for (m, a), r in zip(agg.items(), first.results)]
-        seed_note = f"seeds {','.join(map(str, run.seeds))} (mean)"
-    data_out = {"meta": data_out.pop("meta"), "config": plan.config.record(), **data_out}
-    write_json(out / "results.json", data_out)
-    plot_note = "disabled (--no-plot)" if not plan.invocation.plot else plot(
-        out / "accuracy.png", stream, plotted,
-        f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · batch {run.batch_size} · {seed_note}")
-    comm = session.comm
-    header = (f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · {len(stream.segments)} segments · "
-              f"{images} images per domain · batch {run.batch_size} · {seed_note} · {session.device} · "
-              f"{torch.get_num_threads()} threads"
-              + (f" · data-parallel over {comm.world_size} ranks ({comm.backend})" if comm is not None else ""))
-    info = session.data.info
+class ResultsWriter:
+    """A run's results.json and results.csv, written atomically after each method finishes (`partial`: the
+    methods done so far, `meta.complete` false) so that a late failure loses nothing done, and at the end
+    (`final`: also the printed table and the plot; it replaces the partial files)."""
+
+    def __init__(self, plan, session, t_start: float):
+        self.plan, self.session, self.t_start = plan, session, t_start
+        self.out = Path(plan.invocation.output_dir)
+        self.methods_written: list[str] = []   # the methods the files on disk hold
+        self._record: Optional[dict] = None
+
+    def _provenance(self, first: SeedRun, images: int) -> dict:
+        if self._record is None:  # hashes the checkpoint and asks git once per run
+            self._record = provenance_record(self.plan, self.session, {}, images)
+        return {**self._record, "images_per_domain": images, "methods": {r.method: r.config for r in first.results}}
+
+    def _write(self, runs: Sequence[SeedRun], images: int, complete: bool) -> tuple[dict, str]:
+        plan, session = self.plan, self.session
+        run, first = plan.run, runs[0]
+        reports = protocol_meta(session)["reports"]
+        meta = _meta(plan, session, runs, images)
+        meta["complete"] = complete
+        record = self._provenance(first, images)
+        stream = first.stream
+        self.out.mkdir(parents=True, exist_ok=True)
+        meta["wall_seconds"] = round(time.perf_counter() - self.t_start, 1)
+        if len(run.seeds) == 1:
+            text = table(stream, first.results, first.detection, reports)
+            data_out = payload(meta, stream, first.results, first.detection, record)
+            write_csv(self.out / "results.csv", stream, first.results, first.seed)
+        else:
+            agg = aggregate([(r.seed, r.results, r.detection) for r in runs]) if complete else None
+            text = seeds_table(stream, agg, reports) if agg else ""
+            data_out = {"meta": meta, "provenance": record, "segments": segments_payload(stream),
+                        "runs": [{"seed": r.seed, "stream_sha256": r.stream.fingerprint(),
+                                  "true_boundaries": r.boundaries, "methods": methods_payload(r.results, r.detection)}
+                                 for r in runs],
+                        "aggregate": agg}
+            write_csv(self.out / "results.csv", stream, [], runs=[(r.seed, r.results) for r in runs])
+        data_out = {"meta": data_out.pop("meta"), "config": plan.config.record(), **data_out}
+        write_json(self.out / "results.json", data_out)
+        self.methods_written = [r.method for r in runs[-1].results]
+        return data_out, text
+
+    def partial(self, runs: Sequence[SeedRun], images: int) -> None:
+        """The files with the methods done so far (`runs`: the finished seeds and the current one's methods)."""
+        if self.session.reports:
+            self._write(runs, images, complete=False)
+
+    def final(self, runs: Sequence[SeedRun], images: int) -> dict:
+        """Print the table and write results.json, results.csv and accuracy.png (on rank 0; the other ranks
+        return the meta only). Returns the results payload, with the printed `table`."""
+        plan, session = self.plan, self.session
+        if not session.reports:
+            meta = _meta(plan, session, runs, images)
+            return {"meta": meta}  # every rank scored the whole stream; rank 0 writes it once
+        run, first = plan.run, runs[0]
+        data_out, text = self._write(runs, images, complete=True)
+        meta, record, stream = data_out["meta"], data_out["provenance"], first.stream
+        if len(run.seeds) == 1:
+            plotted, seed_note = first.results, f"seed {first.seed}"
+        else:
+            agg = data_out["aggregate"]
+            plotted = [Plotted(m, a["accuracy_per_segment"]["mean"], a["mean_accuracy"]["mean"], r.batches)
+                       for (m, a), r in zip(agg.items(), first.results)]
+            seed_note = f"seeds {','.join(map(str, run.seeds))} (mean)"
+        dir_note = f" · dirichlet {run.dirichlet:g}" if run.setting in DIRICHLET_SETTINGS else ""
+        plot_note = "disabled (--no-plot)" if not plan.invocation.plot else plot(
+            self.out / "accuracy.png", stream, plotted,
+            f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · batch {run.batch_size} · {seed_note}")
+        comm = session.comm
+        header = (f"{run.data} · {run.setting}{dir_note} · severity {run.severity} · {len(stream.segments)} segments · "
+                  f"{images} images per domain · batch {run.batch_size} · {seed_note} · {session.device} · "
+                  f"{torch.get_num_threads()} threads"
+                  + (f" · data-parallel over {comm.world_size} ranks ({comm.backend})" if comm is not None else ""))
+        header += "\n" + header_lines(session)
+        header += "\n" + prov.summary_line(record)
+        print(header)
+        print(text)
+        if stream.mixes_domains:
+            print("shift detection: a mixed stream has no domain boundaries; the table counts the declared shifts")
+        else:
+            print(f"shift detection: {len(first.boundaries)} true boundaries, a declared shift counts within "
+                  f"{first.tolerance} batch(es) of one; delay = batches from the boundary to the matched detection; "
+                  "false positives = unmatched detections")
+        files = ["results.json", "results.csv"] + ([] if plot_note else ["accuracy.png"])
+        print(f"wrote {', '.join(str(self.out / f) for f in files)}" + (f"; PNG: {plot_note}" if plot_note else ""))
+        print(f"wall time {meta['wall_seconds']:.1f} s")
+        data_out["table"] = text
+        return data_out
+
+
+def header_lines(session) -> str:
+    """The data lines of the printed header: the protocol (data set, subset, images, order, pipeline, error or
+    accuracy), the images checked up front, the embedded model's clean accuracy."""
+    info, p = session.data.info, session.data.protocol
+    lines = [p.header()] if p is not None else []
+    check = info.get("image_check")
+    if check:
+        lines.append(f"images checked up front ({check['mode']}): {check['checked']:,} files, "
+                     f"{check['skipped_count']} unreadable skipped")
     if "clean_test_accuracy" in info:
-        header += f"\nembedded ViT: clean test accuracy {100 * info['clean_test_accuracy']:.1f}% ({info['cache']})"
-    header += "\n" + prov.summary_line(record)
-    print(header)
-    print(text)
-    if stream.mixes_domains:
-        print("shift detection: a mixed stream has no domain boundaries; the table counts the declared shifts")
-    else:
-        print(f"shift detection: {len(first.boundaries)} true boundaries, a declared shift counts within "
-              f"{first.tolerance} batch(es) of one; delay = batches from the boundary to the matched detection; "
-              "false positives = unmatched detections")
-    files = ["results.json", "results.csv"] + ([] if plot_note else ["accuracy.png"])
-    print(f"wrote {', '.join(str(out / f) for f in files)}" + (f"; PNG: {plot_note}" if plot_note else ""))
-    print(f"wall time {meta['wall_seconds']:.1f} s")
-    data_out["table"] = text
-    return data_out
+        lines.append(f"embedded ViT: clean test accuracy {100 * info['clean_test_accuracy']:.1f}% ({info['cache']})")
+    return "\n".join(lines)

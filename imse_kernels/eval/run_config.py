@@ -18,8 +18,13 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from ..tta import ConfigError, IMSE, registry
 from ..tta.method_config import CheckedConfig, nearest
-from .corruptions import CORRUPTIONS
+from .checks import APPLIES_TO, check_data_dir, check_max_per_domain, check_options_apply
+from .corruptions import CORRUPTIONS, parse_corruptions
 from .data_spec import DATA_SOURCES
+from .images import SCAN_MODES
+from .imagenet_c import SUBSETS
+from .preprocess import DEFAULT_PREPROCESS, PREPROCESS
+from .protocol import DEFAULT_REPORTS, REPORTS
 from .streams import DEFAULT_DIRICHLET, SETTINGS
 from .usage import UsageError
 
@@ -38,16 +43,24 @@ class RunConfig(CheckedConfig):
 
     label = "run"
 
-    data: str = "digits"
+    data: Optional[str] = None             # None: digits (an error with data_dir: checks.check_data_dir)
     data_dir: Optional[str] = None
     source_dir: Optional[str] = None
-    corruptions: tuple[str, ...] = CORRUPTIONS
+    corruptions: tuple[str, ...] = CORRUPTIONS  # ("all",): digits the 15; a folder's: every one present
     severity: int = 5
-    n_test: int = 512
+    n_test: Optional[int] = None           # digits: test images per domain (None: 512)
     max_per_domain: Optional[int] = None
+    subset: Optional[str] = None           # imagenet-c: 5000 (None) or full
+    preprocess: Optional[str] = None       # imagenet-c: a preprocess.PREPROCESS name (None: res256crop224)
+    label_map: Optional[str] = None        # imagenet-c: folder -> class index file
+    image_check: Optional[str] = None      # imagenet-c: images.SCAN_MODES (None: header)
+    skip_unreadable: bool = False          # imagenet-c: leave unreadable images out of every domain
+    report: Optional[str] = None           # error or accuracy (None: what the data set's papers report)
     model: Optional[str] = None
     checkpoint: Optional[str] = None
     num_classes: Optional[int] = None
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
     train_steps: Optional[int] = None
     setting: str = "continual"
     dirichlet: float = DEFAULT_DIRICHLET
@@ -64,19 +77,19 @@ class RunConfig(CheckedConfig):
 
     def check(self) -> None:
         need = self.need
-        self.need_choice("data", DATA_SOURCES)
-        self.corruptions = tuple(CORRUPTIONS) if self.corruptions in ((), ("all",)) else self.corruptions
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        need(not bad, f"unknown corruption(s) {', '.join(bad)}; choose from {', '.join(CORRUPTIONS)}")
-        self.corruptions = tuple(dict.fromkeys(self.corruptions))
+        if self.data is not None:
+            self.need_choice("data", DATA_SOURCES)
+        if self.data in (None, "digits"):  # a folder data set's missing --data-dir: the check stage (DataSpec)
+            self.data = check_data_dir(self.data, self.data_dir)
+        self._check_data_options()
         need(1 <= self.severity <= 5, f"--severity must be 1..5, got {self.severity}")
         need(self.setting in SETTINGS + ("multi_stream",),
              f"--setting must be one of {', '.join(SETTINGS + ('multi_stream',))}, got {self.setting!r}")
         need(self.dirichlet > 0, f"--dirichlet must be > 0, got {self.dirichlet}")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        for name in ("n_test", "rounds", "streams"):
+        for name in ("rounds", "streams"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_per_domain", "num_classes", "train_steps", "threads"):
+        for name in ("n_test", "num_classes", "img_size", "patch_size", "train_steps", "threads"):
             v = getattr(self, name)
             need(v is None or v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
         self.methods = DEFAULT_METHODS if self.methods in ((), ("all",)) else tuple(dict.fromkeys(self.methods))
@@ -87,6 +100,37 @@ class RunConfig(CheckedConfig):
         need(self.setting != "multi_stream" or len(self.seeds) == 1,
              "--seeds applies to the single-stream settings; run multi_stream once per --seed")
         need(self.amp is None or self.amp in AMP, f"--amp must be one of {AMP}, got {self.amp!r}")
+
+    def _typed(self, name: str, value, hint):
+        if name == "subset" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # `subset: 5000` in a YAML file
+        return super()._typed(name, value, hint)
+
+    def _check_data_options(self) -> None:
+        """The options that apply to the data set (checks.APPLIES_TO), its corruptions, and its defaults filled
+        in (so a results file records the protocol that ran)."""
+        need = self.need
+        check_options_apply(self.data, {k: getattr(self, k) for k in APPLIES_TO})
+        check_max_per_domain(self.max_per_domain)
+        names = tuple(dict.fromkeys(self.corruptions))
+        need(len(names) > 0, "--corruptions needs at least one name (or all)")
+        need(names == ("all",) or "all" not in names, f"--corruptions is 'all' or a list of names, got {names}")
+        if self.data == "digits":  # the 15 made here; a folder's names are checked against what it holds
+            try:
+                names = tuple(parse_corruptions("all" if names == ("all",) else names))
+            except ValueError as err:
+                need(False, str(err))
+            self.n_test = 512 if self.n_test is None else self.n_test
+        self.corruptions = names
+        if self.data == "imagenet-c":
+            self.subset = self.subset or "5000"
+            self.preprocess = self.preprocess or DEFAULT_PREPROCESS[self.data]
+            self.image_check = self.image_check or "header"
+            self.need_choice("subset", SUBSETS)
+            self.need_choice("preprocess", PREPROCESS)
+            self.need_choice("image_check", SCAN_MODES)
+        self.report = self.report or DEFAULT_REPORTS[self.data]
+        self.need_choice("report", REPORTS)
 
     @property
     def severities(self) -> list[int]:

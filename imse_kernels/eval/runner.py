@@ -194,11 +194,30 @@ def _labels(domains) -> Optional[list]:
     return None if labels is None else [int(y) for y in labels]
 
 
+def score_seed(seed: int, stream: Stream, results: list, configs: dict, batch_size: int) -> SeedRun:
+    """The methods' results on one seed's stream with the shift detectors scored against its boundaries (or the
+    declared shifts counted on a mixed stream); `configs` are the run's method configs (IMSE's window)."""
+    imse = [c for c in configs.values() if isinstance(c, IMSEConfig)]
+    window = imse[0].stats_window if imse else IMSEConfig().stats_window  # a shift shows once the window is new
+    tolerance = max(1, math.ceil(window / batch_size))
+    if stream.mixes_domains:
+        boundaries = None
+        detection = {r.method: (shift_count(r.shift_batches, r.stream_batches)
+                                if r.shift_batches is not None else None) for r in results}
+    else:
+        boundaries = true_boundaries(results[0].batches, stream.segments)
+        detection = {r.method: (shift_detection(r.shift_batches, boundaries, tolerance, r.stream_batches)
+                                if r.shift_batches is not None else None) for r in results}
+    return SeedRun(seed, stream, list(results), boundaries, detection, tolerance)
+
+
 def run_seed(run, opts, domains, domain_size: int, model, source, device: torch.device, seed: int, comm=None,
-             log: Callable[[str], None] = print, show_progress: bool = True, tag: str = "") -> SeedRun:
+             log: Callable[[str], None] = print, show_progress: bool = True, tag: str = "",
+             on_result: Optional[Callable[[SeedRun], None]] = None) -> SeedRun:
     """`run` (an `eval.run_config.RunConfig`) on `seed`'s stream over `domains` (`domains.domain(corruption,
     severity)`): each method built by `build_method(name, model, opts, source)` after `torch.manual_seed(seed)`,
-    wrapped for the process group `comm` when there is one."""
+    wrapped for the process group `comm` when there is one. `on_result` is called after each method with the
+    seed's run so far (the results files are written as each method finishes)."""
     labels = _labels(domains) if run.setting in DIRICHLET_SETTINGS else None
     stream = build_stream(run.setting, list(run.corruptions), run.severity, run.rounds, domain_size, run.batch_size,
                           labels, run.dirichlet, seed)
@@ -215,15 +234,6 @@ def run_seed(run, opts, domains, domain_size: int, model, source, device: torch.
         r = results[-1]
         log(f"{name}{tag}: mean accuracy {100 * r.mean_accuracy:.1f}% ({r.images_per_s:.0f} images/s)")
         del adapter
-    imse = [c for c in opts.configs.values() if isinstance(c, IMSEConfig)]
-    window = imse[0].stats_window if imse else IMSEConfig().stats_window  # a shift shows once the window is new
-    tolerance = max(1, math.ceil(window / run.batch_size))
-    if stream.mixes_domains:
-        boundaries = None
-        detection = {r.method: (shift_count(r.shift_batches, r.stream_batches)
-                                if r.shift_batches is not None else None) for r in results}
-    else:
-        boundaries = true_boundaries(results[0].batches, stream.segments)
-        detection = {r.method: (shift_detection(r.shift_batches, boundaries, tolerance, r.stream_batches)
-                                if r.shift_batches is not None else None) for r in results}
-    return SeedRun(seed, stream, results, boundaries, detection, tolerance)
+        if on_result is not None:
+            on_result(score_seed(seed, stream, results, opts.configs, run.batch_size))
+    return score_seed(seed, stream, results, opts.configs, run.batch_size)

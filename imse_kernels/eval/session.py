@@ -5,9 +5,10 @@ from typing import Optional
 
 import torch
 
-from ..tta import registry
+from ..tta import IMSEConfig, registry
 from ..tta.distributed import GroupComm
 from . import distributed as dist_eval
+from .checks import short_domain_warning
 from .data_spec import Data, build_data
 from .progress import Log
 from .run_config import Plan
@@ -40,7 +41,14 @@ def pick_device(spec: str) -> torch.device:
     return dev
 
 
+def detector_window(configs: dict) -> Optional[int]:
+    """The shift detector's window (images) of the run's IMSE methods, None when none runs."""
+    windows = [c.stats_window for c in configs.values() if isinstance(c, IMSEConfig)]
+    return windows[0] if windows else None  # the one the runner scores the detector with
+
+
 def set_up(plan: Plan) -> Session:
+    """The set-up stage: threads, device, process group, log, and the data and model (`build_data`)."""
     run = plan.run
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -55,12 +63,19 @@ def set_up(plan: Plan) -> Session:
             device = torch.device("cuda", torch.cuda.current_device())
     log = Log(quiet=comm is not None and comm.rank != 0)
     data = build_data(plan.data, log)
+    run.corruptions = tuple(data.corruptions)  # a folder's `all` resolved: what results.json records and reruns
+    window = detector_window(plan.config.methods)
+    short = window and data.domain_size and short_domain_warning(data.domain_size, window, run.batch_size)
+    if short:
+        data.warnings.append(short)
+        log(short)
     data.model = data.model.to(device).eval()
     if data.source is not None:
         data.source = [x.to(device) for x in data.source]
     elif plan.data.source != "digits":
         users = [m for m in run.methods if getattr(registry.entry(m).cls, "uses_source", False)]
         if users:
-            log(f"note: no --source-dir; {', '.join(users)} run without clean source data (EATA without its "
+            why = "no --source-dir" if plan.data.source == "imagenet-c" else f"no clean source data for {run.data}"
+            log(f"note: {why}; {', '.join(users)} run without clean source data (EATA without its "
                 "Fisher regulariser, IMSE's code bank without source statistics)")
     return Session(device, comm, log, data)
