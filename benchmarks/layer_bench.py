@@ -204,7 +204,7 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
         layer.s.requires_grad_(train_s)
         inputs = [x] + ([layer.s] if train_s else [])
         # the cached recomposed weight is persistent (like a weight), not an activation
-        exclude = lambda layer=layer: (layer.U, layer.Vh, layer.s, layer.bias, layer._weight_cache._weight)  # noqa: E731
+        exclude = lambda layer=layer: (layer.U, layer.Vh, layer.s, layer.bias, *layer._weight_cache.tensors())  # noqa: E731
 
         if pinned:
             from imse_kernels.ops.planner import force_route

@@ -323,8 +323,7 @@ def run_model_case(name: str, batch: int, device: str, precision: str, providers
             model = built[p][1]
             exclude = list(model.parameters()) + list(model.buffers())
             # cached recomposed weights (frozen-s layers) persist like weights; not activations
-            exclude += [m._weight_cache._weight for m in model.modules()
-                        if isinstance(m, FusedSpectralLinear) and m._weight_cache._weight is not None]
+            exclude += [t for m in model.modules() if isinstance(m, FusedSpectralLinear) for t in m._weight_cache.tensors()]
             tracker = SavedTensorTracker(exclude)
             with tracker.track():
                 fns[p]()

@@ -21,6 +21,7 @@ from . import progress
 from .corruptions import CORRUPTIONS, parse_corruptions
 from .methods import METHODS, MethodOptions, build_method, parse_methods
 from . import provenance as prov
+from ..precision import check_autocast
 from .metrics import shift_count, shift_detection
 from .report import (aggregate, methods_payload, payload, plot, seeds_table, segments_payload, table, write_csv,
                      write_json)
@@ -260,6 +261,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise ValueError("--seeds applies to the single-stream settings; run multi_stream once per --seed")
     args.seed = seeds[0]
     device = _device(args.device)
+    check_autocast(device, args.amp)  # refuses bf16/fp16 on a CPU that only emulates it (docs/design.md §14)
     comm = dist_eval.setup(args.dist_timeout, device)
     dist_eval.check_methods(methods, comm)
     if comm is not None:
