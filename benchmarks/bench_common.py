@@ -363,6 +363,10 @@ class Record:
     speedup_vs_reference: float = math.nan  # reference time / time
     ratio_vs_baseline_min: float = math.nan     # the same two ratios from the fastest rounds
     speedup_vs_reference_min: float = math.nan
+    speedup_vs_fp32: float = math.nan        # this provider's fp32 time / its time in this precision (paired)
+    speedup_vs_fp32_min: float = math.nan
+    speedup_vs_reference_fp32: float = math.nan  # the reference's fp32 time / this time (paired)
+    speedup_vs_reference_fp32_min: float = math.nan
     items_per_s: float = math.nan           # images/s (model level)
     saved_mb: float = math.nan               # peak bytes held for backward
     peak_mb: float = math.nan                # device peak (see peak_method)
@@ -409,6 +413,10 @@ def add_common_args(ap) -> None:
     ap.add_argument("--min-block-s", type=float, default=None, help="target length of one timed block")
     ap.add_argument("--warmup", type=int, default=2, help="calls per provider before timing (the last one calibrates)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16: every provider in each precision, side by side "
+                    "in one interleaved loop (paired ratios fp32/x and ref32/x); bf16/fp16 run under torch.autocast "
+                    "with s in fp32, and are skipped with the reason on a CPU without native support. Model level "
+                    "default fp32 (cpu) / fp32,bf16 (cuda); layer level: without it, --dtypes alone applies")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     ap.add_argument("--out-dir", default=None, help=f"default {RESULTS_DIR}")
     ap.add_argument("--tag", default=None, help="file name tag (default: the machine)")
@@ -417,6 +425,24 @@ def add_common_args(ap) -> None:
     ap.add_argument("--gflops", action="store_true", help="also print achieved GFLOP/s per case and provider")
     ap.add_argument("--merge", action="store_true", help="merge into the existing results file: rows of the cases "
                     "measured now replace the same cases there (a rerun of noisy cases); the rest is kept")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precisions that run under torch.autocast
+
+
+def usable_precisions(precisions: list, device: str, log=print) -> list:
+    """The precisions this device runs at speed (imse_kernels.precision.check_autocast: bf16/fp16 on a CPU
+    without native support are left out with the reason, never measured slowly in silence)."""
+    from imse_kernels.precision import SlowAutocastError, check_autocast
+
+    out = []
+    for prec in precisions:
+        try:
+            check_autocast(device, prec if prec in AMP_DTYPES else None)
+            out.append(prec)
+        except SlowAutocastError as exc:
+            log(f"{prec} skipped: {exc}")
+    return out
 
 
 def default(args, value, cpu, gpu, quick=None):

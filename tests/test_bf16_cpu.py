@@ -155,6 +155,21 @@ def test_layer_under_autocast_matches_float64_oracle(trained, rank, lead):
         assert layer.s.grad is None
 
 
+def test_frozen_w_is_recomposed_in_float32_and_rounded_once():
+    """Under autocast a frozen layer's bf16 W' is (U ⊙ s)·Vh recomposed with autocast off, then rounded: it
+    equals the float64 product rounded to bf16 but for ties at a rounding boundary (at most one ulp)."""
+    torch.manual_seed(0)
+    layer = FusedSpectralLinear.from_linear(nn.Linear(96, 80))
+    layer.s.requires_grad_(False)
+    with torch.autocast("cpu", BF16), torch.no_grad():
+        layer(torch.randn(4, 96))
+    W = layer._weight_cache.lookup(layer.U, layer.s, layer.Vh, BF16)
+    ref = ((layer.U.double() * layer.s.double()) @ layer.Vh.double()).to(BF16)
+    ulp = torch.finfo(BF16).eps * ref.double().abs()  # one ulp (a lower bound) at each entry's magnitude
+    assert W is not None and W.dtype == BF16
+    assert ((W.double() - ref.double()).abs() <= ulp).all()  # recomposed in bf16 it is off by up to 8 ulps
+
+
 def test_tapped_layer_under_autocast_gives_h_and_matches_oracle():
     """The probe's tap under autocast gets h from the cached bf16 Vh (no per-call cast), frozen r < d_in too."""
     for d_in, d_out, frozen in ((64, 24, True), (24, 40, True), (24, 40, False)):

@@ -52,7 +52,8 @@ class RecomposedWeightCache:
         key = _weight_key(U, s, Vh)
         entry = self._weights.get(dtype)
         if entry is None or entry[0] != key:
-            with torch.no_grad():
+            # autocast off: the kernels' own GEMMs would otherwise run in the autocast dtype
+            with torch.no_grad(), torch.autocast(U.device.type, enabled=False):
                 W = resolve_backend(U.device).recompose(U.detach(), s.detach(), Vh.detach())
                 W = W.to(dtype).contiguous()
             self._weights[dtype] = entry = (key, W)
