@@ -9,6 +9,7 @@ machine; the load average is recorded with each case. CPU blocks are timed with
 `torch.utils.benchmark.Timer` (at torch's current thread count, not Timer's default of one), CUDA
 blocks with `torch.cuda.Event`s.
 """
+import argparse
 import contextlib
 import datetime
 import gc
@@ -413,10 +414,6 @@ def add_common_args(ap) -> None:
     ap.add_argument("--min-block-s", type=float, default=None, help="target length of one timed block")
     ap.add_argument("--warmup", type=int, default=2, help="calls per provider before timing (the last one calibrates)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16: every provider in each precision, side by side "
-                    "in one interleaved loop (paired ratios fp32/x and ref32/x); bf16/fp16 run under torch.autocast "
-                    "with s in fp32, and are skipped with the reason on a CPU without native support. Model level "
-                    "default fp32 (cpu) / fp32,bf16 (cuda); layer level: without it, --dtypes alone applies")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     ap.add_argument("--out-dir", default=None, help=f"default {RESULTS_DIR}")
     ap.add_argument("--tag", default=None, help="file name tag (default: the machine)")
@@ -443,6 +440,18 @@ def usable_precisions(precisions: list, device: str, log=print) -> list:
         except SlowAutocastError as exc:
             log(f"{prec} skipped: {exc}")
     return out
+
+
+def add_precisions_arg(ap) -> None:
+    """--precisions, shared by the layer and the model level (added once when a driver adds both levels' flags)."""
+    try:
+        ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16: every provider in each precision, side "
+                        "by side in one interleaved loop (paired ratios fp32/x and ref32/x); bf16/fp16 run under "
+                        "torch.autocast with s in fp32, and are skipped with the reason on a CPU without native "
+                        "support. Model level default fp32 (cpu) / fp32,bf16 (cuda); layer level: without it, "
+                        "--dtypes alone applies")
+    except argparse.ArgumentError:  # the other level's add_args added it already
+        pass
 
 
 def default(args, value, cpu, gpu, quick=None):

@@ -353,6 +353,7 @@ def add_args(ap) -> None:
     ap.add_argument("--providers", default=None, help="layer providers (default: all available but the pinned routes)")
     ap.add_argument("--skip-providers", default="", help="layer providers to leave out, e.g. naive_compile")
     ap.add_argument("--dtypes", default=None, help="fp32 (cpu default), fp32,bf16 (cuda default); fp16 too")
+    BC.add_precisions_arg(ap)
     ap.add_argument("--triton", action="store_true", help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
 
 

@@ -370,6 +370,7 @@ def add_args(ap) -> None:
     ap.add_argument("--model-providers", default=None, help="default: " + ",".join(PROVIDERS))
     ap.add_argument("--model-depth", type=int, default=None, help="override the ViT depth (smoke runs)")
     ap.add_argument("--model-img-size", type=int, default=None, help="override the image size (smoke runs; default 224)")
+    BC.add_precisions_arg(ap)
     ap.add_argument("--imse-retrieval", default="none", help="IMSEConfig.retrieval for the imse provider")
 
 

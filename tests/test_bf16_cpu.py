@@ -332,11 +332,15 @@ def test_codes_under_autocast_use_the_cached_factors():
     x = torch.randn(3, 4, 40)
     index = torch.tensor([2, 0, 1])
     model = nn.Sequential(layer)
+    seen = []
+    layer.factor_tap = lambda rows, h: seen.append(h)  # MultiStreamIMSE's probe: h from the cached bf16 Vh
     with stream_codes(model, index), torch.autocast("cpu", BF16):
         model(x)  # warm the cache
         with CountCasts([layer.U.shape, layer.Vh.shape]) as casts:
             y = model(x)
     assert casts.count == 0 and y.dtype == BF16
+    h64 = x.to(BF16).double().reshape(-1, 40) @ layer.Vh.to(BF16).double().t()
+    assert seen[-1] is not None and seen[-1].dtype == BF16 and rel(seen[-1], h64) < TOL_Y
     for b in range(3):
         y64, _, _ = bf16_oracle(x[b], layer.U, layer.codes[index[b]], layer.Vh, layer.bias)
         assert rel(y[b], y64) < TOL_Y

@@ -147,7 +147,8 @@ class FusedSpectralLinear(nn.Module):
             if scope is not None and id(self) in scope[0]:
                 if self.factor_tap is not None and torch.is_grad_enabled():
                     self._check_features(x)
-                    self.factor_tap(x.reshape(-1, self.in_features), None)
+                    rows = x.reshape(-1, self.in_features)
+                    self.factor_tap(rows, self._low_precision_h(rows, self._autocast_dtype(x)))
                 return _spectral_linear(x, self.U, self.codes, self.Vh, self.bias, scope[1], self._weight_cache,
                                         check_index_range=False)
         if self.factor_tap is not None and torch.is_grad_enabled():
@@ -168,8 +169,7 @@ class FusedSpectralLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         low = self._autocast_dtype(x)
         if not (frozen and self.rank < self.in_features):
-            h = None if low is None else F.linear(rows.to(low), self._weight_cache.cast("Vh", self.Vh, low))
-            self.factor_tap(rows, h)
+            self.factor_tap(rows, self._low_precision_h(rows, low))
             return spectral_linear(x, self.U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
         U, Vh, bias = (self.U, self.Vh, self.bias) if low is None else \
             self._weight_cache.factors(self.U, self.Vh, self.bias, low)
@@ -179,6 +179,10 @@ class FusedSpectralLinear(nn.Module):
         # under autocast h ⊙ s is formed in float32 (type promotion) and rounded once by the next GEMM's cast
         y = F.linear(h * (s.to(h.dtype) if low is None else s), U, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _low_precision_h(self, rows: Tensor, low: Optional[torch.dtype]) -> Optional[Tensor]:
+        """h = x·Vhᵀ from the cached Vh in the autocast dtype `low` (None outside autocast: the tap's own GEMM)."""
+        return None if low is None else F.linear(rows.to(low), self._weight_cache.cast("Vh", self.Vh, low))
 
     def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
         """The autocast dtype when autocast is on for x's device, differs from the layer dtype and the
