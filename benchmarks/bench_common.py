@@ -424,7 +424,21 @@ def add_common_args(ap) -> None:
                     "measured now replace the same cases there (a rerun of noisy cases); the rest is kept")
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # precisions that run under torch.autocast
+# Precisions that run under autocast: "bf16"/"fp16" through imse_kernels.precision.autocast (the library's policy:
+# on a CPU with native bf16 but no AMX, attention stays fp32), "bf16-torch" plain torch.autocast (attention in bf16).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-torch": torch.bfloat16}
+PRECISIONS = ("fp32", *AMP_DTYPES)
+
+
+def amp_context(device: str, precision: str):
+    """The context one call of `precision` runs in (see AMP_DTYPES); fp32: none."""
+    from imse_kernels.precision import autocast
+
+    if precision not in AMP_DTYPES:
+        return contextlib.nullcontext()
+    if precision.endswith("-torch"):
+        return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision])
+    return autocast(device, AMP_DTYPES[precision])
 
 
 def usable_precisions(precisions: list, device: str, log=print) -> list:
@@ -435,7 +449,7 @@ def usable_precisions(precisions: list, device: str, log=print) -> list:
     out = []
     for prec in precisions:
         try:
-            check_autocast(device, prec if prec in AMP_DTYPES else None)
+            check_autocast(device, AMP_DTYPES.get(prec))
             out.append(prec)
         except SlowAutocastError as exc:
             log(f"{prec} skipped: {exc}")

@@ -171,8 +171,8 @@ class Case:
 def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x: torch.Tensor, g: torch.Tensor,
                    amp=None):
     """Returns (fn, exclude) where fn runs one call of `provider` in `case.mode`; exclude lists the
-    layer's own parameters/buffers (not counted as saved activations). With `amp` (a dtype) the call runs
-    under `torch.autocast(device, amp)` and the backward starts from g in that dtype."""
+    layer's own parameters/buffers (not counted as saved activations). With `amp` (a precision of
+    bench_common.AMP_DTYPES) the call runs under its autocast and the backward starts from g in that dtype."""
     mode = case.mode
     train_s = mode in ("fwd", "fwdbwd")
     backward = mode in ("fwdbwd", "frozen")
@@ -207,7 +207,8 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
         layer.s.requires_grad_(train_s)
         inputs = [x] + ([layer.s] if train_s else [])
         # the cached recomposed weight is persistent (like a weight), not an activation
-        exclude = lambda layer=layer: (layer.U, layer.Vh, layer.s, layer.bias, *layer._weight_cache.tensors())  # noqa: E731
+        def exclude(layer=layer):
+            return (layer.U, layer.Vh, layer.s, layer.bias, *layer._weight_cache.tensors())
 
         if pinned:
             from imse_kernels.ops.planner import force_route
@@ -227,11 +228,11 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
         raise ValueError(f"unknown provider {provider!r}")
 
     if amp is not None:
-        g = g.to(amp)
-        plain, device_type = call, x.device.type
+        g = g.to(BC.AMP_DTYPES[amp])
+        plain, device = call, x.device.type
 
         def call(inp):
-            with torch.autocast(device_type, dtype=amp):
+            with BC.amp_context(device, amp):
                 return plain(inp)
 
     if mode == "infer":
@@ -282,7 +283,7 @@ def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s:
     precs = precisions or [case.dtype]
     fns, excludes = {}, {}
     for prec in precs:
-        f, e = build_case(case, device, providers, amp=BC.AMP_DTYPES.get(prec) if precisions else None)
+        f, e = build_case(case, device, providers, amp=prec if precisions and prec in BC.AMP_DTYPES else None)
         fns.update({_key(p, prec): fn for p, fn in f.items()})
         excludes.update({_key(p, prec): ex for p, ex in e.items()})
     saved, errors = {}, {}
@@ -295,7 +296,8 @@ def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s:
                     fns[k]()  # fwd: the graph dies with the output; the peak is what the forward saved
                 saved[k] = tracker.peak / 2**20
             except Exception as exc:
-                errors[k] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                errors[k] = f"{type(exc).__name__}: {first_line}"[:300]
                 log(f"    {k}: {errors[k]}")
         warmup = max(1, warmup - 1)
     live = {k: f for k, f in fns.items() if k not in errors}
@@ -319,13 +321,14 @@ def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s:
                          ratio_vs_baseline_min=min_ratio(t, base_t) if base_t else math.nan,
                          speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
                          saved_mb=saved.get(k, math.nan), load1=load,
-                         extra=f"{case.d_in}->{case.d_out}" + (" autocast" if prec in BC.AMP_DTYPES and precisions else ""),
+                         extra=f"{case.d_in}->{case.d_out}" + (" autocast" if prec in BC.AMP_DTYPES else ""),
                          gflop=nominal_flops(case, p) / 1e9, error=t.error or "")
             same32 = timings.get(_key(p, "fp32")) if precisions and prec != "fp32" else None
             if same32 is not None:
                 rec.speedup_vs_fp32, rec.speedup_vs_fp32_min = paired_ratio(same32, t), min_ratio(same32, t)
             if ref32 is not None:
-                rec.speedup_vs_reference_fp32, rec.speedup_vs_reference_fp32_min = paired_ratio(ref32, t), min_ratio(ref32, t)
+                rec.speedup_vs_reference_fp32 = paired_ratio(ref32, t)
+                rec.speedup_vs_reference_fp32_min = min_ratio(ref32, t)
             if memory and t.ok and device == "cuda":
                 peak, method = device_peak_bytes(fns[k], device)
                 rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
@@ -371,9 +374,9 @@ def resolve(args, ap) -> None:
     # fp32 layers. Read here before model_bench fills its own default: without the flag, --dtypes alone applies.
     args.layer_precisions = BC.csv_list(args.precisions) if isinstance(args.precisions, str) else None
     if args.layer_precisions:
-        bad = [p for p in args.layer_precisions if p not in DTYPES]
+        bad = [p for p in args.layer_precisions if p not in BC.PRECISIONS]
         if bad:
-            ap.error(f"--precisions: unknown {bad}; choose from {list(DTYPES)}")
+            ap.error(f"--precisions: unknown {bad}; choose from {list(BC.PRECISIONS)}")
         if args.dtypes != ["fp32"]:
             ap.error("--precisions runs fp32 layers under autocast in each precision; leave --dtypes at fp32")
     for flag, values, known in (("nets", args.nets, SHAPES), ("layers", args.layers, SHAPES["vit_s"]),
@@ -412,7 +415,7 @@ def run(args, records: list, log=print) -> None:
             log(f"[{i + 1}/{len(cases)}] {case.name} b{case.batch} {case.mode} {auto.dtype}: "
                 + " ".join(f"{report.short(r.provider)}={BC.fmt(r.median_ms)}" for r in recs if r.dtype == auto.dtype)
                 + f"  auto/base={BC.fmt(auto.ratio_vs_baseline, 2)} ref/auto={BC.fmt(auto.speedup_vs_reference, 2)}"
-                + (f" fp32/auto={BC.fmt(auto.speedup_vs_fp32, 2)}" if auto.speedup_vs_fp32 == auto.speedup_vs_fp32 else "")
+                + (f" fp32/auto={BC.fmt(auto.speedup_vs_fp32, 2)}" if not math.isnan(auto.speedup_vs_fp32) else "")
                 + f"  ({time.perf_counter() - t0:.1f}s)")
 
 

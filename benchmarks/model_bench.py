@@ -290,7 +290,8 @@ def run_model_case(name: str, batch: int, device: str, precisions: list, provide
     """Every provider in every precision, side by side in one interleaved loop (paired ratios).
 
     `built[precision][provider]` = (adapter, model); fp32 runs plainly, bf16/fp16 under
-    `torch.autocast(device, dtype)` (s and the optimizer state stay float32). Besides the speedup over the
+    `imse_kernels.precision.autocast` and bf16-torch under plain `torch.autocast` (bench_common.AMP_DTYPES;
+    s and the optimizer state stay float32). Besides the speedup over the
     reference step in the same precision, every record carries its speedup over the same provider in fp32
     (`speedup_vs_fp32`) and over the reference step in fp32 (`speedup_vs_reference_fp32`)."""
     any_model = next(iter(next(iter(built.values())).values()))[1]
@@ -298,12 +299,10 @@ def run_model_case(name: str, batch: int, device: str, precisions: list, provide
     x = torch.randn(batch, 3, *image_size(any_model), device=device)
 
     def wrap(adapter, precision):
-        if precision in BC.AMP_DTYPES:
-            def fn():
-                with torch.autocast(device, dtype=BC.AMP_DTYPES[precision]):
-                    return adapter(x)
-            return fn
-        return lambda: adapter(x)
+        def fn():
+            with BC.amp_context(device, precision):
+                return adapter(x)
+        return fn
 
     fns = {key(p, prec): wrap(built[prec][p][0], prec) for prec in precisions for p in providers}
     timings = measure_interleaved(fns, device, rounds, min_block_s, warmup, min_rounds=min_rounds, max_case_s=max_case_s, log=log)
@@ -379,8 +378,8 @@ def resolve(args, ap) -> None:
     args.model_batches = [int(b) for b in BC.csv_list(BC.default(args, args.model_batches, "1,8", "8,64", "2"))]
     args.precisions = BC.csv_list(BC.default(args, args.precisions, "fp32", "fp32,bf16", "fp32"))
     for t in args.precisions:
-        if t not in ("fp32", "bf16", "fp16"):
-            ap.error(f"--precisions: unknown {t!r}; choose from fp32, bf16, fp16")
+        if t not in BC.PRECISIONS:
+            ap.error(f"--precisions: unknown {t!r}; choose from {', '.join(BC.PRECISIONS)}")
     if args.quick:
         args.model_depth = args.model_depth or 4  # IMSE needs > 3 blocks (3 diversity blocks)
         args.model_img_size = args.model_img_size or 64

@@ -13,7 +13,8 @@ aten::mm/addmm/bmm/baddbmm (oneDNN's bf16 kernels run inside them), "attention" 
 scaled-dot-product kernels forward and backward, "casts" aten::copy_ (dtype conversions, and the
 copies that make operands contiguous or broadcast a bias), "other" the rest. They carry the profiler's own
 overhead, mostly in "other": use them to compare, not as wall time. bf16/fp16 run under
-torch.autocast("cpu") (docs/design.md §14). CPU only. --save writes
+imse_kernels.precision.autocast("cpu", ...) (on a CPU without AMX attention stays fp32), bf16-torch under plain
+torch.autocast (docs/design.md §14). CPU only. --save writes
 benchmarks/results/step_profile_<machine>_<model>_b<batch>[_<precisions>].txt with the load and OpenMP's wait
 policy.
 """
@@ -43,12 +44,10 @@ def profile_split(step) -> tuple:
 
 
 def wrapped(adapter, x, precision):
-    if precision in BC.AMP_DTYPES:
-        def step():
-            with torch.autocast("cpu", dtype=BC.AMP_DTYPES[precision]):
-                return adapter(x)
-        return step
-    return lambda: adapter(x)
+    def step():
+        with BC.amp_context("cpu", precision):
+            return adapter(x)
+    return step
 
 
 def main(argv=None) -> None:
@@ -56,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="vit_small")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--providers", default="imse,imse_reference,tent")
-    ap.add_argument("--precisions", default="fp32", help="e.g. fp32,bf16 (bf16/fp16 under CPU autocast)")
+    ap.add_argument("--precisions", default="fp32", help="e.g. fp32,bf16,bf16-torch (bench_common.AMP_DTYPES)")
     ap.add_argument("--reps", type=int, default=5, help="timed rounds and profiled calls per provider")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--depth", type=int, default=None, help="override the ViT depth (smoke runs; IMSE needs > 3)")

@@ -1,16 +1,20 @@
-"""Numeric capabilities: whether fp32 matmuls may run in TF32, and whether this CPU runs bf16/fp16
-natively (docs/design.md, section 14).
+"""Numeric capabilities and policy: whether fp32 matmuls may run in TF32, whether this CPU runs bf16/fp16
+natively, and `autocast`, torch.autocast with the CPU policy of docs/design.md, section 14.
 
 TF32: torch >= 2.9 has `torch.backends.cuda.matmul.fp32_precision` ("tf32", "ieee", or "none": inherit
 `torch.backends.fp32_precision`). Reading the legacy `allow_tf32` flag raises once the two APIs have
 been mixed, so the current API comes first and the legacy flag is only the fallback.
 """
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 def tf32_matmul_enabled() -> bool:
@@ -111,3 +115,52 @@ def warn_slow_autocast(device, amp) -> None:
     if reason is not None:
         warnings.warn(f"imse_kernels: CPU autocast in {dtype}: {reason} (docs/design.md §14)", RuntimeWarning,
                       stacklevel=3)
+
+
+def cpu_bf16_attention_is_slow() -> bool:
+    """True on a CPU with native bf16 but without AMX (e.g. AMD Zen 4, Intel Cooper Lake): there torch's CPU
+    flash attention runs slower in bf16 than in fp32 (measured on Zen 4, forward + backward: 5x at 17 tokens,
+    1.3x at 197; docs/design.md §14), so attention is better left in fp32 under bf16 autocast."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return cpu_native_dtype(torch.bfloat16) and not (amx is not None and amx())
+
+
+class Float32Attention(TorchFunctionMode):
+    """Inside it, `F.scaled_dot_product_attention` on low-precision CPU tensors runs in float32 with autocast off
+    and returns its output in the inputs' dtype; every other call is untouched (timm's ViTs call SDPA directly)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args and args[0].device.type == "cpu" \
+                and args[0].dtype in (torch.bfloat16, torch.float16):
+            dtype = args[0].dtype
+            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in kwargs.items()}
+            with torch.autocast("cpu", enabled=False):
+                return func(*up, **kw).to(dtype)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def autocast(device, amp, attention: str = "auto") -> Iterator[None]:
+    """`torch.autocast` for `device` in `amp` ("bf16", "fp16", a dtype, or None: no autocast) with this
+    library's CPU policy (docs/design.md §14): refused on a CPU that only emulates the dtype (`check_autocast`),
+    and `attention` "auto" keeps scaled-dot-product attention in fp32 where bf16 attention is the slower one
+    (`cpu_bf16_attention_is_slow`: native bf16 without AMX); "fp32" always, "autocast" never.
+
+        with imse_kernels.precision.autocast("cpu", "bf16"):
+            logits = adapter(x)
+    """
+    if attention not in ("auto", "fp32", "autocast"):
+        raise ValueError(f"autocast: attention must be 'auto', 'fp32' or 'autocast', got {attention!r}")
+    dtype = _as_dtype(amp)
+    if dtype is None:
+        yield
+        return
+    device = torch.device(device)
+    check_autocast(device, dtype)
+    fp32_attention = device.type == "cpu" and (
+        attention == "fp32" or (attention == "auto" and dtype == torch.bfloat16 and cpu_bf16_attention_is_slow()))
+    with torch.autocast(device.type, dtype=dtype), (Float32Attention() if fp32_attention else contextlib.nullcontext()):
+        yield

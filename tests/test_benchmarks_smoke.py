@@ -111,8 +111,8 @@ def test_precisions_are_measured_side_by_side(tmp_path):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     for script, extra in (("model_bench.py", []), ("layer_bench.py", ["--providers", "linear,reference,fused_auto"])):
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--precisions", "fp32,bf16",
-                               "--no-memory", "--out-dir", str(tmp_path), "--tag", "smoke", *extra],
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--precisions",
+                               "fp32,bf16", "--no-memory", "--out-dir", str(tmp_path), "--tag", "smoke", *extra],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         level = script.split("_")[0]

@@ -408,3 +408,68 @@ def test_python_m_imse_kernels_reports_native_bf16(capsys, monkeypatch):
     assert f"bf16 {'native' if precision.cpu_native_dtype(BF16) else 'NOT native'}" in out
     monkeypatch.setattr(precision, "cpu_native_dtype", lambda dtype: False)
     assert "bf16 NOT native" in precision.cpu_precision_report()
+
+
+# ----------------------------------------------------------------------------------------------------
+# precision.autocast: torch.autocast with the CPU policy (attention in fp32 where bf16 attention is slower)
+
+def sdpa_dtypes(fn):
+    """The dtypes the fused attention kernel sees while `fn` runs (forward and backward)."""
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func.overloadpacket):
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("slow,attention,want", [(True, "auto", torch.float32), (False, "auto", BF16),
+                                                 (False, "fp32", torch.float32), (True, "autocast", BF16)])
+def test_precision_autocast_attention_policy(monkeypatch, slow, attention, want):
+    monkeypatch.setattr(precision, "cpu_native_dtype", lambda dtype: True)
+    monkeypatch.setattr(precision, "cpu_bf16_attention_is_slow", lambda: slow)
+    q = torch.randn(2, 3, 17, 8, requires_grad=True)
+
+    def run():
+        with precision.autocast("cpu", "bf16", attention=attention):
+            a = nn.functional.linear(q, torch.randn(8, 8))  # a bf16 GEMM: autocast is on
+            y = F.scaled_dot_product_attention(a, a, a)
+        assert a.dtype == BF16 and y.dtype == BF16
+        y.float().sum().backward()
+        return y
+
+    seen = sdpa_dtypes(run)
+    assert seen and all(d == want for d in seen)
+    with torch.no_grad():  # the same attention in fp32, on the bf16-rounded inputs
+        a = nn.functional.linear(q, torch.randn(8, 8))
+    ref = F.scaled_dot_product_attention(a, a, a)
+    with precision.autocast("cpu", "bf16", attention=attention):
+        got = F.scaled_dot_product_attention(a.to(BF16), a.to(BF16), a.to(BF16))
+    assert rel(got, ref) < 2e-2
+
+
+def test_precision_autocast_checks_and_fp32():
+    with precision.autocast("cpu", None):  # no autocast at all
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="attention must be"), precision.autocast("cpu", "bf16", attention="half"):
+        pass
+    with pytest.raises(ValueError, match="autocast dtype must be one of"), precision.autocast("cpu", "int8"):
+        pass
+
+
+def test_precision_autocast_refuses_without_native_bf16(no_native_bf16):
+    with pytest.raises(precision.SlowAutocastError, match="no native bf16"), precision.autocast("cpu", "bf16"):
+        pass
+
+
+def test_attention_policy_reads_amx(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_native_dtype", lambda dtype: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert not precision.cpu_bf16_attention_is_slow()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert precision.cpu_bf16_attention_is_slow()

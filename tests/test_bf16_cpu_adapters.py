@@ -6,9 +6,10 @@ Bounds. One IMSE step on a 4-block ViT against float64: logits 2e-2 (measured 7e
 (the one Adam steps with) 6e-2 relative to its largest entry (measured 0.5-4.7e-2 over four seeds; the float32
 step is at 1e-6; leaving out the diversity term moves it by 10-21%, which the bound catches), and every entry
 above a tenth of the largest keeps its sign. Against float32 (the same adapter, two batches of 32): logits
-within 1e-1 of the largest logit (measured 6e-3 for the baselines, up to 4.4e-2 for IMSE after a step: Adam's first step moves
-every s by ±lr, so a gradient entry near zero that flips sign moves it the other way), and at least 90% of
-the predictions equal (measured 94-100%; bf16 keeps ~3 significant digits, so near-ties may flip).
+within 1e-1 of the largest logit (measured 6e-3 for the baselines, up to 4.4e-2 for IMSE after a step:
+Adam's first step moves every s by ±lr, so a gradient entry near zero that flips sign moves it the other
+way), and at least 90% of the predictions equal (measured 94-100%; bf16 keeps ~3 significant digits, so
+near-ties may flip).
 """
 import copy
 
@@ -74,6 +75,23 @@ def test_one_imse_step_under_autocast_matches_float64():
         assert m.s.dtype == torch.float32 and torch.isfinite(m.s).all()
         state = a16.optimizer.base_optimizer.state[m.s]
         assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+
+
+def test_one_imse_step_under_the_library_autocast_matches_float64():
+    """precision.autocast (attention in fp32 on a CPU without AMX): the same bounds as plain autocast."""
+    model = tiny_vit()
+    spectralize(model)
+    cfg = IMSEConfig(retrieval="none", entropy_margin=1.0)
+    a16, a64 = IMSE(copy.deepcopy(model), cfg), IMSE(copy.deepcopy(model).double(), cfg)
+    g16, g64 = capture_sam_grads(a16), capture_sam_grads(a64)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with precision.autocast("cpu", "bf16", attention="fp32"):
+        y16 = a16(x)
+    y64 = a64(x.double())
+    assert y16.dtype == BF16 and rel(y16, y64) < 2e-2
+    flat16 = torch.cat([g.reshape(-1) for g in g16[0]]).double()
+    flat64 = torch.cat([g.reshape(-1) for g in g64[0]])
+    assert rel(flat16, flat64) < 6e-2
 
 
 def test_the_float64_comparison_can_fail():
@@ -165,8 +183,10 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_imse_under_bf16_autocast(fresh_dynamo, backend):
-    """compile=True (inductor) and aot_eager under autocast: finite, float32 state, close to the eager bf16 step.
+@pytest.mark.parametrize("library_autocast", [False, True])
+def test_compiled_imse_under_bf16_autocast(fresh_dynamo, backend, library_autocast):
+    """compile=True (inductor) and aot_eager under autocast (torch's, and the library's with fp32 attention):
+    finite, float32 state, close to the eager bf16 step.
 
     Inside a compiled region the factors are cast in the graph and frozen layers recompose W' from the bf16
     factors, so the rounding differs from eager's: logits within 5e-2 (measured 3e-2 after a step, the same
@@ -178,7 +198,7 @@ def test_compiled_imse_under_bf16_autocast(fresh_dynamo, backend):
                                                              compile=True if backend == "inductor" else backend)
     g_e, g_c = capture_sam_grads(eager), capture_sam_grads(compiled)
     for x in BATCHES:
-        with torch.autocast("cpu", BF16):
+        with precision.autocast("cpu", "bf16", attention="fp32") if library_autocast else torch.autocast("cpu", BF16):
             y_e, y_c = eager(x), compiled(x)
         assert y_c.dtype == BF16 and torch.isfinite(y_c).all() and rel(y_c, y_e) < 5e-2
     float32_state(compiled, backend)
