@@ -15,8 +15,8 @@ copies that make operands contiguous or broadcast a bias), "other" the rest. The
 overhead, mostly in "other": use them to compare, not as wall time. bf16/fp16 run under
 imse_kernels.precision.autocast("cpu", ...) (on a CPU without AMX attention stays fp32), bf16-torch under plain
 torch.autocast (docs/design.md §14). CPU only. --save writes
-benchmarks/results/step_profile_<machine>_<model>_b<batch>[_<precisions>].txt with the load and OpenMP's wait
-policy.
+benchmarks/results/step_profile_<machine>_<model>_b<batch>_<providers>[_<precisions>].txt with the load and
+OpenMP's wait policy.
 """
 import argparse
 import os
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines)
     print(text)
     if args.save:
-        tag = f"{BC.machine_tag('cpu')}_{args.model}_b{args.batch}" + (
+        tag = f"{BC.machine_tag('cpu')}_{args.model}_b{args.batch}_{'-'.join(providers)}" + (
             "" if precisions == ["fp32"] else "_" + "-".join(precisions))
         path = BC.RESULTS_DIR / f"step_profile_{tag}.txt"
         path.write_text(text + "\n")
