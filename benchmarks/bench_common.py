@@ -9,6 +9,7 @@ machine; the load average is recorded with each case. CPU blocks are timed with
 `torch.utils.benchmark.Timer` (at torch's current thread count, not Timer's default of one), CUDA
 blocks with `torch.cuda.Event`s.
 """
+import argparse
 import contextlib
 import datetime
 import gc
@@ -363,6 +364,10 @@ class Record:
     speedup_vs_reference: float = math.nan  # reference time / time
     ratio_vs_baseline_min: float = math.nan     # the same two ratios from the fastest rounds
     speedup_vs_reference_min: float = math.nan
+    speedup_vs_fp32: float = math.nan        # this provider's fp32 time / its time in this precision (paired)
+    speedup_vs_fp32_min: float = math.nan
+    speedup_vs_reference_fp32: float = math.nan  # the reference's fp32 time / this time (paired)
+    speedup_vs_reference_fp32_min: float = math.nan
     items_per_s: float = math.nan           # images/s (model level)
     saved_mb: float = math.nan               # peak bytes held for backward
     peak_mb: float = math.nan                # device peak (see peak_method)
@@ -417,6 +422,50 @@ def add_common_args(ap) -> None:
     ap.add_argument("--gflops", action="store_true", help="also print achieved GFLOP/s per case and provider")
     ap.add_argument("--merge", action="store_true", help="merge into the existing results file: rows of the cases "
                     "measured now replace the same cases there (a rerun of noisy cases); the rest is kept")
+
+
+# Precisions that run under autocast: "bf16"/"fp16" through imse_kernels.precision.autocast (the library's policy:
+# on a CPU with native bf16 but no AMX, attention stays fp32), "bf16-torch" plain torch.autocast (attention in bf16).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-torch": torch.bfloat16}
+PRECISIONS = ("fp32", *AMP_DTYPES)
+
+
+def amp_context(device: str, precision: str):
+    """The context one call of `precision` runs in (see AMP_DTYPES); fp32: none."""
+    from imse_kernels.precision import autocast
+
+    if precision not in AMP_DTYPES:
+        return contextlib.nullcontext()
+    if precision.endswith("-torch"):
+        return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[precision])
+    return autocast(device, AMP_DTYPES[precision])
+
+
+def usable_precisions(precisions: list, device: str, log=print) -> list:
+    """The precisions this device runs at speed (imse_kernels.precision.check_autocast: bf16/fp16 on a CPU
+    without native support are left out with the reason, never measured slowly in silence)."""
+    from imse_kernels.precision import SlowAutocastError, check_autocast
+
+    out = []
+    for prec in precisions:
+        try:
+            check_autocast(device, AMP_DTYPES.get(prec))
+            out.append(prec)
+        except SlowAutocastError as exc:
+            log(f"{prec} skipped: {exc}")
+    return out
+
+
+def add_precisions_arg(ap) -> None:
+    """--precisions, shared by the layer and the model level (added once when a driver adds both levels' flags)."""
+    try:
+        ap.add_argument("--precisions", default=None, help="e.g. fp32,bf16: every provider in each precision, side "
+                        "by side in one interleaved loop (paired ratios fp32/x and ref32/x); bf16/fp16 run under "
+                        "torch.autocast with s in fp32, and are skipped with the reason on a CPU without native "
+                        "support. Model level default fp32 (cpu) / fp32,bf16 (cuda); layer level: without it, "
+                        "--dtypes alone applies")
+    except argparse.ArgumentError:  # the other level's add_args added it already
+        pass
 
 
 def default(args, value, cpu, gpu, quick=None):

@@ -26,6 +26,7 @@ from report.py, the timing from bench_common.py.
 import copy
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import argparse
 import sys
@@ -167,9 +168,11 @@ class Case:
         return f"{self.net}.{self.layer}"
 
 
-def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x: torch.Tensor, g: torch.Tensor):
+def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x: torch.Tensor, g: torch.Tensor,
+                   amp=None):
     """Returns (fn, exclude) where fn runs one call of `provider` in `case.mode`; exclude lists the
-    layer's own parameters/buffers (not counted as saved activations)."""
+    layer's own parameters/buffers (not counted as saved activations). With `amp` (a precision of
+    bench_common.AMP_DTYPES) the call runs under its autocast and the backward starts from g in that dtype."""
     mode = case.mode
     train_s = mode in ("fwd", "fwdbwd")
     backward = mode in ("fwdbwd", "frozen")
@@ -204,7 +207,8 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
         layer.s.requires_grad_(train_s)
         inputs = [x] + ([layer.s] if train_s else [])
         # the cached recomposed weight is persistent (like a weight), not an activation
-        exclude = lambda layer=layer: (layer.U, layer.Vh, layer.s, layer.bias, layer._weight_cache._weight)  # noqa: E731
+        def exclude(layer=layer):
+            return (layer.U, layer.Vh, layer.s, layer.bias, *layer._weight_cache.tensors())
 
         if pinned:
             from imse_kernels.ops.planner import force_route
@@ -223,6 +227,14 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
     else:
         raise ValueError(f"unknown provider {provider!r}")
 
+    if amp is not None:
+        g = g.to(BC.AMP_DTYPES[amp])
+        plain, device = call, x.device.type
+
+        def call(inp):
+            with BC.amp_context(device, amp):
+                return plain(inp)
+
     if mode == "infer":
         def fn():
             with torch.no_grad():
@@ -237,8 +249,8 @@ def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x:
     return fn, exclude
 
 
-def build_case(case: Case, device: str, providers: list, seed: int = 0):
-    """Builds the inputs and every provider's callable for one case."""
+def build_case(case: Case, device: str, providers: list, seed: int = 0, amp=None):
+    """Builds the inputs and every provider's callable for one case (under autocast in `amp` if given)."""
     dtype = DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(seed)
     linear = nn.Linear(case.d_in, case.d_out)
@@ -257,52 +269,75 @@ def build_case(case: Case, device: str, providers: list, seed: int = 0):
             fused[p] = copy.deepcopy(base)
     fns, excludes = {}, {}
     for p in providers:
-        fns[p], excludes[p] = _make_callable(p, case, linear, fused, x, g)
+        fns[p], excludes[p] = _make_callable(p, case, linear, fused, x, g, amp)
     return fns, excludes
 
 
 def run_case(case: Case, device: str, providers: list, rounds: int, min_block_s: float, warmup: int,
-             min_rounds: int = 3, max_case_s: float = math.inf, memory: bool = True, log=print) -> list:
+             min_rounds: int = 3, max_case_s: float = math.inf, memory: bool = True, log=print,
+             precisions: Optional[list] = None) -> list:
+    """One case, every provider side by side. With `precisions` (e.g. ["fp32", "bf16"]; the case's layer in
+    fp32) every provider runs in every precision in one interleaved loop: bf16/fp16 under torch.autocast,
+    and each record carries its speedup over the same provider in fp32 and over the reference in fp32."""
     providers = providers_for_mode(case.mode, providers)
-    fns, excludes = build_case(case, device, providers)
+    precs = precisions or [case.dtype]
+    fns, excludes = {}, {}
+    for prec in precs:
+        f, e = build_case(case, device, providers, amp=prec if precisions and prec in BC.AMP_DTYPES else None)
+        fns.update({_key(p, prec): fn for p, fn in f.items()})
+        excludes.update({_key(p, prec): ex for p, ex in e.items()})
     saved, errors = {}, {}
     if memory and case.mode != "infer":
         # the first warm-up call of each provider doubles as the saved-tensor probe
-        for p in providers:
-            tracker = SavedTensorTracker(excludes[p])
+        for k in fns:
+            tracker = SavedTensorTracker(excludes[k])
             try:
                 with tracker.track():
-                    fns[p]()  # fwd: the graph dies with the output; the peak is what the forward saved
-                saved[p] = tracker.peak / 2**20
+                    fns[k]()  # fwd: the graph dies with the output; the peak is what the forward saved
+                saved[k] = tracker.peak / 2**20
             except Exception as exc:
-                errors[p] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
-                log(f"    {p}: {errors[p]}")
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                errors[k] = f"{type(exc).__name__}: {first_line}"[:300]
+                log(f"    {k}: {errors[k]}")
         warmup = max(1, warmup - 1)
-    live = {p: f for p, f in fns.items() if p not in errors}
+    live = {k: f for k, f in fns.items() if k not in errors}
     timings = measure_interleaved(live, device, rounds, min_block_s, warmup, min_rounds=min_rounds,
-                                  max_case_s=max_case_s, log=log)
+                                  max_case_s=max_case_s * len(precs), log=log)
     load = load1()
-    ref = timings.get("reference")
     baseline = BASELINE[case.mode]
-    base_t = timings.get(baseline)
+    ref32 = timings.get(_key("reference", "fp32")) if precisions else None
     records = []
-    for p in providers:
-        t = timings.get(p) or Timing(error=errors.get(p))
-        lo, hi = t.quartiles()
-        rec = Record(level="layer", case=case.name, batch=case.batch, tokens=case.tokens, mode=case.mode,
-                     dtype=case.dtype, provider=p, median_ms=t.median() * 1e3, min_ms=t.min() * 1e3,
-                     q1_ms=lo * 1e3, q3_ms=hi * 1e3, rounds=len(t.times), number=t.number, baseline=baseline,
-                     ratio_vs_baseline=paired_ratio(t, base_t) if base_t else math.nan,
-                     speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
-                     ratio_vs_baseline_min=min_ratio(t, base_t) if base_t else math.nan,
-                     speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
-                     saved_mb=saved.get(p, math.nan), load1=load, extra=f"{case.d_in}->{case.d_out}",
-                     gflop=nominal_flops(case, p) / 1e9, error=t.error or "")
-        if memory and t.ok and device == "cuda":
-            peak, method = device_peak_bytes(fns[p], device)
-            rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
-        records.append(rec)
+    for prec in precs:
+        ref, base_t = timings.get(_key("reference", prec)), timings.get(_key(baseline, prec))
+        for p in providers:
+            k = _key(p, prec)
+            t = timings.get(k) or Timing(error=errors.get(k))
+            lo, hi = t.quartiles()
+            rec = Record(level="layer", case=case.name, batch=case.batch, tokens=case.tokens, mode=case.mode,
+                         dtype=prec, provider=p, median_ms=t.median() * 1e3, min_ms=t.min() * 1e3,
+                         q1_ms=lo * 1e3, q3_ms=hi * 1e3, rounds=len(t.times), number=t.number, baseline=baseline,
+                         ratio_vs_baseline=paired_ratio(t, base_t) if base_t else math.nan,
+                         speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
+                         ratio_vs_baseline_min=min_ratio(t, base_t) if base_t else math.nan,
+                         speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
+                         saved_mb=saved.get(k, math.nan), load1=load,
+                         extra=f"{case.d_in}->{case.d_out}" + (" autocast" if prec in BC.AMP_DTYPES else ""),
+                         gflop=nominal_flops(case, p) / 1e9, error=t.error or "")
+            same32 = timings.get(_key(p, "fp32")) if precisions and prec != "fp32" else None
+            if same32 is not None:
+                rec.speedup_vs_fp32, rec.speedup_vs_fp32_min = paired_ratio(same32, t), min_ratio(same32, t)
+            if ref32 is not None:
+                rec.speedup_vs_reference_fp32 = paired_ratio(ref32, t)
+                rec.speedup_vs_reference_fp32_min = min_ratio(ref32, t)
+            if memory and t.ok and device == "cuda":
+                peak, method = device_peak_bytes(fns[k], device)
+                rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
+            records.append(rec)
     return records
+
+
+def _key(provider: str, precision: str) -> str:
+    return f"{provider}@{precision}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +356,7 @@ def add_args(ap) -> None:
     ap.add_argument("--providers", default=None, help="layer providers (default: all available but the pinned routes)")
     ap.add_argument("--skip-providers", default="", help="layer providers to leave out, e.g. naive_compile")
     ap.add_argument("--dtypes", default=None, help="fp32 (cpu default), fp32,bf16 (cuda default); fp16 too")
+    BC.add_precisions_arg(ap)
     ap.add_argument("--triton", action="store_true", help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
 
 
@@ -334,6 +370,15 @@ def resolve(args, ap) -> None:
     args.batches = [int(b) for b in BC.csv_list(BC.default(args, args.batches, "1,8,64", "1,64", "1"))]
     args.modes = BC.csv_list(args.modes or ("fwdbwd,infer" if q else ",".join(MODES)))
     args.dtypes = BC.csv_list(BC.default(args, args.dtypes, "fp32", "fp32,bf16", "fp32"))
+    # --precisions (shared with the model level): every provider in each precision, side by side, autocast on
+    # fp32 layers. Read here before model_bench fills its own default: without the flag, --dtypes alone applies.
+    args.layer_precisions = BC.csv_list(args.precisions) if isinstance(args.precisions, str) else None
+    if args.layer_precisions:
+        bad = [p for p in args.layer_precisions if p not in BC.PRECISIONS]
+        if bad:
+            ap.error(f"--precisions: unknown {bad}; choose from {list(BC.PRECISIONS)}")
+        if args.dtypes != ["fp32"]:
+            ap.error("--precisions runs fp32 layers under autocast in each precision; leave --dtypes at fp32")
     for flag, values, known in (("nets", args.nets, SHAPES), ("layers", args.layers, SHAPES["vit_s"]),
                                 ("modes", args.modes, MODES), ("dtypes", args.dtypes, DTYPES)):
         for v in values:
@@ -357,16 +402,22 @@ def run(args, records: list, log=print) -> None:
     else:
         cases = [Case(n, lay, b, m, dt) for dt in args.dtypes for n in args.nets for b in args.batches
                  for lay in args.layers for m in args.modes]
+    precisions = getattr(args, "layer_precisions", None)
+    if precisions:
+        precisions = BC.usable_precisions(precisions, args.device, log)
     for i, case in enumerate(cases):
         t0 = time.perf_counter()
         recs = run_case(case, args.device, providers, args.rounds, args.min_block_s, args.warmup,
-                        min_rounds=args.min_rounds, max_case_s=args.max_case_s, memory=not args.no_memory, log=log)
+                        min_rounds=args.min_rounds, max_case_s=args.max_case_s, memory=not args.no_memory, log=log,
+                        precisions=precisions)
         records += recs
-        auto = next((r for r in recs if r.provider == "fused_auto"), None)
-        log(f"[{i + 1}/{len(cases)}] {case.name} b{case.batch} {case.mode} {case.dtype}: "
-            + " ".join(f"{report.short(r.provider)}={BC.fmt(r.median_ms)}" for r in recs)
-            + (f"  auto/base={BC.fmt(auto.ratio_vs_baseline, 2)} ref/auto={BC.fmt(auto.speedup_vs_reference, 2)}" if auto else "")
-            + f"  ({time.perf_counter() - t0:.1f}s)")
+        for auto in (r for r in recs if r.provider == "fused_auto"):
+            log(f"[{i + 1}/{len(cases)}] {case.name} b{case.batch} {case.mode} {auto.dtype}: "
+                + " ".join(f"{report.short(r.provider)}={BC.fmt(r.median_ms)}" for r in recs if r.dtype == auto.dtype)
+                + f"  auto/base={BC.fmt(auto.ratio_vs_baseline, 2)} ref/auto={BC.fmt(auto.speedup_vs_reference, 2)}"
+                + (f" fp32/auto={BC.fmt(auto.speedup_vs_fp32, 2)}" if not math.isnan(auto.speedup_vs_fp32) else "")
+                + f"  ({time.perf_counter() - t0:.1f}s)")
+
 
 
 def main(argv=None) -> int:

@@ -280,58 +280,72 @@ class _HandTent:
         return logits.detach()
 
 
-def run_model_case(name: str, batch: int, device: str, precision: str, providers: list, built: dict,
+def key(provider: str, precision: str) -> str:
+    return f"{provider}@{precision}"
+
+
+def run_model_case(name: str, batch: int, device: str, precisions: list, providers: list, built: dict,
                    rounds: int, warmup: int, min_rounds: int, max_case_s: float, min_block_s: float = 0.0,
                    memory: bool = True, log=print) -> list:
-    any_model = next(iter(built.values()))[1]
+    """Every provider in every precision, side by side in one interleaved loop (paired ratios).
+
+    `built[precision][provider]` = (adapter, model); fp32 runs plainly, bf16/fp16 under
+    `imse_kernels.precision.autocast` and bf16-torch under plain `torch.autocast` (bench_common.AMP_DTYPES;
+    s and the optimizer state stay float32). Besides the speedup over the
+    reference step in the same precision, every record carries its speedup over the same provider in fp32
+    (`speedup_vs_fp32`) and over the reference step in fp32 (`speedup_vs_reference_fp32`)."""
+    any_model = next(iter(next(iter(built.values())).values()))[1]
     tokens = tokens_per_image(any_model)
     x = torch.randn(batch, 3, *image_size(any_model), device=device)
-    amp = precision in ("bf16", "fp16") and device == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
-    def wrap(adapter):
-        if amp:
-            def fn():
-                with torch.autocast("cuda", dtype=amp_dtype):
-                    return adapter(x)
-            return fn
-        return lambda: adapter(x)
+    def wrap(adapter, precision):
+        def fn():
+            with BC.amp_context(device, precision):
+                return adapter(x)
+        return fn
 
-    fns = {p: wrap(built[p][0]) for p in providers}
+    fns = {key(p, prec): wrap(built[prec][p][0], prec) for prec in precisions for p in providers}
     timings = measure_interleaved(fns, device, rounds, min_block_s, warmup, min_rounds=min_rounds, max_case_s=max_case_s, log=log)
     load = load1()
-    ref = timings.get(REFERENCE)
-    records = []
-    for p in providers:
-        t = timings[p]
-        lo, hi = t.quartiles()
-        med = t.median()
-        rec = Record(level="model", case=name, batch=batch, tokens=batch * tokens,
-                     mode="infer" if p.startswith("source") else "step", dtype=precision,
-                     provider=p, median_ms=med * 1e3, min_ms=t.min() * 1e3, q1_ms=lo * 1e3, q3_ms=hi * 1e3,
-                     rounds=len(t.times), number=t.number, baseline=REFERENCE,
-                     ratio_vs_baseline=paired_ratio(t, ref) if ref else math.nan,
-                     speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
-                     ratio_vs_baseline_min=min_ratio(t, ref) if ref else math.nan,
-                     speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
-                     items_per_s=batch / med if med == med and med > 0 else math.nan, load1=load,
-                     error=t.error or "")
-        compiled = p in COMPILED_PROVIDERS  # FlopCounterMode and saved-tensor hooks would retrace the graphs
-        if t.ok and not compiled:
-            rec.gflop = count_gflop(fns[p])
-        if memory and t.ok and not compiled:
-            model = built[p][1]
-            exclude = list(model.parameters()) + list(model.buffers())
-            # cached recomposed weights (frozen-s layers) persist like weights; not activations
-            exclude += [m._weight_cache._weight for m in model.modules()
-                        if isinstance(m, FusedSpectralLinear) and m._weight_cache._weight is not None]
-            tracker = SavedTensorTracker(exclude)
-            with tracker.track():
-                fns[p]()
-            rec.saved_mb = tracker.peak / 2**20
-            peak, method = device_peak_bytes(fns[p], device)
-            rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
-        records.append(rec)
+    ref32, records = timings.get(key(REFERENCE, "fp32")), []
+    for prec in precisions:
+        ref = timings.get(key(REFERENCE, prec))
+        for p in providers:
+            t, same32 = timings[key(p, prec)], timings.get(key(p, "fp32"))
+            lo, hi = t.quartiles()
+            med = t.median()
+            rec = Record(level="model", case=name, batch=batch, tokens=batch * tokens,
+                         mode="infer" if p.startswith("source") else "step", dtype=prec,
+                         provider=p, median_ms=med * 1e3, min_ms=t.min() * 1e3, q1_ms=lo * 1e3, q3_ms=hi * 1e3,
+                         rounds=len(t.times), number=t.number, baseline=REFERENCE,
+                         ratio_vs_baseline=paired_ratio(t, ref) if ref else math.nan,
+                         speedup_vs_reference=paired_ratio(ref, t) if ref else math.nan,
+                         ratio_vs_baseline_min=min_ratio(t, ref) if ref else math.nan,
+                         speedup_vs_reference_min=min_ratio(ref, t) if ref else math.nan,
+                         items_per_s=batch / med if med == med and med > 0 else math.nan, load1=load,
+                         error=t.error or "")
+            if prec != "fp32" and same32 is not None:
+                rec.speedup_vs_fp32, rec.speedup_vs_fp32_min = paired_ratio(same32, t), min_ratio(same32, t)
+            if ref32 is not None:
+                rec.speedup_vs_reference_fp32 = paired_ratio(ref32, t)
+                rec.speedup_vs_reference_fp32_min = min_ratio(ref32, t)
+            compiled = p in COMPILED_PROVIDERS  # FlopCounterMode and saved-tensor hooks would retrace the graphs
+            fn = fns[key(p, prec)]
+            if t.ok and not compiled:
+                rec.gflop = count_gflop(fn)
+            if memory and t.ok and not compiled:
+                model = built[prec][p][1]
+                exclude = list(model.parameters()) + list(model.buffers())
+                # cached recomposed weights and cast factors (frozen-s layers, autocast) persist like weights
+                exclude += [c for m in model.modules() if isinstance(m, FusedSpectralLinear)
+                            for c in m._weight_cache.tensors()]
+                tracker = SavedTensorTracker(exclude)
+                with tracker.track():
+                    fn()
+                rec.saved_mb = tracker.peak / 2**20
+                peak, method = device_peak_bytes(fn, device)
+                rec.peak_mb, rec.peak_method = (peak / 2**20 if peak is not None else math.nan), method
+            records.append(rec)
     return records
 
 
@@ -353,9 +367,9 @@ def add_args(ap) -> None:
     ap.add_argument("--models", default=None, help="vit_tiny,vit_small (cpu default) / vit_base (cuda default)")
     ap.add_argument("--model-batches", default=None, help="default 1,8 (cpu) / 8,64 (cuda)")
     ap.add_argument("--model-providers", default=None, help="default: " + ",".join(PROVIDERS))
-    ap.add_argument("--precisions", default=None, help="fp32 (cpu) / fp32,bf16 (cuda: autocast, s in fp32)")
     ap.add_argument("--model-depth", type=int, default=None, help="override the ViT depth (smoke runs)")
     ap.add_argument("--model-img-size", type=int, default=None, help="override the image size (smoke runs; default 224)")
+    BC.add_precisions_arg(ap)
     ap.add_argument("--imse-retrieval", default="none", help="IMSEConfig.retrieval for the imse provider")
 
 
@@ -364,15 +378,15 @@ def resolve(args, ap) -> None:
     args.model_batches = [int(b) for b in BC.csv_list(BC.default(args, args.model_batches, "1,8", "8,64", "2"))]
     args.precisions = BC.csv_list(BC.default(args, args.precisions, "fp32", "fp32,bf16", "fp32"))
     for t in args.precisions:
-        if t not in ("fp32", "bf16", "fp16"):
-            ap.error(f"--precisions: unknown {t!r}; choose from fp32, bf16, fp16")
+        if t not in BC.PRECISIONS:
+            ap.error(f"--precisions: unknown {t!r}; choose from {', '.join(BC.PRECISIONS)}")
     if args.quick:
         args.model_depth = args.model_depth or 4  # IMSE needs > 3 blocks (3 diversity blocks)
         args.model_img_size = args.model_img_size or 64
 
 
 def run(args, records: list, log=print) -> None:
-    """Measure every selected model, precision and batch; appends to `records` as it goes."""
+    """Measure every selected model and batch, every precision side by side; appends to `records` as it goes."""
     device = args.device
     wanted = BC.csv_list(args.model_providers) or list(PROVIDERS)
     if args.quick and not args.model_providers:
@@ -380,23 +394,22 @@ def run(args, records: list, log=print) -> None:
     if not tta_available():
         log("imse_kernels.tta is not importable: the imse provider is skipped, Tent uses the hand-written fallback")
         wanted = [p for p in wanted if p != "imse"]
+    precisions = BC.usable_precisions(args.precisions, device, log)
+    if not precisions:
+        return
     for name in args.models:
         base = make_model(name, device, depth=args.model_depth, img_size=args.model_img_size)
-        built = build_providers(base, wanted, device, imse_retrieval=args.imse_retrieval)
+        built = {prec: build_providers(base, wanted, device, imse_retrieval=args.imse_retrieval) for prec in precisions}
         label = name + (f"-depth{args.model_depth}" if args.model_depth else "") + (
             f"-img{args.model_img_size}" if args.model_img_size else "")
-        for prec in args.precisions:
-            if prec != "fp32" and device != "cuda":
-                log(f"model level: {prec} autocast is measured on cuda only; skipped")
-                continue
-            for b in args.model_batches:
-                t0 = time.perf_counter()
-                recs = run_model_case(label, b, device, prec, wanted, built, args.rounds, args.warmup, args.min_rounds,
-                                      args.max_case_s * 4, min_block_s=args.min_block_s, memory=not args.no_memory,
-                                      log=log)
-                records += recs
-                log(f"[model] {label} b{b} {prec}: " + " ".join(f"{r.provider}={BC.fmt(r.median_ms)}ms" for r in recs)
-                    + f"  ({time.perf_counter() - t0:.1f}s)")
+        for b in args.model_batches:
+            t0 = time.perf_counter()
+            recs = run_model_case(label, b, device, precisions, wanted, built, args.rounds, args.warmup,
+                                  args.min_rounds, args.max_case_s * 4 * len(precisions),
+                                  min_block_s=args.min_block_s, memory=not args.no_memory, log=log)
+            records += recs
+            log(f"[model] {label} b{b}: " + " ".join(f"{r.provider}@{r.dtype}={BC.fmt(r.median_ms)}ms" for r in recs)
+                + f"  ({time.perf_counter() - t0:.1f}s)")
         del built, base
 
 

@@ -51,6 +51,9 @@ def _groups(records: list, *fields) -> dict:
 
 
 def layer_table(records: list, providers: list) -> str:
+    paired = any(not math.isnan(r.speedup_vs_fp32) for r in records)  # --precisions: fp32/x columns
+    ratio_fields = ["ratio_vs_baseline", "ratio_vs_baseline_min", "speedup_vs_reference", "speedup_vs_reference_min"]
+    ratio_fields += ["speedup_vs_fp32", "speedup_vs_reference_fp32"] if paired else []
     out = []
     for dtype in dict.fromkeys(r.dtype for r in records):
         rows = []
@@ -61,11 +64,11 @@ def layer_table(records: list, providers: list) -> str:
             mem = "/".join(fmt(recs[p].saved_mb, 2) if p in recs else "-" for p in (any_r.baseline, "reference", "fused_auto"))
             rows.append([case, any_r.extra, batch, mode]
                         + [fmt(recs[p].median_ms) if p in recs and not recs[p].error else ("err" if p in recs else "") for p in providers]
-                        + [fmt(auto.ratio_vs_baseline, 2) if auto else "-", fmt(auto.ratio_vs_baseline_min, 2) if auto else "-",
-                           fmt(auto.speedup_vs_reference, 2) if auto else "-", fmt(auto.speedup_vs_reference_min, 2) if auto else "-",
-                           mem, f"{spread * 100:.0f}%" if spread == spread else "-", fmt(any_r.load1, 1)])
+                        + [fmt(getattr(auto, f), 2) if auto else "-" for f in ratio_fields]
+                        + [mem, f"{spread * 100:.0f}%" if spread == spread else "-", fmt(any_r.load1, 1)])
         headers = (["layer", "d_in->d_out", "batch", "mode"] + [short(p) for p in providers]
-                   + ["auto/base", "(min)", "ref/auto", "(min)", "savedMB base/ref/auto", "IQR", "load"])
+                   + ["auto/base", "(min)", "ref/auto", "(min)"] + (["fp32/auto", "ref32/auto"] if paired else [])
+                   + ["savedMB base/ref/auto", "IQR", "load"])
         out.append(f"Layer level, {dtype}: median ms per call (N = batch*197 tokens); base = lin (linF in mode frozen)")
         out.append(render_table(headers, rows, left=2))
         for r in records:
@@ -74,7 +77,10 @@ def layer_table(records: list, providers: list) -> str:
         out.append("")
     out.append("auto/base: time of FusedSpectralLinear (auto backend) / nn.Linear (<1 faster); ref/auto: speedup over the "
                "reference F.linear(x, U@diag(s)@Vh, b); (min): from each provider's fastest round. IQR: the widest "
-               "interquartile range / median of the row. load: 1-min load average (2 shared cores: contention).")
+               "interquartile range / median of the row. load: 1-min load average (2 shared cores: contention)."
+               + (" fp32/auto: fused_auto's fp32 time over its time in this precision; ref32/auto: the reference's "
+                  "fp32 time over it (paired, one interleaved loop; 'autocast': fp32 layers under autocast)."
+                  if paired else ""))
     return "\n".join(out)
 
 
@@ -85,18 +91,27 @@ def _flop_ratio(records: list, r) -> float:
 
 
 def model_table(records: list) -> str:
+    mixed = any(r.dtype != "fp32" for r in records) and any(r.dtype == "fp32" for r in records)
     rows = []
     for r in records:
         rows.append([r.case, r.batch, r.dtype, r.provider, r.mode,
                      "err" if r.error else fmt(r.median_ms), f"{fmt(r.q1_ms)}-{fmt(r.q3_ms)}", fmt(r.items_per_s, 2),
-                     fmt(r.speedup_vs_reference, 2), fmt(r.speedup_vs_reference_min, 2), fmt(r.gflop, 1),
-                     fmt(_flop_ratio(records, r), 2), fmt(r.saved_mb, 1), fmt(r.peak_mb, 1), r.rounds, fmt(r.load1, 1)])
-    headers = ["model", "batch", "prec", "provider", "mode", "median ms", "q1-q3", "img/s", "ref/x", "(min)",
-               "GFLOP", "flop ref/x", "savedMB", "peakMB", "rounds", "load"]
+                     fmt(r.speedup_vs_reference, 2), fmt(r.speedup_vs_reference_min, 2)]
+                    + ([fmt(r.speedup_vs_fp32, 2), fmt(r.speedup_vs_fp32_min, 2), fmt(r.speedup_vs_reference_fp32, 2),
+                        fmt(r.speedup_vs_reference_fp32_min, 2)] if mixed else [])
+                    + [fmt(r.gflop, 1), fmt(_flop_ratio(records, r), 2), fmt(r.saved_mb, 1), fmt(r.peak_mb, 1),
+                       r.rounds, fmt(r.load1, 1)])
+    headers = (["model", "batch", "prec", "provider", "mode", "median ms", "q1-q3", "img/s", "ref/x", "(min)"]
+               + (["fp32/x", "(min)", "ref32/x", "(min)"] if mixed else [])
+               + ["GFLOP", "flop ref/x", "savedMB", "peakMB", "rounds", "load"])
     method = next((r.peak_method for r in records if r.peak_method), "")
-    note = ("ref/x: speedup over the reference-style step (imse_reference), medians of per-round ratios; (min): fastest rounds. "
-            "GFLOP: GEMM + convolution FLOPs of one call (attention excluded); flop ref/x: the reference's count over this one, "
-            "the speedup if only GEMM work counted. "
+    note = ("ref/x: speedup over the reference-style step (imse_reference) in the same precision, medians of per-round "
+            "ratios; (min): fastest rounds. "
+            + ("fp32/x: speedup over the same provider in fp32; ref32/x: over the reference step in fp32 (every "
+               "precision measured side by side in one interleaved loop; bf16/fp16 under imse_kernels.precision."
+               "autocast, bf16-torch under plain torch.autocast). " if mixed else "")
+            + "GFLOP: GEMM + convolution FLOPs of one call (attention excluded); flop ref/x: the reference's count "
+            "over this one, the speedup if only GEMM work counted. "
             f"savedMB: peak of tensors held for backward over one call; peakMB: {method}")
     return "Model level: one call = one adaptation step (SAM: two forward+backward) or one inference\n" + \
         render_table(headers, rows, left=5) + "\n" + note + "\n" + "\n".join(

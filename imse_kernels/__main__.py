@@ -1,10 +1,13 @@
-"""`python -m imse_kernels`: versions, the available backends, and why any other is unavailable."""
+"""`python -m imse_kernels`: versions, the available backends (and why any other is unavailable), and
+whether this CPU runs bf16/fp16 natively."""
 import platform
 
 import torch
 
 import imse_kernels
 from imse_kernels.backends import backend_status, disabled_backends, requested_backend, serving_backend
+from imse_kernels.precision import cpu_precision_report
+from imse_kernels.proc_status import cpu_model
 
 
 def main() -> None:
@@ -24,6 +27,8 @@ def main() -> None:
     print(f"torch        {torch.__version__}  (CUDA {torch.version.cuda}, device available: {torch.cuda.is_available()})")
     print(f"triton       {triton_version}")
     print(f"built with   {built}")
+    print(f"cpu          {cpu_model()}, {torch.backends.cpu.get_cpu_capability()}: {cpu_precision_report()}; "
+          f"CPU autocast: docs/design.md §14")
     print("backends:")
     for name, reason in backend_status().items():
         print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")

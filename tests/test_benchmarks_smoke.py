@@ -78,11 +78,74 @@ def test_step_profile_runs():
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.startswith("measuring imse_kernels")  # it names the package it measured
-    lines = proc.stdout.splitlines()
+    rows = _profile_rows(proc.stdout)
+    assert set(rows) == {("imse_harness", "fp32"), ("tent", "fp32")}
+    assert all(v >= 0 for vals in rows.values() for v in vals) and all(vals[4] > 0 for vals in rows.values())
+    assert rows[("imse_harness", "fp32")][5] == 1.0  # x/first: the first provider against itself
+
+
+def _profile_rows(stdout: str) -> dict:
+    """step_profile's table: (provider, precision) -> [GEMM, attention, casts, other, wall, x/first]."""
+    lines = stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("provider"))
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[head + 1:]}
-    assert set(rows) == {"imse_harness", "tent"} and all(v > 0 for vals in rows.values() for v in vals)
-    assert rows["imse_harness"][3] == 1.0  # x/first: the first provider against itself
+    rows = {}
+    for line in lines[head + 1:]:
+        if line.startswith("wrote "):
+            break
+        p, prec, *vals = line.split()
+        rows[(p, prec)] = [float(v) for v in vals]
+    return rows
+
+
+def _native_bf16() -> bool:
+    from imse_kernels.precision import cpu_native_dtype
+    import torch
+
+    return cpu_native_dtype(torch.bfloat16)
+
+
+@pytest.mark.skipif(not _native_bf16(), reason="no native bf16 on this CPU: the benchmarks skip bf16 (tested below)")
+def test_precisions_are_measured_side_by_side(tmp_path):
+    """model_bench and layer_bench --precisions fp32,bf16: every provider in both precisions in one run, with the
+    paired fp32/x and ref32/x ratios; step_profile splits the bf16 step the same way."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    for script, extra in (("model_bench.py", []), ("layer_bench.py", ["--providers", "linear,reference,fused_auto"])):
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick", "--precisions",
+                               "fp32,bf16", "--no-memory", "--out-dir", str(tmp_path), "--tag", "smoke", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        level = script.split("_")[0]
+        rows = json.loads((tmp_path / f"{level}_smoke_quick.json").read_text())["results"]
+        assert {r["dtype"] for r in rows} == {"fp32", "bf16"}, script
+        for r in rows:
+            assert not r["error"], r
+            if r["dtype"] == "bf16":
+                assert r["speedup_vs_fp32"] > 0 and r["speedup_vs_reference_fp32"] > 0, r
+            else:
+                assert r["speedup_vs_fp32"] is None and r["speedup_vs_reference_fp32"] > 0, r
+        assert "fp32/x" in proc.stdout or "fp32/auto" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_profile.py"), "--model", "vit_tiny", "--depth", "4",
+         "--img-size", "64", "--batch", "2", "--reps", "1", "--providers", "imse", "--precisions", "fp32,bf16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert set(_profile_rows(proc.stdout)) == {("imse", "fp32"), ("imse", "bf16")}
+
+
+def test_benchmarks_skip_bf16_on_a_cpu_without_it(monkeypatch):
+    _throughput_module()
+    import bench_common as BC
+    import torch
+
+    from imse_kernels import precision
+
+    monkeypatch.setattr(precision, "cpu_native_dtype", lambda dtype: dtype in (torch.float32, torch.float64))
+    monkeypatch.delenv(precision.ALLOW_SLOW_ENV, raising=False)
+    said = []
+    assert BC.usable_precisions(["fp32", "bf16"], "cpu", said.append) == ["fp32"]
+    assert len(said) == 1 and "bf16 skipped" in said[0] and "no native bf16" in said[0]
+    assert BC.usable_precisions(["fp32", "bf16"], "cuda", said.append) == ["fp32", "bf16"]
 
 
 def test_compile_warmup_counts_graphs(tmp_path):

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,17 +22,49 @@ at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// s broadcast over the columns of U (d_out x r), computed in the accumulation type.
-at::Tensor scale_columns(const at::Tensor& U, const at::Tensor& s) {
-  auto acc = acc_type(U.scalar_type());
-  return (U.to(acc) * s.to(acc)).to(U.scalar_type());
+// out[i,j] = in[i,j] * (col ? s[j] : s[i]) for a contiguous rows x cols matrix, the product formed in
+// acc_t (float32 for bf16/fp16) and rounded once: one pass, no float32 copy of a low-precision operand.
+template <typename scalar_t, typename acc_t>
+void scale_kernel(const scalar_t* in, const acc_t* s, int64_t rows, int64_t cols, bool col, scalar_t* out) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* a = in + i * cols;
+      scalar_t* o = out + i * cols;
+      if (col) {
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(a[j]) * s[j]);
+      } else {
+        const acc_t si = s[i];
+        for (int64_t j = 0; j < cols; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(a[j]) * si);
+      }
+    }
+  });
 }
 
-// s broadcast over the rows of Vh (r x d_in).
-at::Tensor scale_rows(const at::Tensor& Vh, const at::Tensor& s) {
-  auto acc = acc_type(Vh.scalar_type());
-  return (Vh.to(acc) * s.to(acc).unsqueeze(1)).to(Vh.scalar_type());
+// s broadcast over the columns (col) or the rows of a 2-D matrix, computed in the accumulation type.
+at::Tensor scale_by(const at::Tensor& A_in, const at::Tensor& s_in, bool col) {
+  auto acc = acc_type(A_in.scalar_type());
+  auto A = A_in.contiguous();
+  auto s = s_in.to(acc).contiguous();
+  TORCH_CHECK(s.numel() == (col ? A.size(1) : A.size(0)), "imse_ext: internal: s has ", s.numel(),
+              " values for a matrix of shape ", A.sizes());
+  auto out = at::empty_like(A);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A.scalar_type(), "imse_scale", [&] {
+    if (acc == at::kDouble) {
+      scale_kernel<scalar_t, double>(A.const_data_ptr<scalar_t>(), s.const_data_ptr<double>(), A.size(0), A.size(1),
+                                     col, out.mutable_data_ptr<scalar_t>());
+    } else {
+      scale_kernel<scalar_t, float>(A.const_data_ptr<scalar_t>(), s.const_data_ptr<float>(), A.size(0), A.size(1),
+                                    col, out.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return out;
 }
+
+// s broadcast over the columns of U (d_out x r).
+at::Tensor scale_columns(const at::Tensor& U, const at::Tensor& s) { return scale_by(U, s, true); }
+
+// s broadcast over the rows of Vh (r x d_in).
+at::Tensor scale_rows(const at::Tensor& Vh, const at::Tensor& s) { return scale_by(Vh, s, false); }
 
 // ds[k] = sum_n h[n,k] * t[n,k]  (h, t: N x r, contiguous), accumulated in acc_t.
 // With `scale`, t is then overwritten by t * scale in the same pass (dx = (t * s) Vh needs it).
@@ -102,15 +135,17 @@ at::Tensor colsum_product(const at::Tensor& h_in, at::Tensor& t, at::ScalarType 
   return ds.to(out_dtype);
 }
 
+// ds[k] = sum_j M[k,j] * V[k,j], both read in V's dtype (no converted copies), accumulated in float32 for
+// bf16/fp16 (float64 for float64).
 at::Tensor rowdot(const at::Tensor& M_in, const at::Tensor& V_in, at::ScalarType out_dtype) {
-  auto acc = acc_type(V_in.scalar_type());
-  auto M = M_in.to(acc).contiguous();
-  auto V = V_in.to(acc).contiguous();
+  auto V = V_in.contiguous();
+  auto M = M_in.to(V.scalar_type()).contiguous();  // a no-op on every path here: M comes in V's dtype
   const int64_t r = M.size(0), d = M.size(1);
-  auto ds = at::empty({r}, M.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "imse_rowdot", [&] {
-    rowdot_kernel<scalar_t, scalar_t, scalar_t>(M.const_data_ptr<scalar_t>(), V.const_data_ptr<scalar_t>(), r, d,
-                                                ds.mutable_data_ptr<scalar_t>());
+  auto ds = at::empty({r}, V.options().dtype(acc_type(V.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, V.scalar_type(), "imse_rowdot", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    rowdot_kernel<scalar_t, scalar_t, acc_t>(M.const_data_ptr<scalar_t>(), V.const_data_ptr<scalar_t>(), r, d,
+                                             ds.mutable_data_ptr<acc_t>());
   });
   return ds.to(out_dtype);
 }
@@ -273,9 +308,10 @@ std::tuple<at::Tensor, at::Tensor> recomposed_backward(const at::Tensor& grad, c
                                                        const at::Tensor& W, bool need_dx) {
   check_2d(grad, "grad");
   check_2d(x, "x");
-  auto G = at::mm(grad.t(), x);                        // d_out x d_in
-  auto acc = acc_type(U.scalar_type());
-  auto M = G.scalar_type() == acc ? at::mm(U.t(), G) : at::mm(U.t().to(acc), G.to(acc));  // r x d_in
+  // G and M = U^T G are GEMMs in the input dtype (bf16/fp16: oneDNN or cuBLAS-like kernels that accumulate in
+  // float32 and round the output); the row dots with Vh accumulate in float32.
+  auto G = at::mm(grad.t(), x);  // d_out x d_in
+  auto M = at::mm(U.t(), G);     // r x d_in
   auto ds = rowdot(M, Vh, s.scalar_type());
   auto dx = need_dx ? at::mm(grad, W) : at::empty({0}, grad.options());
   return {dx, ds};

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..precision import check_autocast
 from ..tta import IMSEConfig, registry
 from ..tta.distributed import GroupComm
 from . import distributed as dist_eval
@@ -53,6 +54,7 @@ def set_up(plan: Plan) -> Session:
     if run.threads:
         torch.set_num_threads(run.threads)
     device = pick_device(run.device)
+    check_autocast(device, run.amp)  # refuses bf16/fp16 on a CPU that only emulates it (docs/design.md, section 14)
     comm = dist_eval.setup(plan.invocation.dist_timeout, device)
     dist_eval.check_methods(run.methods, comm)
     if comm is not None:

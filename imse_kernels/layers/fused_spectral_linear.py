@@ -34,8 +34,14 @@ class FusedSpectralLinear(nn.Module):
     `imse_kernels.stream_codes(model, index)` sample b then uses `codes[index[b]]` (docs/design.md §8).
 
     `factor_tap`, when set, sees every forward under autograd as tap(x_rows, h): h = x·Vhᵀ
-    (differentiable in x) where this forward computes it anyway, else None. IMSE's diversity
-    probe uses it to take its statistics from h instead of a second GEMM.
+    (differentiable in x) where this forward computes it anyway (or, under autocast, from the cached
+    low-precision Vh), else None. IMSE's diversity probe uses it to take its statistics from h
+    instead of a second GEMM.
+
+    Under `torch.autocast` (e.g. `with torch.autocast("cpu", torch.bfloat16): adapter(x)` on a CPU with
+    native bf16, docs/design.md §14) the layer keeps U, Vh, the bias and a frozen layer's W' cast to the
+    autocast dtype, per version of U, s, Vh, so nothing is cast on every call; s, its gradient and the
+    optimizer state stay float32.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: Optional[int] = None, bias: bool = True,
@@ -141,8 +147,9 @@ class FusedSpectralLinear(nn.Module):
             if scope is not None and id(self) in scope[0]:
                 if self.factor_tap is not None and torch.is_grad_enabled():
                     self._check_features(x)
-                    self.factor_tap(x.reshape(-1, self.in_features), None)
-                return _spectral_linear(x, self.U, self.codes, self.Vh, self.bias, scope[1], None,
+                    rows = x.reshape(-1, self.in_features)
+                    self.factor_tap(rows, self._low_precision_h(rows, self._autocast_dtype(x)))
+                return _spectral_linear(x, self.U, self.codes, self.Vh, self.bias, scope[1], self._weight_cache,
                                         check_index_range=False)
         if self.factor_tap is not None and torch.is_grad_enabled():
             return self._tapped_forward(x, frozen=not self.s.requires_grad)
@@ -155,16 +162,35 @@ class FusedSpectralLinear(nn.Module):
 
     def _tapped_forward(self, x: Tensor, frozen: bool) -> Tensor:
         """With s frozen and r < d_in, the factorized form in plain autograd ops costs N·r·(d_in + d_out)
-        each way, less than W' plus a separate N·d_in·r GEMM for the tap; otherwise the tap gets None."""
+        each way, less than W' plus a separate N·d_in·r GEMM for the tap; otherwise the tap gets None,
+        or under autocast h from the cached low-precision Vh (the probe's own GEMM, without a per-call
+        cast of Vh; docs/design.md §14)."""
         self._check_features(x)
         rows = x.reshape(-1, self.in_features)
+        low = self._autocast_dtype(x)
         if not (frozen and self.rank < self.in_features):
-            self.factor_tap(rows, None)
+            self.factor_tap(rows, self._low_precision_h(rows, low))
             return spectral_linear(x, self.U, self.s, self.Vh, self.bias, weight_cache=self._weight_cache)
-        h = F.linear(rows, self.Vh)
+        U, Vh, bias = (self.U, self.Vh, self.bias) if low is None else \
+            self._weight_cache.factors(self.U, self.Vh, self.bias, low)
+        h = F.linear(rows if low is None else rows.to(low), Vh)
         self.factor_tap(rows, h)
-        y = F.linear(h * self.s.detach().to(h.dtype), self.U, self.bias)
+        s = self.s.detach()
+        # under autocast h ⊙ s is formed in float32 (type promotion) and rounded once by the next GEMM's cast
+        y = F.linear(h * (s.to(h.dtype) if low is None else s), U, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _low_precision_h(self, rows: Tensor, low: Optional[torch.dtype]) -> Optional[Tensor]:
+        """h = x·Vhᵀ from the cached Vh in the autocast dtype `low` (None outside autocast: the tap's own GEMM)."""
+        return None if low is None else F.linear(rows.to(low), self._weight_cache.cast("Vh", self.Vh, low))
+
+    def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        """The autocast dtype when autocast is on for x's device, differs from the layer dtype and the
+        cached casts may be used (eager); else None."""
+        if not torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return None
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if dtype != self.U.dtype else None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -38,8 +38,9 @@ def expert_alignment_moments(x: Tensor, Vh: Tensor, eps: float = 1e-12, h: Optio
     elif tuple(h.shape) != (rows.shape[0], Vh.shape[0]):
         raise ValueError(f"expert_alignment_moments: h {tuple(h.shape)} is not x·Vhᵀ for x rows "
                          f"{tuple(rows.shape)} and Vh {tuple(Vh.shape)}")
-    else:
-        a = h / torch.linalg.vector_norm(rows, dim=-1, keepdim=True).clamp_min(eps)
+    else:  # the norm reduces in float32 (float64) also for bf16 rows, so a comes out in that dtype
+        acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        a = h / torch.linalg.vector_norm(rows, dim=-1, keepdim=True, dtype=acc).clamp_min(eps)
     a = a if a.dtype == torch.float64 else a.float()
     return ExpertMoments(a.sum(0), (a * a).sum(0), rows.shape[0])
 

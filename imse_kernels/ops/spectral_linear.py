@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..backends import resolve_backend
+from ..precision import warn_slow_autocast
 from .planner import FACTORIZED, RECOMPOSED, plan
 from .weight_cache import RecomposedWeightCache
 
@@ -237,27 +238,48 @@ def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Te
         )
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The compute dtype when autocast is on for x's device, else None. On a CPU without native support
+    for it (no AVX512-BF16/AMX for bf16) this warns once per process (docs/design.md §14)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    dtype = torch.get_autocast_dtype(x.device.type)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        warn_slow_autocast(x.device, dtype)
+    return dtype
+
+
 def _frozen_fast_path(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
                       cache: RecomposedWeightCache) -> Optional[Tensor]:
     """The frozen-s fast path (the only one): with s not trained by this call and the planner choosing
     route R, y = x·W'ᵀ + b with the cached W' is exactly a frozen nn.Linear (autograd gives dx = g·W'),
     without the op's dispatch. None when it does not apply; the general path then checks and runs.
-    The factors are validated once per cached W' (the cache key covers them); x and bias every call."""
-    if ((torch.is_grad_enabled() and s.requires_grad) or not isinstance(x, Tensor) or x.dtype != U.dtype
+    The factors are validated once per cached W' (the cache key covers them); x and bias every call.
+    Under autocast W' and the bias are cached in the autocast dtype (docs/design.md §14) and x is cast."""
+    if ((torch.is_grad_enabled() and s.requires_grad) or not isinstance(x, Tensor)
             or x.dim() == 0 or x.shape[-1] != Vh.shape[1] or x.device != U.device
-            or (bias is not None and (bias.dtype != U.dtype or bias.shape != (U.shape[0],) or bias.device != U.device))
-            or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):
+            or (bias is not None and (bias.shape != (U.shape[0],) or bias.device != U.device))
+            or torch.compiler.is_compiling()):
+        return None
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        if x.dtype != U.dtype or (bias is not None and bias.dtype != U.dtype):
+            return None
+        dtype = U.dtype
+    elif not x.is_floating_point() or (bias is not None and not bias.is_floating_point()):
         return None
     d_out, r = U.shape
     need_dx = torch.is_grad_enabled() and x.requires_grad
     if plan(x.numel() // x.shape[-1], Vh.shape[1], d_out, r, False, need_dx, has_weight=True,
-            device=x.device, dtype=x.dtype).route != RECOMPOSED:
+            device=x.device, dtype=dtype).route != RECOMPOSED:
         return None
-    W = cache.lookup(U, s, Vh)
+    W = cache.lookup(U, s, Vh, dtype)
     if W is None:
         _check_inputs(x, U, s, Vh, bias)
-        W = cache.get(U, s, Vh)
-    return torch.nn.functional.linear(x, W, bias)
+        W = cache.get(U, s, Vh, dtype)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return torch.nn.functional.linear(x, W, cache.cast("bias", bias, dtype))
 
 
 def spectral_linear(
@@ -284,20 +306,23 @@ def _spectral_linear(x, U, s, Vh, bias, index, weight_cache, check_index_range: 
         if y is not None:
             return y
     _check_inputs(x, U, s, Vh, bias, coded=index is not None)
-    dtype = U.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-    elif x.dtype != U.dtype or Vh.dtype != U.dtype or (bias is not None and bias.dtype != U.dtype):
+    autocast_dtype = _autocast_dtype(x)  # autocast: x, U, Vh and bias are cast to it below; s stays as it is
+    dtype = autocast_dtype or U.dtype
+    if autocast_dtype is None and (x.dtype != U.dtype or Vh.dtype != U.dtype
+                                   or (bias is not None and bias.dtype != U.dtype)):
         raise TypeError(
             f"spectral_linear: x, U, Vh and bias must share a dtype (outside autocast); got x {x.dtype}, "
             f"U {U.dtype}, Vh {Vh.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
         )
     if x.dtype != dtype:
         x = x.to(dtype)
-    if U.dtype != dtype:  # autocast: the factors are cast per call, so no cached W' could be reused
-        U, Vh = U.to(dtype), Vh.to(dtype)
-    if bias is not None and bias.dtype != dtype:
-        bias = bias.to(dtype)
+    if weight_cache is not None and not torch.compiler.is_compiling():
+        U, Vh, bias = weight_cache.factors(U, Vh, bias, dtype)  # autocast: cast once per version (§14)
+    else:  # autocast without a layer's cache, or inside torch.compile (the cast is then part of the graph)
+        if U.dtype != dtype:
+            U, Vh = U.to(dtype), Vh.to(dtype)
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
 
     lead = x.shape[:-1]
     n, d_in = math.prod(lead), x.shape[-1]
