@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..triton_kernels import runtime, tuning
-from ..triton_kernels.chain import chain
+from ..triton_kernels.chain import MAX_CODES, chain
 from ..triton_kernels.recomposed_ds import recomposed_ds
 from ..triton_kernels.scaled_matmul import scaled_matmul
 from .base import FACTORIZED, RECOMPOSED, SpectralBackend
@@ -62,22 +62,33 @@ class TritonBackend(SpectralBackend):
              default: str, m: int) -> object:
         """Build candidates (variant/config for each kernel variant, plus blas) for operands like t
         (device, dtype), choose one, run it."""
-        dev, fp32 = t.device, t.dtype == torch.float32
+        dev, fp32, precision = t.device, t.dtype == torch.float32, runtime.dot_precision(t.dtype)
         cap = runtime.capability(dev)
         cands: dict[str, Callable[[], object]] = {}
         for variant, (kernel, make) in kernel_variants.items():
-            for cfg in tuning.candidates(kernel, cap, fp32):
+            for cfg in tuning.candidates(kernel, cap, fp32, precision):
                 cands[f"{variant}/{cfg.name}"] = (lambda make=make, cfg=cfg: make(cfg))
         cands["blas"] = blas
+        default = TritonBackend._default_variant(default, t.dtype, precision, cap)
         if default != "blas":
             kernel = kernel_variants[default][0]
-            default = f"{default}/{tuning.default(kernel, cap, m, fp32).name}"
+            default = f"{default}/{tuning.default(kernel, cap, m, fp32, precision).name}"
         return cands[tuning.choose(key, dev, cands, default)]()
+
+    @staticmethod
+    def _default_variant(variant: str, dtype: torch.dtype, precision: str, capability: int) -> str:
+        """The variant run without timing: fp32 with IEEE dots goes to cuBLAS on a GPU (Triton's
+        FMA dots are slower); the tuner and a forced variant can still pick the kernels, and the
+        interpreter (capability 0) runs them, since there they are what is tested."""
+        if capability > 0 and dtype == torch.float32 and precision == "ieee":
+            return "blas"
+        return variant
 
     @staticmethod
     def _fused_first(t: Tensor, n: int, n_out: int) -> str:
         """Heuristic without timing: `chain` when its recomputation is cheap or launches dominate."""
-        cfg = tuning.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32)
+        cfg = tuning.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32,
+                              runtime.dot_precision(t.dtype))
         return "fused" if n <= 256 or n_out <= cfg["BLOCK_N"] else "split"
 
     @staticmethod
@@ -187,10 +198,11 @@ class TritonBackend(SpectralBackend):
 
     # ---------------------------------------------------------------------------------------
     # Per-sample codes (docs/design.md §8): the gather is folded into `chain`'s scale step and its
-    # ds partials (per row tile and code); "blas" is the protocol's ATen default.
+    # ds partials (per row tile and code); "blas" is the protocol's ATen default, which also serves
+    # tables of more than MAX_CODES codes (the chain's one-hot tile would compile for minutes).
 
     def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
-        if not self._native(x):
+        if not self._native(x) or S.shape[0] > MAX_CODES:
             return super().indexed_forward(x, U, S, Vh, bias, index, save_h)
         self._check("indexed_forward", S[0], x=x, U=U, Vh=Vh, bias=bias)
 
@@ -205,7 +217,7 @@ class TritonBackend(SpectralBackend):
                          "fused", x.shape[0])
 
     def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
-        if not self._native(grad) or not need_dx:  # dS alone: t = grad·U and a segmented sum
+        if not self._native(grad) or not need_dx or S.shape[0] > MAX_CODES:  # dS alone: t = grad·U, a segmented sum
             return super().indexed_backward(grad, h, U, S, Vh, index, need_dx)
         self._check("indexed_backward", S[0], grad=grad, h=h, U=U, Vh=Vh)
 
@@ -219,7 +231,7 @@ class TritonBackend(SpectralBackend):
                          "fused", grad.shape[0])
 
     def indexed_input_grad(self, grad, U, S, Vh, index):
-        if not self._native(grad):
+        if not self._native(grad) or S.shape[0] > MAX_CODES:
             return super().indexed_input_grad(grad, U, S, Vh, index)
         self._check("indexed_input_grad", S[0], grad=grad, U=U, Vh=Vh)
 

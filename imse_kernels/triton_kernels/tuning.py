@@ -103,26 +103,57 @@ INTERPRETER = {
 }
 
 
+# Configurations that `tools/triton_compile_check.py`, lowering them as the JIT will, found spilling
+# registers or over a per-block limit on sm_80 or sm_90 (under triton 3.6 or 3.8; tables in
+# benchmarks/results/triton_compile_check_*): removed from the candidates, so neither the tuner nor
+# a default ever launches them. Keyed by (kernel, arch key, operands: "16bit", "fp32" IEEE dots or
+# "tf32"), values are configuration names.
+DROPPED: dict[tuple[str, int, str], frozenset[str]] = {}
+
+
 def arch_key(capability: int) -> int:
     """The candidate table for a compute capability: sm_90 and newer use the Hopper table."""
     return 90 if capability >= 90 else 80
 
 
-def candidates(kernel: str, capability: int, fp32: bool = False) -> list[Config]:
-    """The configurations `choose` times for this kernel, GPU and operand width."""
-    if capability == 0:
-        return [INTERPRETER[kernel]]
+def operands(fp32: bool, precision: str = "ieee") -> str:
+    """The operand class a configuration is checked for: "16bit", "fp32" (IEEE dots) or "tf32"."""
+    return ("tf32" if precision == "tf32" else "fp32") if fp32 else "16bit"
+
+
+def _table(kernel: str, capability: int, fp32: bool) -> list[Config]:
     table = CANDIDATES[kernel][arch_key(capability)]
     return [c.for_fp32() for c in table] if fp32 else list(table)
 
 
-def default(kernel: str, capability: int, m: int, fp32: bool = False) -> Config:
+def dropped(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> frozenset[str]:
+    """Names of the configurations `DROPPED` removes for this kernel, GPU and operands."""
+    if capability == 0:
+        return frozenset()
+    return DROPPED.get((kernel, arch_key(capability), operands(fp32, precision)), frozenset())
+
+
+def dropped_configs(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> list[Config]:
+    """The configurations `DROPPED` removes (the compile check still lowers them, as evidence)."""
+    names = dropped(kernel, capability, fp32, precision)
+    return [c for c in _table(kernel, capability, fp32) if c.name in names]
+
+
+def candidates(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> list[Config]:
+    """The configurations `choose` times for this kernel, GPU and operands (the dropped ones removed)."""
+    if capability == 0:
+        return [INTERPRETER[kernel]]
+    names = dropped(kernel, capability, fp32, precision)
+    return [c for c in _table(kernel, capability, fp32) if c.name not in names]
+
+
+def default(kernel: str, capability: int, m: int, fp32: bool = False, precision: str = "ieee") -> Config:
     """The configuration used without timing: the small-row tile for few rows, else the second
     (mid-size) one; both are lowered for every architecture by the compile-only check."""
     if capability == 0:
         return INTERPRETER[kernel]
-    table = candidates(kernel, capability, fp32)
-    return table[0] if (m <= 64 and kernel != "recomposed_ds") else table[1]
+    table = candidates(kernel, capability, fp32, precision)
+    return table[0] if (m <= 64 and kernel != "recomposed_ds") or len(table) < 2 else table[1]
 
 
 _lock = threading.Lock()
