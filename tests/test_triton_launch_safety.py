@@ -165,10 +165,8 @@ def test_fp32_without_tf32_defaults_to_cublas_on_a_gpu(dtype, precision, capabil
 def test_the_fp32_default_still_lets_the_tuner_or_a_forced_variant_pick_kernels(monkeypatch):
     monkeypatch.setattr(runtime, "capability", lambda device: 90)
     monkeypatch.setattr(runtime, "dot_precision", lambda dtype: "ieee")
-    monkeypatch.setattr(tuning, "candidates", lambda kernel, cap, fp32=False, precision="ieee":
-                        [tuning.INTERPRETER[kernel]])
-    monkeypatch.setattr(tuning, "default", lambda kernel, cap, m, fp32=False, precision="ieee":
-                        tuning.INTERPRETER[kernel])
+    monkeypatch.setattr(tuning, "candidates", lambda kernel, *args, **kwargs: [tuning.INTERPRETER[kernel]])
+    monkeypatch.setattr(tuning, "default", lambda kernel, *args, **kwargs: tuning.INTERPRETER[kernel])
     x, U, s, Vh, b = factors(9, 37, 26, 21, torch.float32)
     seen = {}
     real_choose = tuning.choose
@@ -184,3 +182,31 @@ def test_the_fp32_default_still_lets_the_tuner_or_a_forced_variant_pick_kernels(
     with tuning.force("fused"):
         y, _ = tb.factorized_forward(x, U, s, Vh, b, False)
     assert _rel(y, oracle_forward(x, U, s, Vh, b)[0]) < 1e-5
+
+
+class _Offered(Exception):
+    pass
+
+
+def test_dropped_tiles_are_never_offered_and_a_kernel_without_tiles_is_not_the_default(monkeypatch):
+    """tuning.DROPPED (configurations the compile check found spilling) removes tiles from the tuner's
+    candidates and the defaults; a variant whose kernel has none left falls to the next one."""
+    monkeypatch.setattr(runtime, "capability", lambda device: 90)
+    chain_names = frozenset(c.name for c in tuning.CANDIDATES["chain"][90])
+    first_mm = tuning.CANDIDATES["scaled_matmul"][90][0].name
+    monkeypatch.setattr(tuning, "DROPPED", {("chain", 90, "16bit", "plain"): chain_names,
+                                            ("scaled_matmul", 90, "16bit", "plain"): frozenset({first_mm})})
+    seen = {}
+
+    def spy(key, device, candidates, default):
+        seen.update(candidates=list(candidates), default=default)
+        raise _Offered
+
+    monkeypatch.setattr(tuning, "choose", spy)
+    x, U, s, Vh, b = factors(9, 37, 26, 21, torch.bfloat16)
+    with pytest.raises(_Offered):
+        get_backend("triton").factorized_forward(x, U, s, Vh, b, False)
+    assert not [n for n in seen["candidates"] if n.startswith("fused/")]
+    assert f"split/{first_mm}" not in seen["candidates"]
+    assert seen["default"] == f"split/{tuning.CANDIDATES['scaled_matmul'][90][1].name}"  # small M: first kept tile
+    assert tuning.default("chain", 90, 9) == tuning.CANDIDATES["chain"][90][0]  # direct launches still get a tile

@@ -15,7 +15,7 @@ Per unique specialisation it records compile seconds (a private, empty triton ca
 `cuobjdump -res-usage` on the cubin (the cuobjdump that the triton package carries; spill bytes are the
 per-thread STACK + LOCAL frame, which in these kernels holds nothing but spilled registers). A job
 fails when it does not lower, its shared memory exceeds the architecture's opt-in maximum, it needs
-more than 255 registers, or it spills. The failure counts unless the configuration is one
+more than 255 registers, or it spills more than SPILL_LIMIT bytes per thread. The failure counts unless the configuration is one
 `tuning.DROPPED` already removes from the tuner (lowered here as evidence, marked `dropped`) or a
 `CODES_P2` the launcher never uses (marked `unreachable`).
 
@@ -72,6 +72,11 @@ except ImportError as exc:  # pragma: no cover - a triton that reorganised its J
 # registers per thread on both.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 MAX_REGISTERS = 255
+# Spill bytes per thread a job may have and pass: 16 four-byte registers. ptxas spills a register or
+# two in one specialisation and not in its neighbour (8-24 bytes come and go with the alignment of one
+# pointer); the spills that cost are hundreds of bytes to kilobytes. A passing job that spills is
+# marked "ok~" in the table.
+SPILL_LIMIT = 64
 ARCHS = (80, 90)
 
 KERNEL_MODULES = {"chain": (chain_module, "chain_kernel"),
@@ -244,10 +249,6 @@ def _key(launch: Launch, capability: int) -> str:
                  sorted(attrs.items()), sorted(options.__dict__.items())))
 
 
-def _dropped(kernel: str, capability: int, dtype: str, config: str) -> bool:
-    return config in tuning.dropped(kernel, capability, DTYPES[dtype][0] == torch.float32, DTYPES[dtype][1])
-
-
 def collect(tiers: set, archs, dtypes, shapes, extra: list) -> list[Job]:
     """The unique specialisations of the chosen tiers, in a fixed order."""
     jobs: dict[str, Job] = {}
@@ -270,9 +271,12 @@ def collect(tiers: set, archs, dtypes, shapes, extra: list) -> list[Job]:
                 for pattern, call in _patterns(backend, shape, torch_dtype, 5).items():
                     for launch, _ in _launches(call, cap, precision, default_only=True, fp32=fp32):
                         add(launch, cap, dtype, f"{pattern}@{shape}")
-            if "candidates" in tiers:
-                for pattern, call in _patterns(backend, "vit", torch_dtype, 5).items():
-                    for launch, dropped in _launches(call, cap, precision, default_only=False, fp32=fp32):
+            if "candidates" in tiers:  # the coded launches at both reachable CODES_P2, 16 and 64
+                calls = list(_patterns(backend, "vit", torch_dtype, 5).items())
+                calls += [(p, c) for p, c in _patterns(backend, "vit", torch_dtype, 61).items() if p in CODED_PATTERNS]
+                for pattern, call in calls:
+                    for launch, dropped in _launches(call, cap, precision, default_only=False, fp32=fp32,
+                                                     codes=pattern in CODED_PATTERNS):
                         add(launch, cap, dtype, f"{pattern}@vit", "dropped" if dropped else "")
             if "codes" in tiers:
                 for codes_p2 in CODES_P2_CHECKED:
@@ -300,7 +304,7 @@ def _with_codes(launch: Launch, codes_p2: int) -> Launch:
     return Launch(launch.kernel, tuple(args), dict(launch.kwargs, CODES_P2=codes_p2))
 
 
-def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool):
+def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool, codes: bool = False):
     """[(launch, dropped)] of every kernel candidate the primitive offers the tuner (or only the
     defaults of each variant), each captured from a real call of the primitive."""
     choice: dict = {"name": None}
@@ -314,15 +318,16 @@ def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool):
             call()
         for launch in sink:
             m = launch.args[_KERNEL_FUNCTIONS[launch.kernel].arg_names.index(_ROWS_ARG[launch.kernel])]
-            default = tuning.default(launch.kernel, cap, m, fp32, precision).name
+            coded = bool(launch.kwargs.get("INDEXED"))
+            default = tuning.default(launch.kernel, cap, m, fp32, precision, coded).name
             config = _config_name(launch)
-            dropped = config in tuning.dropped(launch.kernel, cap, fp32, precision)
+            dropped = config in tuning.dropped(launch.kernel, cap, fp32, precision, coded)
             if not default_only or config == default:
                 out.append((launch, dropped))
     if default_only:  # the dropped configurations are not candidates, so they never show here
         return out
     for kernel in {lch.kernel for lch, _ in out}:
-        for cfg in tuning.dropped_configs(kernel, cap, fp32, precision):
+        for cfg in tuning.dropped_configs(kernel, cap, fp32, precision, codes):
             for name in offered:
                 choice["name"] = name
                 with capturing(cap, precision, choice) as sink, _only_config(kernel, cfg):
@@ -359,7 +364,8 @@ def _only_config(kernel: str, cfg: tuning.Config):
 
 def _extra_launches(backend, kernel: str, cfg: tuning.Config, cap: int, shape: str, dtype, precision: str):
     """Launches of `kernel` with a configuration given on the command line (the check must be able to fail)."""
-    patterns = {"chain": ("fwd_h", "bwd"), "scaled_matmul": ("fwd", "bwd"), "recomposed_ds": ("bwd_R",)}[kernel]
+    patterns = {"chain": ("fwd", "fwd_h", "bwd", "dx", "fwd_codes", "bwd_codes"), "scaled_matmul": ("fwd", "bwd", "bwd_ds"),
+                "recomposed_ds": ("bwd_R",)}[kernel]
     pats = _patterns(backend, shape, dtype, 5)
     out = []
     for pattern in patterns:
@@ -447,17 +453,15 @@ def lower(job: Job) -> dict:
         problems.append(f"shared {shared} > {SHARED_LIMIT[job.capability]}")
     if res["registers"] > MAX_REGISTERS:
         problems.append(f"registers {res['registers']} > {MAX_REGISTERS}")
-    if res["spill_bytes"] > 0:
-        problems.append(f"spills {res['spill_bytes']} bytes per thread")
-    status = "ok" if not problems else ("BIG" if shared > SHARED_LIMIT[job.capability] else "SPILL"
-                                        if res["spill_bytes"] else "REGS")
-    return {"status": status, "seconds": seconds, "shared": shared, **res, "problems": "; ".join(problems),
-            "n_attrs": len(attrs), "constants": sum(1 for k, v in constexprs.items() if v == 1 and
-                                                    _KERNEL_FUNCTIONS[job.kernel].arg_names[k[0]] not in
-                                                    _CONSTEXPR_NAMES[job.kernel])}
+    if res["spill_bytes"] > SPILL_LIMIT:
+        problems.append(f"spills {res['spill_bytes']} bytes per thread (more than {SPILL_LIMIT})")
+    status = ("ok" if res["spill_bytes"] == 0 else "ok~") if not problems else (
+        "BIG" if shared > SHARED_LIMIT[job.capability] else "SPILL" if res["spill_bytes"] > SPILL_LIMIT else "REGS")
+    return {"status": status, "seconds": seconds, "shared": shared, **res, "problems": "; ".join(problems)}
 
 
-_CONSTEXPR_NAMES = {k: {p.name for p in fn.params if p.is_constexpr} for k, fn in _KERNEL_FUNCTIONS.items()}
+def _passed(job: Job) -> bool:
+    return job.result.get("status") in ("ok", "ok~")
 
 
 def counts(job: Job) -> bool:
@@ -504,9 +508,15 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="start no job after this many seconds")
     ap.add_argument("--cache-dir", default=None, help="triton cache (default: a private, empty one, so the "
                     "compile times are real; the JIT's own cache to warm it)")
-    ap.add_argument("--csv", default=None, help="also write the table here")
+    ap.add_argument("--csv", default=None, help="also write the table here, one row per job as it ends")
+    ap.add_argument("--table", default=None, help="at the end, write an aligned text table and the summary here")
     ap.add_argument("--list", action="store_true", help="list the jobs, lower nothing")
+    ap.add_argument("--drops-from", nargs="+", metavar="CSV", help="print the tuning.DROPPED entries that these "
+                    "tables' counted failures call for (with those already dropped), lower nothing")
     args = ap.parse_args(argv)
+    if args.drops_from:
+        print(drops_from(args.drops_from))
+        return 0
     if runtime.INTERPRETED:
         print("triton_compile_check: set TRITON_INTERPRET=0 (triton was imported in interpreter mode)")
         return 2
@@ -523,9 +533,11 @@ def main(argv: Optional[list] = None) -> int:
 
     t_collect = time.perf_counter()
     _JOBS[:] = collect(tiers, archs, dtypes, shapes, extra)
-    print(f"# triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}; "
-          f"{len(_JOBS)} unique specialisations from tiers {sorted(tiers)} (captured in "
-          f"{time.perf_counter() - t_collect:.1f}s); cuobjdump {cuobjdump()}", flush=True)
+    header = (f"# triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}; "
+              f"{len(_JOBS)} unique specialisations from tiers {sorted(tiers)}, arch {archs}, dtypes {dtypes}, "
+              f"shapes {shapes} (captured in {time.perf_counter() - t_collect:.1f}s); spill limit {SPILL_LIMIT} B; "
+              f"cuobjdump {cuobjdump()}")
+    print(header, flush=True)
     if args.list:
         print("\n".join(j.label() + "  uses=" + " ".join(sorted(j.uses)) for j in _JOBS))
         return 0
@@ -554,8 +566,8 @@ def main(argv: Optional[list] = None) -> int:
             csv_file.close()
         if args.cache_dir is None:
             shutil.rmtree(cache, ignore_errors=True)
-    failed = [j for j in _JOBS if j.result and j.result["status"] != "ok" and counts(j)]
-    evidence = [j for j in _JOBS if j.result and j.result["status"] != "ok" and not counts(j)]
+    failed = [j for j in _JOBS if j.result and not _passed(j) and counts(j)]
+    evidence = [j for j in _JOBS if j.result and not _passed(j) and not counts(j)]
     ran = [j for j in _JOBS if j.result]
     truncated = len(ran) < len(_JOBS)
     print(f"# {len(ran)}/{len(_JOBS)} lowered in {time.perf_counter() - t0:.0f}s: {len(failed)} failed, "
@@ -565,7 +577,46 @@ def main(argv: Optional[list] = None) -> int:
         print(f"# FAILED {j.label()}: {j.result.get('problems') or j.result.get('error')}")
     for j in evidence:
         print(f"# {j.status_note.upper()} {j.label()}: {j.result.get('problems') or j.result.get('error')}")
+    if args.table:
+        write_table(args.table, ran, failed, evidence, header)
     return 1 if failed else (3 if truncated else 0)
+
+
+def drops_from(paths: list) -> str:
+    """tuning.DROPPED as Python source: its entries plus every configuration that failed in these tables."""
+    operand_class = {"bf16": "16bit", "fp16": "16bit", "fp32": "fp32", "tf32": "tf32"}
+    drops = {k: set(v) for k, v in tuning.DROPPED.items()}
+    for path in paths:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["status"] in ("ok", "ok~") or r["note"] == "unreachable":
+                    continue
+                key = (r["kernel"], int(r["arch"][3:]), operand_class[r["dtype"]],
+                       "codes" if "INDEXED" in r["flags"] else "plain")
+                drops.setdefault(key, set()).add(r["config"])
+    lines = ["DROPPED: dict[tuple[str, int, str, str], frozenset[str]] = {"]
+    for key in sorted(drops):
+        names = ", ".join(f'"{n}"' for n in sorted(drops[key]))
+        lines.append(f"    {key!r}: frozenset({{{names}}}),")
+    return "\n".join(lines + ["}"])
+
+
+TABLE = (("status", 6), ("kernel", 14), ("arch", 6), ("dtype", 5), ("config", 32), ("codes_p2", 8), ("flags", 27),
+         ("compile_s", 9), ("shared_kb", 9), ("registers", 9), ("spill_bytes", 11), ("note", 11))
+
+
+def write_table(path: str, ran: list, failed: list, evidence: list, header: str) -> None:
+    """An aligned table of every job lowered, then the failures and the configurations lowered as evidence."""
+    lines = [header, "", "  ".join(name.ljust(width) for name, width in TABLE)]
+    for job in ran:
+        r = row(job)
+        lines.append("  ".join(str(r[name]).ljust(width) for name, width in TABLE).rstrip())
+    lines += ["", f"{len(ran)} jobs; {len(failed)} counted failures; {len(evidence)} failing, dropped or unreachable "
+                  f"(lowered as evidence, not counted):"]
+    lines += [f"  FAILED {j.label()}: {j.result.get('problems') or j.result.get('error')}" for j in failed]
+    lines += [f"  {j.status_note} {j.label()}: {j.result.get('problems') or j.result.get('error')}" for j in evidence]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _execute(n_procs: int, budget_s: Optional[float], t0: float):

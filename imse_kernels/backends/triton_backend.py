@@ -59,20 +59,24 @@ class TritonBackend(SpectralBackend):
 
     @staticmethod
     def _run(key: str, t: Tensor, kernel_variants: dict[str, tuple[str, Callable]], blas: Callable,
-             default: str, m: int) -> object:
+             default: str, m: int, codes: bool = False) -> object:
         """Build candidates (variant/config for each kernel variant, plus blas) for operands like t
-        (device, dtype), choose one, run it."""
+        (device, dtype), choose one, run it. `codes`: the per-sample-code launches (their own drops)."""
         dev, fp32, precision = t.device, t.dtype == torch.float32, runtime.dot_precision(t.dtype)
         cap = runtime.capability(dev)
         cands: dict[str, Callable[[], object]] = {}
         for variant, (kernel, make) in kernel_variants.items():
-            for cfg in tuning.candidates(kernel, cap, fp32, precision):
+            for cfg in tuning.candidates(kernel, cap, fp32, precision, codes):
                 cands[f"{variant}/{cfg.name}"] = (lambda make=make, cfg=cfg: make(cfg))
         cands["blas"] = blas
         default = TritonBackend._default_variant(default, t.dtype, precision, cap)
+        offered = [v for v, (kernel, _) in kernel_variants.items()
+                   if tuning.candidates(kernel, cap, fp32, precision, codes)]
+        if default != "blas" and default not in offered:  # every tile of its kernel dropped here (tuning.DROPPED)
+            default = offered[0] if offered else "blas"
         if default != "blas":
             kernel = kernel_variants[default][0]
-            default = f"{default}/{tuning.default(kernel, cap, m, fp32, precision).name}"
+            default = f"{default}/{tuning.default(kernel, cap, m, fp32, precision, codes).name}"
         return cands[tuning.choose(key, dev, cands, default)]()
 
     @staticmethod
@@ -214,7 +218,7 @@ class TritonBackend(SpectralBackend):
                         bias is not None)
         return self._run(key, x, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_forward(x, U, S, Vh, bias, index, save_h),
-                         "fused", x.shape[0])
+                         "fused", x.shape[0], codes=True)
 
     def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
         if not self._native(grad) or not need_dx or S.shape[0] > MAX_CODES:  # dS alone: t = grad·U, a segmented sum
@@ -228,7 +232,7 @@ class TritonBackend(SpectralBackend):
         key = self._key("bwd_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
         return self._run(key, grad, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_backward(grad, h, U, S, Vh, index, True),
-                         "fused", grad.shape[0])
+                         "fused", grad.shape[0], codes=True)
 
     def indexed_input_grad(self, grad, U, S, Vh, index):
         if not self._native(grad) or S.shape[0] > MAX_CODES:
@@ -241,7 +245,7 @@ class TritonBackend(SpectralBackend):
         key = self._key("dx_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
         return self._run(key, grad, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_input_grad(grad, U, S, Vh, index),
-                         "fused", grad.shape[0])
+                         "fused", grad.shape[0], codes=True)
 
     # ---------------------------------------------------------------------------------------
     # Route choice by measurement (for the planner)

@@ -84,7 +84,7 @@ def chain_kernel(
                 hv = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                              mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
                 if INDEXED:  # Σ over this tile's rows per code; rows with a bad code add nothing
-                    part = tl.dot(onehot_t, tl.where(in_range[:, None], mid * hv, 0.0), input_precision="ieee")
+                    part = tl.dot(onehot_t, tl.where(in_range[:, None], mid * hv, 0.0), input_precision="tf32x3")
                     tl.store(ds_ptr + pid_m * CODES_P2 * R + codes_p2[:, None] * R + offs_r[None, :], part,
                              mask=(codes_p2[:, None] < NUM_CODES) & mask_r[None, :])
                 else:
@@ -143,7 +143,7 @@ def chain(
         bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
     codes_p2 = max(16, triton.next_power_of_2(codes))  # tl.dot needs at least 16 rows
     cfg = cfg or tuning.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32,
-                              runtime.dot_precision(a.dtype))
+                              runtime.dot_precision(a.dtype), codes=index is not None)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     out = a.new_empty((M, N))

@@ -81,7 +81,7 @@ def _rds(br, bi, bo, w, st):
 # sm_90 = H100/H200, 228 KiB). Chain tiles hold two fp32 accumulators (BM×BN and BM×BR).
 CANDIDATES = {
     "chain": {
-        80: [_chain(16, 64, 64, 64, 4, 2), _chain(64, 64, 64, 32, 4, 3), _chain(64, 128, 64, 32, 4, 3),
+        80: [_chain(16, 64, 32, 64, 4, 3), _chain(64, 64, 64, 32, 4, 3), _chain(64, 128, 64, 32, 4, 3),
              _chain(128, 128, 64, 32, 8, 3)],
         90: [_chain(16, 64, 64, 64, 4, 3), _chain(64, 64, 64, 64, 4, 3), _chain(64, 128, 64, 64, 4, 3),
              _chain(128, 128, 64, 64, 8, 3), _chain(128, 256, 64, 64, 8, 3)],
@@ -103,12 +103,12 @@ INTERPRETER = {
 }
 
 
-# Configurations that `tools/triton_compile_check.py`, lowering them as the JIT will, found spilling
-# registers or over a per-block limit on sm_80 or sm_90 (under triton 3.6 or 3.8; tables in
-# benchmarks/results/triton_compile_check_*): removed from the candidates, so neither the tuner nor
-# a default ever launches them. Keyed by (kernel, arch key, operands: "16bit", "fp32" IEEE dots or
-# "tf32"), values are configuration names.
-DROPPED: dict[tuple[str, int, str], frozenset[str]] = {}
+# Configurations that `tools/triton_compile_check.py`, lowering them as the JIT will, found spilling more
+# than its limit or over a per-block limit on sm_80 or sm_90 under triton 3.6 or 3.8 (tables in
+# benchmarks/results/triton_compile_check_*): removed from the candidates, so neither the tuner nor a
+# default ever launches them. Keyed by (kernel, arch key, operands: "16bit", "fp32" IEEE dots or
+# "tf32", use: "plain" or "codes", the per-sample-code launches of `chain`), values are names.
+DROPPED: dict[tuple[str, int, str, str], frozenset[str]] = {}
 
 
 def arch_key(capability: int) -> int:
@@ -126,33 +126,40 @@ def _table(kernel: str, capability: int, fp32: bool) -> list[Config]:
     return [c.for_fp32() for c in table] if fp32 else list(table)
 
 
-def dropped(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> frozenset[str]:
-    """Names of the configurations `DROPPED` removes for this kernel, GPU and operands."""
+def dropped(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee",
+            codes: bool = False) -> frozenset[str]:
+    """Names of the configurations `DROPPED` removes for this kernel, GPU, operands and use."""
     if capability == 0:
         return frozenset()
-    return DROPPED.get((kernel, arch_key(capability), operands(fp32, precision)), frozenset())
+    key = (kernel, arch_key(capability), operands(fp32, precision), "codes" if codes else "plain")
+    return DROPPED.get(key, frozenset())
 
 
-def dropped_configs(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> list[Config]:
+def dropped_configs(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee",
+                    codes: bool = False) -> list[Config]:
     """The configurations `DROPPED` removes (the compile check still lowers them, as evidence)."""
-    names = dropped(kernel, capability, fp32, precision)
+    names = dropped(kernel, capability, fp32, precision, codes)
     return [c for c in _table(kernel, capability, fp32) if c.name in names]
 
 
-def candidates(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee") -> list[Config]:
-    """The configurations `choose` times for this kernel, GPU and operands (the dropped ones removed)."""
+def candidates(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee",
+               codes: bool = False) -> list[Config]:
+    """The configurations `choose` times for this kernel, GPU, operands and use (dropped ones removed)."""
     if capability == 0:
         return [INTERPRETER[kernel]]
-    names = dropped(kernel, capability, fp32, precision)
+    names = dropped(kernel, capability, fp32, precision, codes)
     return [c for c in _table(kernel, capability, fp32) if c.name not in names]
 
 
-def default(kernel: str, capability: int, m: int, fp32: bool = False, precision: str = "ieee") -> Config:
+def default(kernel: str, capability: int, m: int, fp32: bool = False, precision: str = "ieee",
+            codes: bool = False) -> Config:
     """The configuration used without timing: the small-row tile for few rows, else the second
-    (mid-size) one; both are lowered for every architecture by the compile-only check."""
+    (mid-size) one, among the candidates; both are lowered for every architecture by the compile-only
+    check. Where `DROPPED` left no candidate (the backend then offers no such kernel), a launcher
+    called directly still gets the table's choice: correct, though it spills."""
     if capability == 0:
         return INTERPRETER[kernel]
-    table = candidates(kernel, capability, fp32, precision)
+    table = candidates(kernel, capability, fp32, precision, codes) or _table(kernel, capability, fp32)
     return table[0] if (m <= 64 and kernel != "recomposed_ds") or len(table) < 2 else table[1]
 
 
