@@ -108,7 +108,31 @@ INTERPRETER = {
 # benchmarks/results/triton_compile_check_*): removed from the candidates, so neither the tuner nor a
 # default ever launches them. Keyed by (kernel, arch key, operands: "16bit", "fp32" IEEE dots or
 # "tf32", use: "plain" or "codes", the per-sample-code launches of `chain`), values are names.
-DROPPED: dict[tuple[str, int, str, str], frozenset[str]] = {}
+DROPPED: dict[tuple[str, int, str, str], frozenset[str]] = {
+    ('chain', 80, '16bit', 'codes'): frozenset({"k32_m128_n128_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3"}),
+    ('chain', 80, 'fp32', 'codes'): frozenset({"k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3",
+        "k16_m64_n64_r64_group_m8_w4s3", "k32_m16_n64_r32_group_m8_w4s3"}),
+    ('chain', 80, 'fp32', 'plain'): frozenset({"k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3",
+        "k16_m64_n64_r64_group_m8_w4s3"}),
+    ('chain', 80, 'tf32', 'codes'): frozenset({"k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3",
+        "k16_m64_n64_r64_group_m8_w4s3"}),
+    ('chain', 80, 'tf32', 'plain'): frozenset({"k16_m64_n128_r64_group_m8_w4s3"}),
+    ('chain', 90, '16bit', 'codes'): frozenset({"k64_m128_n128_r64_group_m8_w8s3", "k64_m128_n256_r64_group_m8_w8s3"}),
+    ('chain', 90, 'fp32', 'codes'): frozenset({"k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3",
+        "k32_m16_n64_r64_group_m8_w4s3", "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3"}),
+    ('chain', 90, 'fp32', 'plain'): frozenset({"k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3",
+        "k32_m16_n64_r64_group_m8_w4s3", "k32_m64_n128_r64_group_m8_w4s3"}),
+    ('chain', 90, 'tf32', 'codes'): frozenset({"k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3",
+        "k32_m16_n64_r64_group_m8_w4s3", "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3"}),
+    ('chain', 90, 'tf32', 'plain'): frozenset({"k32_m128_n256_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3"}),
+    ('scaled_matmul', 80, 'fp32', 'plain'): frozenset({"k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3",
+        "k16_m256_n128_group_m8_w8s3"}),
+    ('scaled_matmul', 80, 'tf32', 'plain'): frozenset({"k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3",
+        "k16_m256_n128_group_m8_w8s3"}),
+    ('scaled_matmul', 90, '16bit', 'plain'): frozenset({"k64_m128_n256_group_m8_w8s3"}),
+    ('scaled_matmul', 90, 'fp32', 'plain'): frozenset({"k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3"}),
+    ('scaled_matmul', 90, 'tf32', 'plain'): frozenset({"k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3"}),
+}
 
 
 def arch_key(capability: int) -> int:
