@@ -188,25 +188,41 @@ class _Offered(Exception):
     pass
 
 
-def test_dropped_tiles_are_never_offered_and_a_kernel_without_tiles_is_not_the_default(monkeypatch):
+@pytest.mark.parametrize("layout,sizes", [("aligned", (9, 32, 48, 16)), ("unaligned", (9, 37, 26, 21))])
+def test_dropped_tiles_are_never_offered_and_a_kernel_without_tiles_is_not_the_default(monkeypatch, layout, sizes):
     """tuning.DROPPED (configurations the compile check found spilling) removes tiles from the tuner's
-    candidates and the defaults; a variant whose kernel has none left falls to the next one."""
+    candidates and the defaults, per layout (runtime.aligned); a variant whose kernel has none left
+    falls to the next one."""
     monkeypatch.setattr(runtime, "capability", lambda device: 90)
     chain_names = frozenset(c.name for c in tuning.CANDIDATES["chain"][90])
     first_mm = tuning.CANDIDATES["scaled_matmul"][90][0].name
-    monkeypatch.setattr(tuning, "DROPPED", {("chain", 90, "16bit", "plain"): chain_names,
-                                            ("scaled_matmul", 90, "16bit", "plain"): frozenset({first_mm})})
+    monkeypatch.setattr(tuning, "DROPPED", {("chain", 90, "16bit", "plain", layout): chain_names,
+                                            ("scaled_matmul", 90, "16bit", "plain", layout): frozenset({first_mm})})
     seen = {}
 
     def spy(key, device, candidates, default):
-        seen.update(candidates=list(candidates), default=default)
+        seen.update(key=key, candidates=list(candidates), default=default)
         raise _Offered
 
     monkeypatch.setattr(tuning, "choose", spy)
-    x, U, s, Vh, b = factors(9, 37, 26, 21, torch.bfloat16)
+    x, U, s, Vh, b = factors(*sizes, torch.bfloat16)
+    assert runtime.aligned((x, U, Vh, b), sizes[1:]) == (layout == "aligned")
     with pytest.raises(_Offered):
         get_backend("triton").factorized_forward(x, U, s, Vh, b, False)
+    assert seen["key"].endswith("|" + layout)
     assert not [n for n in seen["candidates"] if n.startswith("fused/")]
     assert f"split/{first_mm}" not in seen["candidates"]
     assert seen["default"] == f"split/{tuning.CANDIDATES['scaled_matmul'][90][1].name}"  # small M: first kept tile
-    assert tuning.default("chain", 90, 9) == tuning.CANDIDATES["chain"][90][0]  # direct launches still get a tile
+    assert tuning.default("chain", 90, 9, aligned=layout == "aligned") == tuning.CANDIDATES["chain"][90][0]
+    other = "unaligned" if layout == "aligned" else "aligned"
+    assert len(tuning.candidates("chain", 90, aligned=other == "aligned")) == len(chain_names)  # the other layout
+
+
+def test_runtime_aligned_is_the_jit_specialisation_of_vit_shapes():
+    a = torch.zeros(4, 64)
+    assert runtime.aligned((a,), (64,))
+    assert not runtime.aligned((a,), (64, 45))              # an odd size
+    assert not runtime.aligned((a[:, 1:],), (63,))          # a misaligned start and an odd size
+    assert not runtime.aligned((a.view(-1)[1:65].view(1, 64),), (64,))  # starts 4 bytes into the storage
+    assert runtime.aligned((a.view(-1)[16:].view(3, 80), None), (80,))  # 64 bytes in, stride 80: aligned
+    assert not runtime.aligned((a[:, ::2],), (32,)) and runtime.aligned((a.t(),), (64,))

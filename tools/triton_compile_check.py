@@ -21,7 +21,7 @@ more than 255 registers, or it spills more than SPILL_LIMIT bytes per thread. Th
 
 Job sets (--tiers, default all):
   defaults    every primitive and variant with its default tile, for every shape class, dtype and arch;
-  candidates  every tuner candidate (and every dropped one) on the ViT shape class;
+  candidates  every tuner candidate (and every dropped one) on the vit and odd shape classes;
   codes       the per-sample-codes chain at CODES_P2 in {16, 64, 256} (256 is unreachable: K > 64 runs
               on the segmented ATen path), default tile.
 Shape classes (only the specialisation matters, so the row count stands for any with its
@@ -84,9 +84,9 @@ KERNEL_MODULES = {"chain": (chain_module, "chain_kernel"),
                   "recomposed_ds": (recomposed_ds_module, "recomposed_ds_kernel")}
 CODES_P2_CHECKED = (16, 64, 256)
 
-# name -> (rows, d_in, d_out, r, x misaligned)
-SHAPE_CLASSES = {"vit": (32, 768, 3072, 768, False), "vit_b1": (197, 768, 3072, 768, False),
-                 "odd": (37, 45, 29, 23, True), "n1": (1, 768, 3072, 768, False)}
+# name -> (rows, d_in, d_out, r, x misaligned, runtime.aligned of the problem)
+SHAPE_CLASSES = {"vit": (32, 768, 3072, 768, False, True), "vit_b1": (197, 768, 3072, 768, False, True),
+                 "odd": (37, 45, 29, 23, True, False), "n1": (1, 768, 3072, 768, False, True)}
 # dtype name -> (torch dtype, tl.dot precision for fp32 operands)
 DTYPES = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"), "fp32": (torch.float32, "ieee"),
           "tf32": (torch.float32, "tf32")}
@@ -147,7 +147,7 @@ def capturing(capability: int, precision: str, choice: dict):
 
 
 def _inputs(shape: str, dtype: torch.dtype, codes: int):
-    rows, d_in, d_out, r, misaligned = SHAPE_CLASSES[shape]
+    rows, d_in, d_out, r, misaligned, _ = SHAPE_CLASSES[shape]
     g = torch.Generator().manual_seed(0)
 
     def rnd(*size):
@@ -269,22 +269,26 @@ def collect(tiers: set, archs, dtypes, shapes, extra: list) -> list[Job]:
             fp32 = torch_dtype == torch.float32
             for shape in shapes if "defaults" in tiers else ():
                 for pattern, call in _patterns(backend, shape, torch_dtype, 5).items():
-                    for launch, _ in _launches(call, cap, precision, default_only=True, fp32=fp32):
+                    for launch, _ in _launches(call, cap, precision, default_only=True, fp32=fp32,
+                                               aligned=SHAPE_CLASSES[shape][5]):
                         add(launch, cap, dtype, f"{pattern}@{shape}")
-            if "candidates" in tiers:  # the coded launches at both reachable CODES_P2, 16 and 64
-                calls = list(_patterns(backend, "vit", torch_dtype, 5).items())
-                calls += [(p, c) for p, c in _patterns(backend, "vit", torch_dtype, 61).items() if p in CODED_PATTERNS]
+            for shape in [s for s in ("vit", "odd") if s in shapes] if "candidates" in tiers else ():
+                # the coded launches at both reachable CODES_P2, 16 and 64
+                calls = list(_patterns(backend, shape, torch_dtype, 5).items())
+                calls += [(p, c) for p, c in _patterns(backend, shape, torch_dtype, 61).items() if p in CODED_PATTERNS]
                 for pattern, call in calls:
                     for launch, dropped in _launches(call, cap, precision, default_only=False, fp32=fp32,
-                                                     codes=pattern in CODED_PATTERNS):
-                        add(launch, cap, dtype, f"{pattern}@vit", "dropped" if dropped else "")
+                                                     codes=pattern in CODED_PATTERNS,
+                                                     aligned=SHAPE_CLASSES[shape][5]):
+                        add(launch, cap, dtype, f"{pattern}@{shape}", "dropped" if dropped else "")
             if "codes" in tiers:
                 for codes_p2 in CODES_P2_CHECKED:
                     for shape in [s for s in ("vit", "odd") if s in shapes]:
                         codes = min(codes_p2, 64) - 3  # a K that rounds up to codes_p2 (256: see below)
                         pats = _patterns(backend, shape, torch_dtype, codes)
                         for pattern in CODED_PATTERNS:
-                            for launch, _ in _launches(pats[pattern], cap, precision, default_only=True, fp32=fp32):
+                            for launch, _ in _launches(pats[pattern], cap, precision, default_only=True, fp32=fp32,
+                                                       aligned=SHAPE_CLASSES[shape][5]):
                                 if codes_p2 > 64:  # the launcher sends K > 64 to ATen: lowered as evidence only
                                     launch = _with_codes(launch, codes_p2)
                                 add(launch, cap, dtype, f"{pattern}@{shape}",
@@ -304,7 +308,8 @@ def _with_codes(launch: Launch, codes_p2: int) -> Launch:
     return Launch(launch.kernel, tuple(args), dict(launch.kwargs, CODES_P2=codes_p2))
 
 
-def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool, codes: bool = False):
+def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool, codes: bool = False,
+              aligned: bool = True):
     """[(launch, dropped)] of every kernel candidate the primitive offers the tuner (or only the
     defaults of each variant), each captured from a real call of the primitive."""
     choice: dict = {"name": None}
@@ -319,15 +324,15 @@ def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool, co
         for launch in sink:
             m = launch.args[_KERNEL_FUNCTIONS[launch.kernel].arg_names.index(_ROWS_ARG[launch.kernel])]
             coded = bool(launch.kwargs.get("INDEXED"))
-            default = tuning.default(launch.kernel, cap, m, fp32, precision, coded).name
+            default = tuning.default(launch.kernel, cap, m, fp32, precision, coded, aligned).name
             config = _config_name(launch)
-            dropped = config in tuning.dropped(launch.kernel, cap, fp32, precision, coded)
+            dropped = config in tuning.dropped(launch.kernel, cap, fp32, precision, coded, aligned)
             if not default_only or config == default:
                 out.append((launch, dropped))
     if default_only:  # the dropped configurations are not candidates, so they never show here
         return out
     for kernel in {lch.kernel for lch, _ in out}:
-        for cfg in tuning.dropped_configs(kernel, cap, fp32, precision, codes):
+        for cfg in tuning.dropped_configs(kernel, cap, fp32, precision, codes, aligned):
             for name in offered:
                 choice["name"] = name
                 with capturing(cap, precision, choice) as sink, _only_config(kernel, cfg):
@@ -592,12 +597,16 @@ def drops_from(paths: list) -> str:
                 if r["status"] in ("ok", "ok~") or r["note"] == "unreachable":
                     continue
                 key = (r["kernel"], int(r["arch"][3:]), operand_class[r["dtype"]],
-                       "codes" if "INDEXED" in r["flags"] else "plain")
+                       "codes" if "INDEXED" in r["flags"] else "plain",
+                       "unaligned" if any(u.endswith("@odd") for u in r["uses"].split()) else "aligned")
                 drops.setdefault(key, set()).add(r["config"])
-    lines = ["DROPPED: dict[tuple[str, int, str, str], frozenset[str]] = {"]
+    lines = ["DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {"]
     for key in sorted(drops):
-        names = ", ".join(f'"{n}"' for n in sorted(drops[key]))
-        lines.append(f"    {key!r}: frozenset({{{names}}}),")
+        lines.append(f"    {key!r}: frozenset({{")
+        names = [f'"{n}"' for n in sorted(drops[key])]
+        for i in range(0, len(names), 3):
+            lines.append("        " + ", ".join(names[i:i + 3]) + ",")
+        lines.append("    }),")
     return "\n".join(lines + ["}"])
 
 

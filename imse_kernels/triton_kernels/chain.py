@@ -15,7 +15,7 @@ reduced by a one-hot product inside the tile, so no float atomics and no N×R pr
 A code outside [0, K) is clamped for the load (nothing outside s is read) and its row of the
 output comes out NaN, and it adds to no code's partials: what the CUDA gather kernel does
 (docs/design.md §5). The one-hot tile has CODES_P2 rows, so the launcher takes at most MAX_CODES
-codes (larger tables compile for minutes; the backend sends them to the segmented ATen path).
+codes (larger tables are ever larger specialisations; the backend sends them to the segmented ATen path).
 
 Forward:     A = x (N×d_in),  B1 = Vhᵀ, B2 = Uᵀ,  out = y
 Backward:    A = grad (N×d_out), B1 = U, B2 = Vh, out = dx, DS with H = h → ds
@@ -31,8 +31,8 @@ import triton.language as tl
 from . import runtime, tuning
 from .runtime import grouped_tile
 
-# The most codes `chain` takes with `index`: its one-hot tile has CODES_P2 = next power of two rows,
-# and lowering it takes 14-19 s at 256 and minutes at 1024 (docs/design.md §10).
+# The most codes `chain` takes with `index`: its one-hot tile has CODES_P2 = next power of two rows, each
+# larger table is a new and larger specialisation (minutes to lower at 1024; docs/design.md §5, §10).
 MAX_CODES = 64
 
 
@@ -145,7 +145,8 @@ def chain(
         bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
     codes_p2 = max(16, triton.next_power_of_2(codes))  # tl.dot needs at least 16 rows
     cfg = cfg or tuning.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32,
-                              runtime.dot_precision(a.dtype), codes=index is not None)
+                              runtime.dot_precision(a.dtype), codes=index is not None,
+                              aligned=runtime.aligned((a, b1, b2, bias, h), (K, R, N)))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     out = a.new_empty((M, N))

@@ -92,7 +92,7 @@ def scaled_matmul(
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
     cfg = cfg or tuning.default("scaled_matmul", runtime.capability(a.device), M, a.dtype == torch.float32,
-                              runtime.dot_precision(a.dtype))
+                              runtime.dot_precision(a.dtype), aligned=runtime.aligned((a, b, bias, h), (K, N)))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     if not write_c and h is None:
