@@ -369,8 +369,7 @@ def _only_config(kernel: str, cfg: tuning.Config):
 
 def _extra_launches(backend, kernel: str, cfg: tuning.Config, cap: int, shape: str, dtype, precision: str):
     """Launches of `kernel` with a configuration given on the command line (the check must be able to fail)."""
-    patterns = {"chain": ("fwd", "fwd_h", "bwd", "dx", "fwd_codes", "bwd_codes"), "scaled_matmul": ("fwd", "bwd", "bwd_ds"),
-                "recomposed_ds": ("bwd_R",)}[kernel]
+    patterns = {"chain": ("fwd_h", "bwd", "bwd_codes"), "scaled_matmul": ("fwd", "bwd"), "recomposed_ds": ("bwd_R",)}[kernel]
     pats = _patterns(backend, shape, dtype, 5)
     out = []
     for pattern in patterns:
