@@ -4,6 +4,7 @@
     python benchmarks/gpu_correctness.py --device cuda                      # triton and cuda, full sweep
     python benchmarks/gpu_correctness.py --device cpu --backends torch,cpu --quick
     python benchmarks/gpu_correctness.py --device cpu --backends cpu --quick --inject-fault scale   # must fail
+    python benchmarks/gpu_correctness.py --device cuda --backends triton --dtypes bf16 --shard 0/8  # 1 of 8 warm-ups
 
 Every primitive of the backend protocol (imse_kernels/backends/base.py) and the public
 `spectral_linear` (forward + backward under `use_backend(name)`, both routes pinned with
@@ -126,7 +127,7 @@ def header(device: torch.device, backends: list[str], args) -> dict:
         "extension_C_cuda": (_extension.reason("_C_cuda") or "loaded") if device.type == "cuda" else None,
         "backend_status": {k: v or "available" for k, v in backend_status().items()},
         "backends": backends, "quick": args.quick, "dtypes": args.dtypes, "tol": TOL,
-        "triton_tuning": bool(args.tune), "inject_fault": args.inject_fault,
+        "triton_tuning": bool(args.tune), "inject_fault": args.inject_fault, "shard": args.shard,
     }
 
 
@@ -379,7 +380,18 @@ def parse_args(argv=None):
                     help=f"scale: multiply y of every {FAULT_PRIMITIVE} check by 1 + max(0.01, 2*tol), so "
                     "exactly those checks must fail (proves the checker can fail)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", default=None, metavar="K/P",
+                    help="run only the cases whose position in the work list is K modulo P (the same inputs as "
+                         "the whole sweep): P processes with K = 0..P-1 compile every Triton specialisation in "
+                         "parallel, which warms the on-disk cache for a later full run")
     args = ap.parse_args(argv)
+    if args.shard is not None:
+        try:
+            k, p = (int(v) for v in args.shard.split("/"))
+            assert 0 <= k < p
+        except (ValueError, AssertionError):
+            ap.error(f"--shard: expected K/P with 0 <= K < P, got {args.shard!r}")
+        args.shard = (k, p)
     args.dtypes = [d.strip() for d in (args.dtypes or ",".join(DTYPE_ORDER)).split(",") if d.strip()]
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
@@ -426,6 +438,8 @@ def main(argv=None) -> int:
             return args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
 
         for i, (dname, shape, layout, kind) in enumerate(work_list(args.quick, dtypes)):
+            if args.shard is not None and i % args.shard[1] != args.shard[0]:
+                continue
             if over_budget():
                 truncated = True
                 break

@@ -676,6 +676,15 @@ int segment_product(DType dtype, const void* h, const void* t, const int64_t* pe
   return kErrUnsupported;
 }
 
+// The architectures on which the fused chain was measured faster than cuBLAS's two GEMMs: `auto` uses
+// it only there. None yet: no GPU has run it, and on sm_90 it needs 133 KB of shared memory at
+// r = 768 (one block per SM), likely slower than cuBLAS (docs/design.md §10). IMSE_CUDA_FUSED=1 or
+// cuda_fused_kernels(True) still run it wherever it can run.
+bool fused_measured_faster(int cc) {
+  (void)cc;
+  return false;
+}
+
 bool fused_wanted(const Fused& f, int mode) {
   if (mode == 0 || (f.dtype != kF16 && f.dtype != kBF16) || f.b1_nmajor != f.b2_nmajor) return false;
   if (f.M <= 0 || f.N <= 0 || f.K1 <= 0 || f.R <= 0 || f.M > kIntMax || f.N > kIntMax || f.K1 > kIntMax ||
@@ -685,8 +694,9 @@ bool fused_wanted(const Fused& f, int mode) {
   if (device_info(&dev) != 0 || dev.cc < 80) return false;
   const size_t need = f.b1_nmajor ? FusedLayout<__half, true, true>::smem(f.R) : FusedLayout<__half, false, false>::smem(f.R);
   if (need > static_cast<size_t>(dev.smem_optin)) return false;
-  // auto: one block per FusedCfg::BM rows; only worth it when those blocks alone fill the GPU.
-  return mode == 1 || (f.M + FusedCfg::BM - 1) / FusedCfg::BM >= dev.sms;
+  // auto: one block per FusedCfg::BM rows; only worth it where measured faster and when those blocks
+  // alone fill the GPU.
+  return mode == 1 || (fused_measured_faster(dev.cc) && (f.M + FusedCfg::BM - 1) / FusedCfg::BM >= dev.sms);
 }
 
 int run_fused(const Fused& f, void* stream) {

@@ -20,26 +20,36 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _past_the_end(index: Tensor, k: int) -> Tensor:
+    """index with every code outside [0, k) replaced by k: one row past the table, which the callers
+    make a NaN row (gather) or a discarded sum (segments), so a bad code never faults a device."""
+    return torch.where((index >= 0) & (index < k), index, torch.full_like(index, k))
+
+
 def gather_scale(h: Tensor, S: Tensor, index: Tensor) -> Tensor:
-    """h ⊙ S[index] row by row, computed in the accumulation dtype and returned in h's dtype."""
+    """h ⊙ S[index] row by row, computed in the accumulation dtype and returned in h's dtype. A code
+    outside [0, K) gives a NaN row, as the CUDA gather kernel does (docs/design.md §5)."""
     acc = accumulation_dtype(h.dtype)
-    return (h.to(acc) * S.to(acc).index_select(0, index)).to(h.dtype)
+    table = torch.cat([S.to(acc), S.new_full((1, S.shape[1]), float("nan"), dtype=acc)])
+    return (h.to(acc) * table.index_select(0, _past_the_end(index, S.shape[0]))).to(h.dtype)
 
 
 def segment_sum(rows: Tensor, index: Tensor, k: int) -> Tensor:
-    """(k, r): out[c] = Σ_{n: index[n]=c} rows[n], deterministic on every device (no float atomics).
+    """(k, r): out[c] = Σ_{n: index[n]=c} rows[n], deterministic on every device (no float atomics);
+    rows whose code is outside [0, k) add to nothing.
 
     On the CPU `index_add_` is a serial, ordered loop; elsewhere `sorted_segment_sum` serves."""
     if rows.device.type == "cpu":
-        return rows.new_zeros((k, rows.shape[1])).index_add_(0, index, rows)
+        return rows.new_zeros((k + 1, rows.shape[1])).index_add_(0, _past_the_end(index, k), rows)[:k]
     return sorted_segment_sum(rows, index, k)
 
 
 def sorted_segment_sum(rows: Tensor, index: Tensor, k: int) -> Tensor:
     """`segment_sum` by a stable sort of the rows by code and one reduction per segment."""
+    index = _past_the_end(index, k)
     order = torch.argsort(index, stable=True)
-    lengths = torch.bincount(index, minlength=k)
-    return torch.segment_reduce(rows.index_select(0, order), "sum", lengths=lengths, axis=0, unsafe=True)
+    lengths = torch.bincount(index, minlength=k + 1)
+    return torch.segment_reduce(rows.index_select(0, order), "sum", lengths=lengths, axis=0, unsafe=True)[:k]
 
 
 class SpectralBackend:
@@ -73,8 +83,9 @@ class SpectralBackend:
         raise NotImplementedError
 
     # Per-sample codes (docs/design.md §8): S is (K, r) and row n uses S[index[n]]; index is int64 (N,)
-    # with values in [0, K), checked by the op. The defaults are plain ATen ops (route F's two shared
-    # GEMMs around a gather-scale; dS by a fixed-order segmented sum); backends may fuse them.
+    # with values in [0, K), checked by the op in eager mode (here a bad code gives a NaN row). The defaults
+    # are plain ATen ops (route F's two shared GEMMs around a gather-scale; dS by a fixed-order segmented
+    # sum); backends may fuse them.
     def indexed_forward(self, x: Tensor, U: Tensor, S: Tensor, Vh: Tensor, bias: Optional[Tensor], index: Tensor,
                         save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
         """y_n = ((x_n·Vhᵀ) ⊙ S[index[n]])·Uᵀ + bias, and h = x·Vhᵀ when save_h (else None)."""

@@ -14,7 +14,9 @@ back to the ATen path at run time:
   the kernels wherever they can run, or `None` for the automatic rule; `kernels=("chain",)` or
   `("ds",)` limits it to one kernel;
 - outside it, `IMSE_CUDA_FUSED=auto|1|0` (read at each call): `auto` (default) runs `ds` always and
-  `chain` only where its row blocks alone fill the GPU; `0` is the ATen path everywhere.
+  `chain` only on an architecture where it was measured faster than cuBLAS (none yet: no GPU has run
+  it) and where its row blocks alone fill the GPU; `1` runs both wherever they can; `0` is the ATen
+  path everywhere.
 
 The switch is the op `torch.ops.imse_ext.cuda_fused_mode(kernel, mode=None)` of `_C_cuda`.
 """

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..triton_kernels import runtime, tuning
-from ..triton_kernels.chain import chain
+from ..triton_kernels.chain import MAX_CODES, chain
 from ..triton_kernels.recomposed_ds import recomposed_ds
 from ..triton_kernels.scaled_matmul import scaled_matmul
 from .base import FACTORIZED, RECOMPOSED, SpectralBackend
@@ -59,25 +59,43 @@ class TritonBackend(SpectralBackend):
 
     @staticmethod
     def _run(key: str, t: Tensor, kernel_variants: dict[str, tuple[str, Callable]], blas: Callable,
-             default: str, m: int) -> object:
+             default: str, m: int, layout: tuple, codes: bool = False) -> object:
         """Build candidates (variant/config for each kernel variant, plus blas) for operands like t
-        (device, dtype), choose one, run it."""
-        dev, fp32 = t.device, t.dtype == torch.float32
+        (device, dtype), choose one, run it. `layout` = (tensors, sizes) of the problem, for
+        `runtime.aligned`; `codes`: the per-sample-code launches. Both select the dropped tiles."""
+        dev, fp32, precision = t.device, t.dtype == torch.float32, runtime.dot_precision(t.dtype)
         cap = runtime.capability(dev)
+        aligned = runtime.aligned(*layout)
+        key += "|aligned" if aligned else "|unaligned"
         cands: dict[str, Callable[[], object]] = {}
         for variant, (kernel, make) in kernel_variants.items():
-            for cfg in tuning.candidates(kernel, cap, fp32):
+            for cfg in tuning.candidates(kernel, cap, fp32, precision, codes, aligned):
                 cands[f"{variant}/{cfg.name}"] = (lambda make=make, cfg=cfg: make(cfg))
         cands["blas"] = blas
+        default = TritonBackend._default_variant(default, t.dtype, precision, cap)
+        offered = [v for v, (kernel, _) in kernel_variants.items()
+                   if tuning.candidates(kernel, cap, fp32, precision, codes, aligned)]
+        if default != "blas" and default not in offered:  # every tile of its kernel dropped here (tuning.DROPPED)
+            default = offered[0] if offered else "blas"
         if default != "blas":
             kernel = kernel_variants[default][0]
-            default = f"{default}/{tuning.default(kernel, cap, m, fp32).name}"
+            default = f"{default}/{tuning.default(kernel, cap, m, fp32, precision, codes, aligned).name}"
         return cands[tuning.choose(key, dev, cands, default)]()
+
+    @staticmethod
+    def _default_variant(variant: str, dtype: torch.dtype, precision: str, capability: int) -> str:
+        """The variant run without timing: fp32 with IEEE dots goes to cuBLAS on a GPU (Triton's
+        FMA dots are slower); the tuner and a forced variant can still pick the kernels, and the
+        interpreter (capability 0) runs them, since there they are what is tested."""
+        if capability > 0 and dtype == torch.float32 and precision == "ieee":
+            return "blas"
+        return variant
 
     @staticmethod
     def _fused_first(t: Tensor, n: int, n_out: int) -> str:
         """Heuristic without timing: `chain` when its recomputation is cheap or launches dominate."""
-        cfg = tuning.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32)
+        cfg = tuning.default("chain", runtime.capability(t.device), n, t.dtype == torch.float32,
+                              runtime.dot_precision(t.dtype))
         return "fused" if n <= 256 or n_out <= cfg["BLOCK_N"] else "split"
 
     @staticmethod
@@ -111,7 +129,8 @@ class TritonBackend(SpectralBackend):
         key = self._key("fwd", x.device, n, (x.shape[1], d_out, r), x.dtype, save_h, bias is not None)
         default = self._fused_first(x, n, d_out)
         return self._run(key, x, _fused_or_split(fused, split),
-                         lambda: _torch.factorized_forward(x, U, s, Vh, bias, save_h), default, n)
+                         lambda: _torch.factorized_forward(x, U, s, Vh, bias, save_h), default, n,
+                         ((x, U, Vh, bias), (x.shape[1], d_out, r)))
 
     def recompose(self, U, s, Vh):
         if not self._native(U):
@@ -123,7 +142,7 @@ class TritonBackend(SpectralBackend):
 
         key = self._key("recompose", U.device, U.shape[0], (U.shape[1], Vh.shape[1]), U.dtype)
         return self._run(key, U, {"triton": ("scaled_matmul", triton_)},
-                         lambda: _torch.recompose(U, s, Vh), "triton", U.shape[0])
+                         lambda: _torch.recompose(U, s, Vh), "triton", U.shape[0], ((U, Vh), U.shape + Vh.shape))
 
     def factorized_backward(self, grad, h, U, s, Vh, need_dx):
         if not self._native(grad):
@@ -139,7 +158,8 @@ class TritonBackend(SpectralBackend):
 
             key = self._key("bwd_ds", grad.device, n, (d_in, d_out, r), grad.dtype)
             return self._run(key, grad, {"split": ("scaled_matmul", ds_only)},
-                             lambda: _torch.factorized_backward(grad, h, U, s, Vh, False), "split", n)
+                             lambda: _torch.factorized_backward(grad, h, U, s, Vh, False), "split", n,
+                             ((grad, h, U, Vh), (d_in, d_out, r)))
 
         def fused(cfg):
             dx, _, ds = chain(grad, U, s, Vh, h=h, cfg=cfg)
@@ -152,7 +172,8 @@ class TritonBackend(SpectralBackend):
         key = self._key("bwd", grad.device, n, (d_in, d_out, r), grad.dtype)
         default = self._fused_first(grad, n, d_in)
         return self._run(key, grad, _fused_or_split(fused, split),
-                         lambda: _torch.factorized_backward(grad, h, U, s, Vh, True), default, n)
+                         lambda: _torch.factorized_backward(grad, h, U, s, Vh, True), default, n,
+                         ((grad, h, U, Vh), (d_in, d_out, r)))
 
     def factorized_input_grad(self, grad, U, s, Vh):
         if not self._native(grad):
@@ -169,7 +190,8 @@ class TritonBackend(SpectralBackend):
         key = self._key("dx", grad.device, n, (d_in, d_out, r), grad.dtype)
         default = self._fused_first(grad, n, d_in)
         return self._run(key, grad, _fused_or_split(fused, split),
-                         lambda: _torch.factorized_input_grad(grad, U, s, Vh), default, n)
+                         lambda: _torch.factorized_input_grad(grad, U, s, Vh), default, n,
+                         ((grad, U, Vh), (d_in, d_out, r)))
 
     def recomposed_backward(self, grad, x, U, s, Vh, W, need_dx):
         if not self._native(grad):
@@ -183,14 +205,16 @@ class TritonBackend(SpectralBackend):
 
         key = self._key("bwd_R", grad.device, n, (d_in, d_out, r), grad.dtype, need_dx)
         return self._run(key, grad, {"triton": ("recomposed_ds", triton_)},
-                         lambda: _torch.recomposed_backward(grad, x, U, s, Vh, W, need_dx), "triton", n)
+                         lambda: _torch.recomposed_backward(grad, x, U, s, Vh, W, need_dx), "triton", n,
+                         ((grad, x, U, Vh, W), (d_in, d_out, r)))
 
     # ---------------------------------------------------------------------------------------
     # Per-sample codes (docs/design.md §8): the gather is folded into `chain`'s scale step and its
-    # ds partials (per row tile and code); "blas" is the protocol's ATen default.
+    # ds partials (per row tile and code); "blas" is the protocol's ATen default, which also serves
+    # tables of more than MAX_CODES codes (the chain's one-hot tile would compile for minutes).
 
     def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
-        if not self._native(x):
+        if not self._native(x) or S.shape[0] > MAX_CODES:
             return super().indexed_forward(x, U, S, Vh, bias, index, save_h)
         self._check("indexed_forward", S[0], x=x, U=U, Vh=Vh, bias=bias)
 
@@ -202,10 +226,10 @@ class TritonBackend(SpectralBackend):
                         bias is not None)
         return self._run(key, x, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_forward(x, U, S, Vh, bias, index, save_h),
-                         "fused", x.shape[0])
+                         "fused", x.shape[0], ((x, U, Vh, bias), (x.shape[1], *U.shape)), codes=True)
 
     def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
-        if not self._native(grad) or not need_dx:  # dS alone: t = grad·U and a segmented sum
+        if not self._native(grad) or not need_dx or S.shape[0] > MAX_CODES:  # dS alone: t = grad·U, a segmented sum
             return super().indexed_backward(grad, h, U, S, Vh, index, need_dx)
         self._check("indexed_backward", S[0], grad=grad, h=h, U=U, Vh=Vh)
 
@@ -216,10 +240,10 @@ class TritonBackend(SpectralBackend):
         key = self._key("bwd_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
         return self._run(key, grad, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_backward(grad, h, U, S, Vh, index, True),
-                         "fused", grad.shape[0])
+                         "fused", grad.shape[0], ((grad, h, U, Vh), (Vh.shape[1], *U.shape)), codes=True)
 
     def indexed_input_grad(self, grad, U, S, Vh, index):
-        if not self._native(grad):
+        if not self._native(grad) or S.shape[0] > MAX_CODES:
             return super().indexed_input_grad(grad, U, S, Vh, index)
         self._check("indexed_input_grad", S[0], grad=grad, U=U, Vh=Vh)
 
@@ -229,7 +253,7 @@ class TritonBackend(SpectralBackend):
         key = self._key("dx_idx", grad.device, grad.shape[0], (Vh.shape[1], *U.shape, S.shape[0]), grad.dtype)
         return self._run(key, grad, {"fused": ("chain", fused)},
                          lambda: super(TritonBackend, self).indexed_input_grad(grad, U, S, Vh, index),
-                         "fused", grad.shape[0])
+                         "fused", grad.shape[0], ((grad, U, Vh), (Vh.shape[1], *U.shape)), codes=True)
 
     # ---------------------------------------------------------------------------------------
     # Route choice by measurement (for the planner)

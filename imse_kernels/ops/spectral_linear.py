@@ -187,6 +187,8 @@ def _check_index(index: Tensor, x: Tensor, s: Tensor, check_range: bool) -> None
     if x.dim() < 2 or tuple(index.shape) not in ((x.shape[0],), lead):
         raise ValueError(f"spectral_linear: index must have shape (x.shape[0],) (one code per sample) or "
                          f"x.shape[:-1] (one per row); x is {tuple(x.shape)}, index is {tuple(index.shape)}")
+    # A host sync, so skipped under torch.compile: there a code outside [0, K) gives a NaN row (Triton,
+    # CUDA, the ATen default) or raises (the CPU extension), never a read outside s (docs/design.md §5).
     if check_range and index.numel() and not torch.compiler.is_compiling():
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= s.shape[0]:
@@ -334,6 +336,7 @@ def _spectral_linear(x, U, s, Vh, bias, index, weight_cache, check_index_range: 
         route, index = FACTORIZED, _rows_index(index, x).contiguous()
     else:
         route = plan(n, d_in, d_out, r, need_ds, need_dx, has_weight=False, device=x.device, dtype=dtype).route
+    bias = bias.contiguous() if bias is not None else None  # kernels read bias at unit stride
     args = (x.reshape(n, d_in).contiguous(), U.contiguous(), s.contiguous(), Vh.contiguous(), bias, index,
             route, need_ds, need_dx)
     if torch.compiler.is_compiling():

@@ -12,6 +12,10 @@ also run the epilogues that need `mid` itself:
 INDEXED (per-sample codes, docs/design.md §8): s is a (K, R) table and row m is scaled by
 s[idx[m]], gathered per row tile in the scale step; the DS partials are then per (row tile, code),
 reduced by a one-hot product inside the tile, so no float atomics and no N×R product is written.
+A code outside [0, K) is clamped for the load (nothing outside s is read) and its row of the
+output comes out NaN, and it adds to no code's partials: what the CUDA gather kernel does
+(docs/design.md §5). The one-hot tile has CODES_P2 rows, so the launcher takes at most MAX_CODES
+codes (larger tables are ever larger specialisations; the backend sends them to the segmented ATen path).
 
 Forward:     A = x (N×d_in),  B1 = Vhᵀ, B2 = Uᵀ,  out = y
 Backward:    A = grad (N×d_out), B1 = U, B2 = Vh, out = dx, DS with H = h → ds
@@ -26,6 +30,10 @@ import triton.language as tl
 
 from . import runtime, tuning
 from .runtime import grouped_tile
+
+# The most codes `chain` takes with `index`: its one-hot tile has CODES_P2 = next power of two rows, each
+# larger table is a new and larger specialisation (minutes to lower at 1024; docs/design.md §5, §10).
+MAX_CODES = 64
 
 
 @triton.jit
@@ -49,8 +57,10 @@ def chain_kernel(
     epilogue = pid_n == 0
     if INDEXED:
         code = tl.load(idx_ptr + rows, mask=mask_m, other=0)
+        in_range = (code >= 0) & (code < NUM_CODES)
+        code = tl.where(in_range, code, 0)
         codes_p2 = tl.arange(0, CODES_P2)
-        onehot_t = (codes_p2[:, None] == code[None, :]).to(tl.float32)  # (CODES_P2, BLOCK_M)
+        onehot_t = ((codes_p2[:, None] == code[None, :]) & in_range[None, :]).to(tl.float32)  # (CODES_P2, BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -73,8 +83,10 @@ def chain_kernel(
             if DS:
                 hv = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
                              mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-                if INDEXED:
-                    part = tl.dot(onehot_t, mid * hv, input_precision="ieee")  # Σ over this tile's rows per code
+                if INDEXED:  # Σ over this tile's rows per code; rows with a bad code add nothing. tf32x3:
+                    # the one-hot is exact in tf32 and each product is split into two tf32 parts, so the sum
+                    # keeps fp32 accuracy; an IEEE (FMA) dot here spilled 600-900 bytes per thread.
+                    part = tl.dot(onehot_t, tl.where(in_range[:, None], mid * hv, 0.0), input_precision="tf32x3")
                     tl.store(ds_ptr + pid_m * CODES_P2 * R + codes_p2[:, None] * R + offs_r[None, :], part,
                              mask=(codes_p2[:, None] < NUM_CODES) & mask_r[None, :])
                 else:
@@ -86,6 +98,7 @@ def chain_kernel(
         if INDEXED:
             scaled = mid * tl.load(s_ptr + code[:, None] * stride_s + offs_r[None, :],
                                    mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            scaled = tl.where(in_range[:, None], scaled, float("nan"))
         else:
             scaled = mid * tl.load(s_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         b2 = tl.load(b2_ptr + offs_r[:, None] * stride_b2r + offs_n[None, :] * stride_b2n,
@@ -106,7 +119,8 @@ def chain(
     cfg: Optional[tuning.Config] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """out = ((a·b1) ⊙ s)·b2 + bias for a (M×K), b1 (K×R), s (R,), b2 (R×N); any strides.
-    With `index` (int64 (M,), values in [0, C)) s is a (C, R) table and row m uses s[index[m]].
+    With `index` (int64 (M,)) s is a (C, R) table, C <= MAX_CODES, and row m uses s[index[m]]; a row
+    whose code is outside [0, C) comes out NaN and adds nothing to ds. A strided bias is copied.
 
     Returns (out, h_out, ds): h_out = a·b1 in a's dtype when save_h; ds = Σ_rows (a·b1) ⊙ h
     (float32, (R,), or (C, R) summed per code with `index`) when h is given. Unrequested results are None.
@@ -124,8 +138,15 @@ def chain(
         raise ValueError(f"chain: index must be int64 ({M},) on {a.device}, got {index.dtype} {tuple(index.shape)} "
                          f"on {index.device}")
     codes = 1 if index is None else s.shape[0]
+    if codes > MAX_CODES:
+        raise ValueError(f"chain: index takes at most {MAX_CODES} codes (a one-hot tile of more compiles for "
+                         f"minutes), got a table of {codes}; use the ATen path (the backends' indexed_* default)")
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
     codes_p2 = max(16, triton.next_power_of_2(codes))  # tl.dot needs at least 16 rows
-    cfg = cfg or tuning.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32)
+    cfg = cfg or tuning.default("chain", runtime.capability(a.device), M, a.dtype == torch.float32,
+                              runtime.dot_precision(a.dtype), codes=index is not None,
+                              aligned=runtime.aligned((a, b1, b2, bias, h), (K, R, N)))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     out = a.new_empty((M, N))

@@ -52,7 +52,8 @@ def recomposed_ds(U: torch.Tensor, G: torch.Tensor, Vh: torch.Tensor, cfg: Optio
     if G.shape[0] != d_out or Vh.shape != (r, G.shape[1]):
         raise ValueError(f"recomposed_ds: shapes differ: U {tuple(U.shape)}, G {tuple(G.shape)}, Vh {tuple(Vh.shape)}")
     d_in = G.shape[1]
-    cfg = cfg or tuning.default("recomposed_ds", runtime.capability(U.device), r, U.dtype == torch.float32)
+    cfg = cfg or tuning.default("recomposed_ds", runtime.capability(U.device), r, U.dtype == torch.float32,
+                              runtime.dot_precision(U.dtype), aligned=runtime.aligned((U, G, Vh), (d_out, r, d_in)))
     n_i = triton.cdiv(d_in, cfg["BLOCK_I"])
     part = torch.empty((n_i, r), device=U.device, dtype=torch.float32)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), n_i)

@@ -50,6 +50,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def aligned(tensors, sizes) -> bool:
+    """Whether a problem gets the JIT's aligned specialisation, as the ViT shapes do: every tensor starts on
+    16 bytes, its strides other than 1 are multiples of 16 elements, and every size in `sizes` is a
+    multiple of 16. Anything else loads element by element, needs more registers, and has its own list of
+    dropped tiles (tuning.DROPPED)."""
+    return all(n % 16 == 0 for n in sizes) and all(
+        t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride() if st != 1) for t in tensors if t is not None)
+
+
 def device_guard(t: torch.Tensor):
     """Launch on t's GPU (triton launches on the current device)."""
     if t.device.type == "cuda":

@@ -71,7 +71,7 @@ def scaled_matmul(
     cfg: Optional[tuning.Config] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """C = (a ⊙ s)·b + bias (scale='k', s of length K) or (a·b) ⊙ s + bias (scale='n', length N);
-    a (M×K), b (K×N), any strides; C in a's dtype.
+    a (M×K), b (K×N), any strides (a strided bias is copied); C in a's dtype.
 
     Returns (C, ds): ds = Σ_rows (a·b) ⊙ h (float32, (N,)) when h is given, else None.
     write_c=False computes only ds (C is returned as None and never allocated).
@@ -89,7 +89,10 @@ def scaled_matmul(
         raise ValueError(f"scaled_matmul: bias must be ({N},), got {tuple(bias.shape)}")
     if h is not None and h.shape != (M, N):
         raise ValueError(f"scaled_matmul: h must be ({M}, {N}), got {tuple(h.shape)}")
-    cfg = cfg or tuning.default("scaled_matmul", runtime.capability(a.device), M, a.dtype == torch.float32)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[n] at unit stride
+    cfg = cfg or tuning.default("scaled_matmul", runtime.capability(a.device), M, a.dtype == torch.float32,
+                              runtime.dot_precision(a.dtype), aligned=runtime.aligned((a, b, bias, h), (K, N)))
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_m = triton.cdiv(M, bm)
     if not write_c and h is None:

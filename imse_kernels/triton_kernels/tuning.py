@@ -81,7 +81,7 @@ def _rds(br, bi, bo, w, st):
 # sm_90 = H100/H200, 228 KiB). Chain tiles hold two fp32 accumulators (BM×BN and BM×BR).
 CANDIDATES = {
     "chain": {
-        80: [_chain(16, 64, 64, 64, 4, 2), _chain(64, 64, 64, 32, 4, 3), _chain(64, 128, 64, 32, 4, 3),
+        80: [_chain(16, 64, 32, 64, 4, 3), _chain(64, 64, 64, 32, 4, 3), _chain(64, 128, 64, 32, 4, 3),
              _chain(128, 128, 64, 32, 8, 3)],
         90: [_chain(16, 64, 64, 64, 4, 3), _chain(64, 64, 64, 64, 4, 3), _chain(64, 128, 64, 64, 4, 3),
              _chain(128, 128, 64, 64, 8, 3), _chain(128, 256, 64, 64, 8, 3)],
@@ -103,26 +103,171 @@ INTERPRETER = {
 }
 
 
+# Configurations that `tools/triton_compile_check.py`, lowering them as the JIT will, found spilling more
+# than its limit or over a per-block limit on sm_80 or sm_90 under triton 3.6 or 3.8 (tables in
+# benchmarks/results/triton_compile_check_*): removed from the candidates, so neither the tuner nor a
+# default ever launches them. Keyed by (kernel, arch key, operands: "16bit", "fp32" IEEE dots or
+# "tf32", use: "plain" or "codes", the per-sample-code launches of `chain`, layout: "aligned" as the
+# ViT shapes are or "unaligned", see runtime.aligned), values are configuration names.
+DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {
+    ('chain', 80, '16bit', 'codes', 'aligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, '16bit', 'codes', 'unaligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, '16bit', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'fp32', 'codes', 'aligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'fp32', 'codes', 'unaligned'): frozenset({
+        "k32_m16_n64_r32_group_m8_w4s3",
+    }),
+    ('chain', 80, 'fp32', 'plain', 'aligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'fp32', 'plain', 'unaligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'tf32', 'codes', 'aligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'tf32', 'codes', 'unaligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'tf32', 'plain', 'aligned'): frozenset({
+        "k16_m64_n128_r64_group_m8_w4s3",
+    }),
+    ('chain', 80, 'tf32', 'plain', 'unaligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, '16bit', 'codes', 'aligned'): frozenset({
+        "k64_m128_n128_r64_group_m8_w8s3", "k64_m128_n256_r64_group_m8_w8s3", "k64_m64_n128_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, '16bit', 'codes', 'unaligned'): frozenset({
+        "k64_m128_n128_r64_group_m8_w8s3", "k64_m128_n256_r64_group_m8_w8s3", "k64_m64_n128_r64_group_m8_w4s3",
+        "k64_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, '16bit', 'plain', 'unaligned'): frozenset({
+        "k64_m128_n128_r64_group_m8_w8s3", "k64_m128_n256_r64_group_m8_w8s3", "k64_m64_n128_r64_group_m8_w4s3",
+        "k64_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'fp32', 'codes', 'aligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'fp32', 'codes', 'unaligned'): frozenset({
+        "k32_m16_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'fp32', 'plain', 'aligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m64_n128_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'fp32', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'tf32', 'codes', 'aligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3",
+        "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'tf32', 'codes', 'unaligned'): frozenset({
+        "k32_m16_n64_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'tf32', 'plain', 'aligned'): frozenset({
+        "k32_m128_n256_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3",
+    }),
+    ('chain', 90, 'tf32', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3",
+        "k32_m64_n64_r64_group_m8_w4s3",
+    }),
+    ('scaled_matmul', 80, '16bit', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_group_m8_w4s4", "k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 80, 'fp32', 'plain', 'aligned'): frozenset({
+        "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 80, 'fp32', 'plain', 'unaligned'): frozenset({
+        "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 80, 'tf32', 'plain', 'aligned'): frozenset({
+        "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 90, '16bit', 'plain', 'aligned'): frozenset({
+        "k64_m128_n256_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 90, '16bit', 'plain', 'unaligned'): frozenset({
+        "k64_m128_n128_group_m8_w8s4", "k64_m128_n256_group_m8_w8s3", "k64_m256_n128_group_m8_w8s3",
+        "k64_m64_n64_group_m8_w4s4",
+    }),
+    ('scaled_matmul', 90, 'fp32', 'plain', 'aligned'): frozenset({
+        "k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 90, 'fp32', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_group_m8_w8s4", "k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 90, 'tf32', 'plain', 'aligned'): frozenset({
+        "k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 90, 'tf32', 'plain', 'unaligned'): frozenset({
+        "k32_m128_n128_group_m8_w8s4", "k32_m128_n256_group_m8_w8s3", "k32_m256_n128_group_m8_w8s3",
+    }),
+}
+
+
 def arch_key(capability: int) -> int:
     """The candidate table for a compute capability: sm_90 and newer use the Hopper table."""
     return 90 if capability >= 90 else 80
 
 
-def candidates(kernel: str, capability: int, fp32: bool = False) -> list[Config]:
-    """The configurations `choose` times for this kernel, GPU and operand width."""
-    if capability == 0:
-        return [INTERPRETER[kernel]]
+def operands(fp32: bool, precision: str = "ieee") -> str:
+    """The operand class a configuration is checked for: "16bit", "fp32" (IEEE dots) or "tf32"."""
+    return ("tf32" if precision == "tf32" else "fp32") if fp32 else "16bit"
+
+
+def _table(kernel: str, capability: int, fp32: bool) -> list[Config]:
     table = CANDIDATES[kernel][arch_key(capability)]
     return [c.for_fp32() for c in table] if fp32 else list(table)
 
 
-def default(kernel: str, capability: int, m: int, fp32: bool = False) -> Config:
+def dropped(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee", codes: bool = False,
+            aligned: bool = True) -> frozenset[str]:
+    """Names of the configurations `DROPPED` removes for this kernel, GPU, operands, use and layout."""
+    if capability == 0:
+        return frozenset()
+    key = (kernel, arch_key(capability), operands(fp32, precision), "codes" if codes else "plain",
+           "aligned" if aligned else "unaligned")
+    return DROPPED.get(key, frozenset())
+
+
+def dropped_configs(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee", codes: bool = False,
+                    aligned: bool = True) -> list[Config]:
+    """The configurations `DROPPED` removes (the compile check still lowers them, as evidence)."""
+    names = dropped(kernel, capability, fp32, precision, codes, aligned)
+    return [c for c in _table(kernel, capability, fp32) if c.name in names]
+
+
+def candidates(kernel: str, capability: int, fp32: bool = False, precision: str = "ieee", codes: bool = False,
+               aligned: bool = True) -> list[Config]:
+    """The configurations `choose` times for this kernel, GPU, operands, use and layout (dropped ones removed)."""
+    if capability == 0:
+        return [INTERPRETER[kernel]]
+    names = dropped(kernel, capability, fp32, precision, codes, aligned)
+    return [c for c in _table(kernel, capability, fp32) if c.name not in names]
+
+
+def default(kernel: str, capability: int, m: int, fp32: bool = False, precision: str = "ieee",
+            codes: bool = False, aligned: bool = True) -> Config:
     """The configuration used without timing: the small-row tile for few rows, else the second
-    (mid-size) one; both are lowered for every architecture by the compile-only check."""
+    (mid-size) one, among the candidates; both are lowered for every architecture by the compile-only
+    check. Where `DROPPED` left no candidate (the backend then offers no such kernel), a launcher
+    called directly still gets the table's choice: correct, though it spills."""
     if capability == 0:
         return INTERPRETER[kernel]
-    table = candidates(kernel, capability, fp32)
-    return table[0] if (m <= 64 and kernel != "recomposed_ds") else table[1]
+    table = candidates(kernel, capability, fp32, precision, codes, aligned) or _table(kernel, capability, fp32)
+    return table[0] if (m <= 64 and kernel != "recomposed_ds") or len(table) < 2 else table[1]
 
 
 _lock = threading.Lock()
