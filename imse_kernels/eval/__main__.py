@@ -1,16 +1,9 @@
-"""`imse-eval` / `python -m imse_kernels.eval`: Source, Tent, SAR, EATA, CoTTA, DeYO and IMSE on a stream of
-corrupted domains.
+"""`imse-eval` / `python -m imse_kernels.eval`: compare test-time adaptation methods on corrupted-domain streams.
 
-With no arguments: the embedded default (scikit-learn's digits, a small timm ViT trained once and cached,
-the 15 corruptions as a continual stream), on CPU, with no network. A run is configured by options, a config
-file (`--config FILE.yaml`, see configs/) and overrides (`--set sar.lr=5e-4`, or trailing `sar.lr 5e-4`
-pairs); see `--help` and docs/design.md, section 12.
-
-The shell runs four stages: check (the options, config file and overrides resolved into a `Plan`,
-`eval.run_config`), set-up (device, threads, process group, data: `eval.session`), run (`eval.runner`,
-`eval.multi_stream`) and report (`eval.report`, the files written as each method finishes). A `UsageError`,
-`ConfigError` or `DataError` (a bad option, key, value, file or folder) prints one line and exits with status 2;
-anything else is a bug and shows its traceback. Data sets and checkpoints: docs/design.md, section 13.
+With no arguments: the embedded default (scikit-learn's digits, a small timm ViT trained once and cached, the 15
+corruptions as a continual stream) on the CPU, with no network. Stages: check (`eval.run_config`), set-up
+(`eval.session`), run (`eval.runner`), report (`eval.report`); a bad option, key, value or file prints one line and
+exits with status 2. docs/design.md, sections 12 and 13.
 """
 import argparse
 import contextlib

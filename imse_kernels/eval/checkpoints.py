@@ -1,17 +1,8 @@
 """Checkpoints as people keep them: find the weights, read them without running pickled code, name the keys.
 
-Accepted: safetensors; torch files (zip or legacy) read with `torch.load(weights_only=True)`; a directory
-holding `model.safetensors` or `pytorch_model.bin` (a Hugging Face snapshot); `hf-hub:<repo>` looked up in
-the local Hugging Face cache only (never downloaded); timm's `.npz` through timm's own loader. Inside a
-torch file the weights may be the top level, or under `state_dict` (Lightning, timm's train.py), `model`
-(DeiT), `module`, `model_state_dict`, `net`; key prefixes such as `module.` (DDP), `_orig_mod.`
-(torch.compile) or `model.` (Lightning) are stripped when that makes the keys the model's.
-
-A torch file may name Python classes (argparse.Namespace in timm's and DeiT's training files, a Lightning
-module's hyper-parameters): each is replaced by an inert stand-in that only stores its arguments, so
-nothing the file names is imported or run (torch still refuses the os/sys modules outright).
-
-Every problem is a DataError of one line: the file, what is wrong, what to pass (docs/design.md, section 13).
+Safetensors, torch files (`weights_only=True`; classes they name become inert stand-ins), model directories,
+`hf-hub:` names from the local cache (never downloaded), timm's `.npz`. Every problem is a DataError of one line:
+the file, what is wrong, what to pass (docs/design.md, section 13).
 """
 import argparse
 import json

@@ -1,13 +1,7 @@
 """CIFAR-10-C and CIFAR-100-C in RobustBench's `.npy` layout, memory-mapped.
 
-`DIR/<corruption>.npy`: (5·N, H, W, 3) uint8, severities 1..5 stacked (N = 10,000 in the release), and
-`DIR/labels.npy`: N or 5·N integer labels. DIR may also be the folder that holds `CIFAR-10-C/` or
-`CIFAR-100-C/` (RobustBench's `data_dir`). A domain is the severity's block in file order, its first
-`n_examples` images: RobustBench's `load_cifar10c(n_examples, severity, data_dir, shuffle=False,
-[corruption])` as CoTTA and its successors call it, one corruption at a time. Images come out as
-(n, 3, H, W) float32 in [0, 1] (uint8 / 255, as RobustBench), read from the memory map batch by batch.
-Labels: RobustBench reads the first N entries of `labels.npy`; this reader reads the severity's block,
-the same numbers in the released files (the label vector repeats five times). docs/design.md, section 13.
+`DIR/<corruption>.npy` (severities 1..5 stacked) and `DIR/labels.npy`; a domain is the severity's block, its first
+`n_examples` images, as RobustBench's `load_cifar10c(..., shuffle=False)`. docs/design.md, section 13.
 """
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union

@@ -1,22 +1,8 @@
 """The 15 ImageNet-C corruption types, written in PyTorch, with CIFAR-10-C's constants for 32-pixel images.
 
-`corrupt(images, name, severity, seed)` takes (N, 3, H, W) float images in [0, 1] and returns the corrupted
-batch, quantized to 8 bits as the published data sets are. The constants and algorithms follow
-Hendrycks & Dietterich's `make_cifar_c.py` (the 32-pixel version of ImageNet-C), batched and driven by a
-`torch.Generator`, so a (seed, corruption, severity) triple always gives the same images. Departures:
-
-- motion blur (also inside snow) reimplements ImageMagick's one-sided Gaussian line kernel (the original
-  calls Wand / ImageMagick);
-- frost blends a procedural ice texture (plasma fractal plus motion-blurred crystal streaks) instead of the
-  six frost photographs that ImageNet-C ships;
-- elastic transform composes the affine warp and the displacement field into one bilinear sampling;
-- pixelate uses area down-sampling and nearest up-sampling for PIL's box filter.
-
-`scale` (content scale, default 1) adapts the constants to images whose detail is coarser than their pixels:
-the embedded digits are 8-pixel scans upsampled to 32, so they use scale 4 (noise grain and spatial extents
-4x CIFAR-10-C's). Why not a library: `imagecorruptions` fails on numpy 2 for glass blur, fog and Gaussian blur;
-`corrupt-tta` runs all fifteen but only with ImageNet-C's 224-pixel constants, per image in numpy, and pulls
-in OpenCV and scikit-image.
+`corrupt(images, name, severity, seed)` after Hendrycks & Dietterich's `make_cifar_c.py`, batched and seeded,
+quantized to 8 bits; `scale` adapts the constants to coarse content (the digits use 4). The departures and why
+not a library: docs/design.md, section 11, "Corruptions".
 """
 import math
 from typing import Callable, Sequence, Union

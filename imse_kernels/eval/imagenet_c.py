@@ -1,16 +1,7 @@
 """ImageNet-C on disk: `DIR/<corruption>/<severity>/<class>/<image>` (torchvision ImageFolder layout per domain).
 
-Two protocols (`subset`):
-- `5000`: RobustBench's fixed list of 5,000 validation images (package data, `data/`), in its order, the
-  first `max_per_domain` of them (CoTTA's `NUM_EX`): `load_imagenetc` as CoTTA, ViDA and IMSE call it
-  (`shuffle=False`). The seed does not change it.
-- `full`: every image of the first domain (50,000 in ImageNet-C), shuffled once by the seed (class-sorted
-  batches would make any entropy-based method collapse; Tent's and SAR's loaders shuffle too), then the
-  first `max_per_domain`.
-The same images (by relative path) are read in every domain. Labels: see images.py. Any corruption folder
-is accepted; `all` means every one that holds the requested severities. Images are read with PIL and the
-named pipeline (preprocess.py) in threads, so a bad file is a one-line DataError naming it.
-docs/design.md, section 13.
+Subsets `5000` (RobustBench's fixed list, in its order) and `full` (every image, shuffled by the seed); the same
+images in every domain; decoded with PIL in threads through the named pipeline. docs/design.md, section 13.
 """
 import hashlib
 from concurrent.futures import ThreadPoolExecutor

@@ -1,15 +1,8 @@
 """The input pipelines of the published ImageNet-C numbers, by name: a PIL image in, a [0, 1] tensor out.
 
-- `res256crop224`: RobustBench's `Res256Crop224`, torchvision `Resize(256)` (bilinear; PIL's resampling,
-  which is antialiased) + `CenterCrop(224)` + `ToTensor()`. Used by CoTTA, ViDA and the IMSE paper.
-- `crop224`: `CenterCrop(224)` + `ToTensor()`, as Tent, EATA, SAR and DeYO read ImageNet-C's 224-pixel
-  JPEGs (SAR's `te_transforms_imageC`).
-- `timm`: the model's own timm evaluation transform (`timm.data.create_transform` of its data config:
-  resize the short side to floor(size / crop_pct) with the config's interpolation, then centre crop).
-
-Normalisation is the model's (its timm data config, folded into the model: see models.py), so every
-choice stops at `ToTensor`. Each is built from the torchvision/timm transforms it names, so the pixels
-are theirs (tests/test_eval_preprocess.py compares them on JPEGs of several sizes). docs/design.md, section 13.
+`res256crop224` (RobustBench; CoTTA, ViDA, IMSE), `crop224` (Tent, EATA, SAR, DeYO) and `timm` (the model's own
+eval transform), built from the torchvision/timm objects they name; normalisation is the model's (models.py).
+docs/design.md, section 13.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional

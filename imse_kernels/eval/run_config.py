@@ -1,15 +1,8 @@
 """What `imse-eval` runs, from defaults, a config file and overrides: the check stage (docs/design.md, section 12).
 
-A config is a mapping of sections: `run` (the stream, the data and the run, `RunConfig`) and one per method
-name of the registry (`tta.registry`: `tent`, `sar`, ..., `imse-mix`), whose keys are that method's config
-fields. It is resolved in layers, each replacing what the one before set:
-    defaults  <  config file (--config FILE.yaml, or a results.json)  <  the command line's options
-              <  overrides (--set sar.lr=5e-4, repeatable, and trailing yacs-style KEY VALUE pairs)
-A misspelt section or key is a `ConfigError` naming it and the nearest valid one. In the recurring setting the
-IMSE entries' lr defaults to 3e-3 (the official bash/3_imse_recurring.sh: OPTIM.LR 3e-3) unless a layer sets it.
-The multi_stream setting compares MultiStreamIMSE with separate IMSE adapters, both with the `imse` section.
-The resolved config (`ResolvedConfig.record()`) is written into every results.json, and `--config results.json`
-reads it back, so the run is repeated as it was.
+Sections `run` (`RunConfig`) and one per registry name, resolved in layers: defaults < `--config FILE.yaml` or a
+results.json < the command line's options < `--set KEY=VALUE` and trailing `KEY VALUE` pairs. The resolved config
+goes into every results.json, so `--config results.json` repeats the run.
 """
 import json
 from dataclasses import dataclass

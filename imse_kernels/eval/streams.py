@@ -1,21 +1,8 @@
 """Test streams: the settings as an ordered list of segments, each a (corruption, severity) domain.
 
-continual          every corruption once, in order, the adapter never reset;
-reset_each_shift   the same stream, the adapter reset at every domain boundary (an oracle that knows them);
-gradual            per corruption, severity 1 -> max -> 1 one level at a time (CoTTA's gradual setting);
-                   each level is a slice of the domain's images, at least one batch;
-recurring          the continual sequence repeated `rounds` times;
-correlated         the continual order, but inside each domain the labels come in temporally correlated
-                   runs (Dirichlet sampling, `dirichlet_order`, as RoTTA's and the test-time-adaptation
-                   frameworks' non-i.i.d. streams);
-mixed_domains      every domain's images shuffled together into one stream: a batch mixes domains;
-mixed_correlated   all domains mixed, the labels correlated (Dirichlet sampling over the pooled images).
-
-The first four are segment lists (`Stream.schedule` None): each segment's images are read in the
-domain's order with `DomainData.batches`. The last three carry an explicit `schedule`: the stream's
-batches, each a tuple of (segment index, image index) pairs, so a batch may hold images of several
-domains and the runner scores every image against its own segment (domain). Given the seed, every
-schedule is fixed, and every image of every domain appears in it exactly once.
+continual, reset_each_shift, gradual and recurring read each segment in order; correlated, mixed_domains and
+mixed_correlated carry an explicit schedule of (segment, image) pairs per batch, fixed by the seed, every image
+exactly once (docs/design.md, section 11, "Settings").
 """
 from dataclasses import dataclass
 from typing import Iterator, Optional, Protocol, Sequence

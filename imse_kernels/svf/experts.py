@@ -1,15 +1,8 @@
 """Per-sample mixing of K SVF experts (docs/design.md, section 15).
 
-Every adapted layer holds K expert vectors Z (K × r). Inside `with mix_experts(model, alpha): model(x)`,
-sample b gets the code c_b = α_b · Z (C = α·Z, B × r) and the singular values s_b = scale(c_b); the layer
-runs the op's per-sample-codes path with one code per sample (docs/design.md, section 8), so one call
-serves any mixture, in training and in batched inference, with no loop over experts. Gradients reach
-α and Z through C = α·Z and the O(B·r) scale.
-
-`mask="layer"` (default) applies each layer's own mask to the mixed z, so a one-hot α_b reproduces that
-expert exactly. `mask="identity"` mixes as Transformer²'s `WeightedCombination` does: the raw vectors
-are combined and used as the mask directly (its experts were trained with the sigmoid mask, yet no
-sigmoid is applied after mixing); the rescale applies either way.
+Inside `with mix_experts(model, alpha): model(x)` sample b gets the code α_b · Z through the op's per-sample
+path, in training and batched inference, with no loop over experts; `mask="layer"` (default) or "identity"
+(Transformer²'s `WeightedCombination`).
 """
 import contextlib
 from typing import Iterator, NamedTuple, Optional

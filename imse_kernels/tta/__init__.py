@@ -1,14 +1,8 @@
-"""Test-time adaptation: IMSE (spectral codes, diversity loss, SAM, code bank) and the baselines: Source, Tent,
-SAR, EATA, CoTTA and DeYO, whose configs default to their authors' ImageNet-C settings (ViT-B/16, batch 64,
-where the authors give one; CoTTA's are its ImageNet-C ones). The baselines' thresholds are fractions of ln C.
+"""Test-time adaptation: IMSE and the baselines Source, Tent, SAR, EATA, CoTTA and DeYO, one template for all.
 
-Every method follows one template (`tta.method`, docs/design.md section 12): `Method(model, config=None, *,
-compile=False, source=None, **fields)`, an `nn.Module` wrapping the model (`adapter.model`) with one call,
-`logits = adapter(x)` (predict, and adapt where the method does), and `adapter.reset()`, so an evaluation
-harness can swap them. `build(name, model, ...)` makes one by name (`tta.registry`).
-`MultiStreamIMSE` runs K independent IMSE streams in one batch: `logits = adapter(x, streams)`.
-`state_dict()` / `load_state_dict()` (and `save_state` / `load_state`, safetensors) carry the whole
-adaptation state, loadable with `torch.load(weights_only=True)`; see `tta.adapter`.
+Every method is `Method(model, config=None, *, compile=False, source=None, **fields)`, an `nn.Module` called
+`logits = adapter(x)`; `build(name, model, ...)` makes one by name; `MultiStreamIMSE` adapts K streams in one
+batch. docs/design.md, sections 6-9, 11 and 12.
 """
 from .adapter import Adapter, AdapterStateError
 from .bank_io import BankFileError

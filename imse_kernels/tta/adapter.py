@@ -1,23 +1,8 @@
-"""`Adapter`: the `nn.Module` base of `IMSE`, `Tent` and `Source` (docs/design.md §6).
+"""`Adapter`: the `nn.Module` base of every method (docs/design.md, section 6, "Adapters are nn.Modules").
 
-An adapter wraps the model as its submodule `model` and is called the tent way: `logits = adapter(x)`
-predicts and, where the method adapts, updates; `reset()` starts over.
-
-`state_dict()` is the whole adaptation state, so a stream can be stopped and resumed elsewhere with
-identical results: `model.*` is the wrapped model's own state (the codes `s`, or Tent's normalisation
-parameters, with every frozen tensor), and `_extra_state` a nested dict of plain tensors, ints,
-floats, bools, strings, lists, tuples and None (optimizer state, code bank, counters, the config it
-must be loaded with), so `torch.load(f, weights_only=True)` reads it back. `save_state(path)` /
-`load_state(path)` write and read the same state as a checksummed safetensors file (atomic write,
-nothing pickled; see `imse_kernels.state_file`). Loading checks, before anything changes, that the
-state is this kind of adapter's, that the model's tensors have the same names, shapes and dtypes and
-that the config is the same; any mismatch raises `AdapterStateError` naming it.
-
-`train()` / `eval()` set only the adapter's `training` flag: the wrapped model stays in the mode its
-method needs (train for IMSE and Tent, as the official code; eval for Source) and every call still
-adapts, so a harness's habitual `adapter.eval()` changes neither the numerics nor the adaptation.
-Move or cast the model before wrapping it: `adapter.to(...)` moves the model only, not the optimizer
-or code bank state.
+It wraps the model as `model`, is called `logits = adapter(x)` (predict, and adapt where the method does), and
+carries the whole adaptation state in `state_dict()` (readable with `weights_only=True`) and `save_state(path)`
+(checksummed safetensors); loading checks kind, tensors and config first and raises `AdapterStateError`.
 """
 import copy
 import os

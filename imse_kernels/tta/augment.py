@@ -1,19 +1,8 @@
 """CoTTA's test-time augmentations in plain torch (torchvision is not a dependency of this library).
 
-The official ImageNet set (qinenergy/cotta, imagenet/cotta.py `get_tta_transforms`, soft=False, and
-imagenet/my_transforms.py), applied to a batch of [0, 1] images with one draw of the random parameters
-for the whole batch, as the official transforms do on a batch tensor:
-    clip → colour jitter (brightness 0.6–1.4, contrast 0.7–1.3, saturation 0.5–1.5, hue ±0.06, gamma
-    0.7–1.3, in random order) → rotation ±15°, translation, scale 0.9–1.1 (bilinear, edge-padded) →
-    gaussian blur (5×5, σ ∈ [0.001, 0.5]) → horizontal flip (p 0.5) → gaussian noise (σ 0.005) → clip.
-Where this differs from torchvision: the official pads the image by half its size with edge values,
-applies RandomAffine (translate 1/16 of the padded size) and crops the centre back; here the affine
-samples the image with `grid_sample(padding_mode="border")`, the same edge values, translating by up to
-1/8 of the image, and the blur is taken after that crop (reflect padding), so only the outer two pixels
-differ. The colour operations equal torchvision's tensor ones; the hue shift is torchvision's HSV shift
-(`adjust_hue`: h ← (h + factor) mod 1 with saturation and value kept), tested against torchvision itself.
-Every random number comes from the generators passed in: the scalar parameters from a CPU generator, the
-per-pixel noise from one on the images' device, so a seeded run is repeatable.
+The official ImageNet set (qinenergy/cotta, imagenet/cotta.py `get_tta_transforms` and imagenet/my_transforms.py)
+on a batch of [0, 1] images, one draw of the random parameters per batch; where it differs from the official
+transforms (the affine samples with border padding): docs/design.md, sections 11 and 12.
 """
 import math
 from dataclasses import dataclass

@@ -1,12 +1,7 @@
-"""Code bank files: safetensors tensors plus JSON metadata — nothing is unpickled on load.
+"""Code bank files: safetensors tensors plus checksummed JSON metadata; nothing is unpickled on load.
 
-Layout: tensors `e{i}.mean`, `e{i}.var` (descriptor), `e{i}.s.{layer}` (code), `e{i}.opt.{j}`
-(optimizer-state tensors); metadata key `imse_code_bank` holds JSON with the format version, the
-entries' ids and bookkeeping, each optimizer state's structure with its tensors replaced by
-references, and (version 2) a manifest of every tensor's dtype, shape and SHA-256; metadata key
-`imse_code_bank.sha256` holds the SHA-256 of that JSON. Files are written atomically and read whole
-(see `imse_kernels.state_file`). Every problem found on reading raises `BankFileError` saying what
-is wrong; a version-1 file (no digests) still loads, with a warning.
+Written atomically and read whole (`imse_kernels.state_file`); every problem raises `BankFileError`; a version-1
+file (no digests) still loads, with a warning. The layout: docs/design.md, section 7, "File format".
 """
 import math
 import os

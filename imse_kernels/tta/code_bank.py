@@ -1,24 +1,8 @@
-"""`CodeBank`: domain-aware spectral code retrieval of IMSE (docs/design.md §7).
+"""`CodeBank`: domain-aware spectral code retrieval of IMSE (docs/design.md, section 7).
 
-Entries pair a domain descriptor (patch-embedding statistics) with that domain's spectral code
-(every spectral layer's `s`) and optimizer state. Entry 0 is the source: the pretrained code with
-statistics of clean source images. When `DomainTracker` declares a shift, the code adapted on the
-domain that just ended is appended with that domain's running descriptor; on the first descriptor
-of the new domain (the shift batch itself for batches of at least the window) the bank is searched
-by the retrieval distance d (symmetric KL by default; `domain_stats.DISTANCE_FNS`) and a code is
-retrieved (official decompose_svd.py `_apply_mode_generic`):
-    top1       s ← s_j,  j = argmin_i d_i
-    mix        s ← s₀ + Σ_i softmax(−d/T)_i (s_i − s₀)
-    mean       s ← s₀ + mean_i (s_i − s₀), every entry (source included), distances unused
-    continual  s ← the newest entry's code (the code just adapted)
-    <mode>_no_adapt   as <mode>, after which `adapting` is False for the rest of the stream: the
-               adapter stops updating (official *_no_adapt); entries stored meanwhile carry no
-               optimizer state.
-The optimizer state handed back (`Retrieval.optimizer_state`) is the nearest entry's in every mode.
-A bound on the number of entries (source included) is enforced by dropping the oldest non-source
-entry or merging the two nearest non-source entries. Every decision is logged in `events`.
-Files are safetensors with checksummed JSON metadata (no pickle), written atomically; see `bank_io`.
-`state_dict()` / `load_state_dict()` carry the whole bank, stream position included, for adapter states.
+Entries pair a domain descriptor with that domain's code (every spectral layer's `s`) and optimizer state;
+entry 0 is the source. On a shift the ended domain's code is stored and a code is retrieved (`top1`, `mix`,
+`mean`, `continual`, `*_no_adapt`; official decompose_svd.py `_apply_mode_generic`), within an optional bound.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional

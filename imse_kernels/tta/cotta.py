@@ -1,31 +1,9 @@
 """`CoTTA` (Wang et al., "Continual Test-Time Domain Adaptation", CVPR 2022).
 
-A mean teacher with augmentation-averaged pseudo-labels and stochastic restore, after the official ImageNet
-code (github.com/qinenergy/cotta at c212a20: imagenet/cotta.py `CoTTA.forward_and_adapt`, imagenet/conf.py,
-imagenet/imagenetc.py `setup_optimizer`, imagenet/cfgs/10orders/cotta/cotta*.yaml). Per batch
-(`logits = adapter(x)` returns the teacher's prediction, as the official code):
-  1. the source model ("anchor") gives its mean top-1 confidence on x; below `confidence_threshold` the
-     teacher's logits are averaged over `augmentations` random augmentations of x (`tta.augment`), else
-     the teacher's logits on x are used;
-  2. the student takes one SGD step (momentum, Nesterov) on the symmetric cross entropy between its logits
-     and the teacher's: −½ Σ p_t log p_s − ½ Σ p_s log p_t, averaged over the batch;
-  3. teacher ← α · teacher + (1 − α) · student (trained parameters; the others are shared and never change);
-  4. stochastic restore: each element of every trained parameter goes back to its source value with
-     probability `restore_prob`.
-The official ImageNet code updates *all* `weight` and `bias` parameters of the model (cotta.py
-`configure_model`, `collect_params`: every module's, not only the normalisation layers), so this does too;
-parameters with other names (a ViT's `cls_token`, `pos_embed`) stay frozen, as there. The official repo
-has no ViT configuration; its ImageNet-C one (ResNet-50, batch 64) is used.
-Random numbers: augmentation parameters from a CPU `torch.Generator` seeded with `seed`, per-element draws
-(augmentation noise, restore masks) from a generator on the model's device seeded with seed + 1; `reset()`
-re-seeds both. A loss or gradient that is not finite skips the update (step, teacher update and restore:
-`skipped_steps`). The teacher and the anchor are copies of the model held outside the module tree (their
-state is in `_extra_state`); move the model before wrapping it.
-
-Deliberate differences from the authors' code (docs/design.md, section 12): the augmentations are plain
-torch on the batch tensor (`tta.augment` lists where they differ from torchvision's: the affine samples
-with border padding instead of padding, RandomAffine and a centre crop); the random numbers come from
-seeded generators, not the global ones; a loss or gradient that is not finite skips the update.
+A mean teacher with augmentation-averaged pseudo-labels and stochastic restore, after the official ImageNet code
+(github.com/qinenergy/cotta at c212a20: imagenet/cotta.py `CoTTA.forward_and_adapt`, imagenet/conf.py,
+imagenet/imagenetc.py `setup_optimizer`, imagenet/cfgs/10orders/cotta/cotta*.yaml). The step, the trained
+parameters and the deliberate differences: docs/design.md, sections 11 and 12.
 """
 import copy
 from dataclasses import dataclass

@@ -1,25 +1,8 @@
-"""`DeYO` (Lee et al., "Entropy is not Enough for Test-Time Adaptation: From the Perspective of Disentangled
-Factors", ICLR 2024).
+"""`DeYO` (Lee et al., "Entropy is not Enough for Test-Time Adaptation", ICLR 2024).
 
-Entropy minimisation on samples whose prediction is both confident and shape-based, after the official code
-(github.com/Jhyun17/DeYO at 3d7d289: methods/deyo.py `forward_and_adapt_deyo`, `collect_params`; config.py
-and exp_deyo.sh for the ViT-B/16 settings). Per batch (`logits = adapter(x)`, the forward's logits):
-  1. H = softmax entropy; S1 = {H < deyo_margin · ln C} (C = the logits' classes); none: no update;
-  2. x' = the S1 images with their patches shuffled (a patch_len × patch_len grid, one random permutation per
-     image); PLPD = p(ŷ | x) − p(ŷ | x'), ŷ = argmax p(· | x), x' forwarded without gradient;
-     S2 = S1 ∩ {PLPD > plpd_threshold}; none: no update;
-  3. L = mean_{S2} H · (1/exp(H − margin_e0 · ln C) + 1/exp(−PLPD)) (weights detached); one SGD step.
-The permutations come from a CPU `torch.Generator` seeded with `seed` (re-seeded by `reset()`). Images whose
-sides are not multiples of patch_len are resized (bilinear) to the nearest smaller multiples for the shuffle
-and back, as the official torchvision Resize. A loss or gradient that is not finite skips the update
-(`skipped_steps`).
-
-Trained parameters (official `collect_params`, the same as SAR's): the normalisation affine parameters of
-every transformer block but the last `frozen_blocks` (blocks 9–11 of ViT-B's 12), not the final `norm`.
-
-Deliberate differences from the authors' code (docs/design.md, section 12): the patch permutations come from
-a seeded generator (theirs: the global one); a loss or gradient that is not finite skips the update; the
-thresholds are fractions of ln C for any number of classes (theirs: of ln 1000).
+Entropy minimisation on samples that are confident and shape-based (PLPD), after the official code
+(github.com/Jhyun17/DeYO at 3d7d289: methods/deyo.py `forward_and_adapt_deyo`, `collect_params`; config.py and
+exp_deyo.sh for the ViT-B/16 settings). The step and the deliberate differences: docs/design.md, sections 11, 12.
 """
 from dataclasses import dataclass
 from typing import Optional

@@ -1,14 +1,8 @@
-"""The collectives of data-parallel IMSE over `torch.distributed` (docs/design.md §9).
+"""The collectives of data-parallel IMSE over `torch.distributed` (docs/design.md, section 9).
 
-`GroupComm` wraps a process group with the four things IMSE needs, each counted in bytes so the traffic
-per step is measured, not estimated:
-  * `all_reduce_sum_(t)`   the step statistics and the gradients of `s` (one flat buffer each);
-  * `all_gather_rows(t)`   per-image domain moments, concatenated in rank order (shards may differ in size);
-  * `check_same(fields)`   at start: every rank built the same model and config, else a clear error;
-  * failures (a rank that died, left, or never reached the collective within the group's timeout) are
-    raised as `DistributedError` naming the rank, the collective and what to check, never a hang past
-    the timeout given to `init_process_group`.
-`init_distributed` forms the group, by default from `torchrun`'s environment (gloo on the CPU, nccl on CUDA).
+`GroupComm` all-reduces the step statistics and gradients, all-gathers the per-image domain moments, checks at
+start that every rank holds the same model and config, and counts the bytes of each collective; a failure is a
+`DistributedError` naming the rank and collective. `init_distributed` forms the group from torchrun's environment.
 """
 import datetime
 import hashlib

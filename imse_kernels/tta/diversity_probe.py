@@ -1,13 +1,7 @@
-"""Taps that collect the diversity loss's per-expert statistics during a forward.
+"""Taps that collect the diversity loss's per-expert statistics during a forward (docs/design.md, section 6).
 
-Inside `capture()` each probed `FusedSpectralLinear` hands its input rows (and h = x·Vhᵀ where its
-forward computes h anyway) to `moments_fn` (by default `expert_alignment_moments`, which does its
-own GEMM when h is None); everything stays differentiable in x. Outside `capture()`, or without
-gradients, the layers run as usual.
-
-The taps are built once, so a forward that `torch.compile` traced inside `capture()` sees the same
-tap objects on every call and its guards hold (docs/design.md §6, compiled step); the compiled
-region may call `take()` itself.
+Inside `capture()` each probed `FusedSpectralLinear` hands its input rows (and h = x·Vhᵀ where its forward
+computes h anyway) to `moments_fn`; the taps are built once, so a compiled forward's guards hold.
 """
 from contextlib import contextmanager
 from functools import partial

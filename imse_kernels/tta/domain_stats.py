@@ -1,23 +1,8 @@
-"""Domain statistics for IMSE's code bank (docs/design.md §7).
+"""Domain statistics for IMSE's code bank (docs/design.md, section 7).
 
-A domain is described by the per-channel mean and unbiased variance, over images × tokens, of the
-patch-embedding output (after the position embedding and `norm_pre`, prefix tokens dropped). Two
-descriptors are compared by a distance (`DISTANCE_FNS`, official domain_info.py
-`_calculate_domain_shift`): the symmetric KL divergence between diagonal Gaussians averaged over
-channels (default), or the mean squared difference of the means, of the variances, or of both.
-`DomainTracker` keeps the running (EMA) descriptor of the current domain and declares a shift when
-the current descriptor is too far from it.
-
-How a batch is described (`partial_batch`; the nominal batch size is the largest batch seen since the
-tracker was reset, so it is learned from the stream):
-  official  every batch alone, as the official code; a batch smaller than the nominal size (the last,
-            partial batch of a domain) is compared with the running descriptor (shift detection,
-            retrieval) but does not move it.
-  pool      batches of at least `window` images alone; smaller batches (down to one image) are pooled
-            with the most recent images into a sliding window of `window` images, so the descriptor,
-            and with it the distance, keeps the statistical weight of a full batch; the running
-            descriptor then moves once per `window` new images.
-  auto      official when the nominal batch size is at least `window`, else pool.
+A domain is described by the per-channel mean and variance of the patch-embedding tokens; `DISTANCE_FNS`
+compares two (official domain_info.py `_calculate_domain_shift`). `DomainTracker` keeps the running descriptor,
+declares shifts, and describes partial or small batches (`partial_batch`: official, pool or auto).
 """
 from dataclasses import dataclass
 from typing import Callable, Optional

@@ -1,28 +1,9 @@
 """`EATA` (Niu et al., "Efficient Test-Time Model Adaptation without Forgetting", ICML 2022).
 
-Entropy minimisation on reliable, non-redundant samples, re-weighted, with a Fisher regulariser against
-forgetting; after the official code (github.com/mr-eggplant/EATA at f739b36, eata.py
-`forward_and_adapt_eata`, `update_model_probs`), in its ViT form from the SAR repository
-(github.com/mr-eggplant/SAR at 20f6e24: eata.py, which also trains LayerNorms, and main.py for the ViT-B/16
-settings). Per batch (`logits = adapter(x)`, the forward's logits):
-  1. H = softmax entropy; reliable S1 = {H < E0}, E0 = entropy_margin · ln C (C = the logits' classes);
-  2. non-redundant S2 = S1 ∩ {|cos(p̄, softmax)| < d_margin}, p̄ the moving average of the selected samples'
-     mean softmax (p̄ ← 0.9 · p̄ + 0.1 · mean_{S2} softmax; the first batch has no p̄: S2 = S1, p̄ = mean_{S1});
-  3. L = mean_{S2} H / exp(H − E0) (the weight detached) + fisher_alpha · Σ F · (θ − θ0)²;
-     one SGD step (momentum) when S2 is not empty, none otherwise (as the official code).
-The Fisher F (diagonal) comes from clean source images, `prepare(batches)` (or `source=`; `fisher_from` is
-the same): per batch the gradient of the cross entropy against the model's own predictions, squared,
-averaged over the batches (official main.py lines 238–270, 2000 images in batches of 64); θ0 is the
-parameters at that call. Without it EATA
-runs without the regulariser (the official `fishers=None`). A loss or gradient that is not finite skips
-the update (`skipped_steps`).
-
-Trained parameters: every LayerNorm/GroupNorm/BatchNorm affine parameter (SAR repo eata.py
-`collect_params`, lines 143–157), the final norm included.
-
-Deliberate differences from the authors' code (docs/design.md, section 12): a loss or gradient that is not
-finite skips the update instead of writing NaN into the weights; E0 is a fraction of ln C for any number of
-classes (theirs: 0.4 · ln 1000).
+Entropy minimisation on reliable, non-redundant samples, re-weighted, with a Fisher regulariser, after the
+official code (github.com/mr-eggplant/EATA at f739b36: eata.py) in its ViT form from the SAR repository
+(github.com/mr-eggplant/SAR at 20f6e24: eata.py, main.py). The step, the Fisher and the deliberate differences:
+docs/design.md, sections 11 and 12.
 """
 from dataclasses import dataclass
 from typing import Iterable, Optional

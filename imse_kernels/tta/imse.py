@@ -1,47 +1,8 @@
-"""`IMSE`: test-time adaptation of the singular values of a spectralized ViT (docs/design.md §6).
+"""`IMSE`: test-time adaptation of the singular values of a spectralized ViT (docs/design.md, section 6).
 
-Per batch, the tent way (`logits = adapter(x)` predicts and adapts):
-  1. code bank: patch-embedding statistics → shift detection → on a new domain, retrieve a code;
-  2. one SAM update of the `s` of the adapted blocks with
-         L = mean_{H(x) < E0} H(x) − λ · L_div,   E0 = margin · ln C,
-     forward → L → backward → ascend → forward (reliable set re-filtered) → L → backward →
-     restore → Adam step. The predictions are the first forward's logits.
-A step whose loss or gradient is not finite is skipped (counted in `skipped_steps`); `s` is left as it was.
-
-Host syncs (docs/design.md §6). The SAM update itself reads nothing back from the device: the
-finiteness of L and ‖g‖ is a 0-dim bool tensor, the ascent, the restore and the Adam step
-(`SAM.first_step/second_step(ok=...)`, foreach ops) are applied through it, so a skipped step leaves
-`s`, Adam's moments and its step count bitwise unchanged; the reliable-sample filter is a mask (no
-boolean indexing). Both passes always run (a skipped batch costs its second pass too). `skipped_steps`
-and `steps_taken` are device counters, synced only when read. What remains per batch is the code
-bank's decision in step 1 (`tta.domain_stats`, `tta.code_bank`): the finiteness check of the batch's
-token moments (two reads), and, once the window has a descriptor, its token count and the SKL distance
-that decides shift and retrieval (one read each): at most four small reads, all before the update.
-
-`compile=True` (or a backend name such as "aot_eager", or a dict of `torch.compile` keywords, e.g.
-{"mode": "reduce-overhead"} for CUDA graphs: `s` is updated in place, so the graphs stay valid) runs
-forward + loss (the model, the diversity probe, both losses) through `torch.compile`; both SAM passes
-call the same compiled function (the first with an all-true keep mask), and the batch dimension is
-marked dynamic (`torch._dynamo.maybe_mark_dynamic`), so a partial last batch reuses the graph. It
-recompiles only where N = batch × tokens crosses a route threshold of the planner (docs/design.md §2;
-one graph per route pattern, a few at small batches, none above them) and once for a batch of 1
-(dynamo specialises sizes 0 and 1); dynamo's recompile limit bounds it in any case. The update stays
-eager. A skipped first step leaves Adam's state created at step 0 (zero moments) rather than absent;
-the next step is the same either way.
-
-`process_group` (a `torch.distributed` group): data-parallel IMSE (docs/design.md §9). Each rank passes its shard
-of every global batch and gets its shard's logits; the adaptation equals one process on the concatenated
-batch in rank order. Per SAM pass one all-reduce of the step statistics (reliable-entropy sum and count,
-the probed layers' expert moments Σa, Σa², n) and one of the gradients of `s`; each rank backpropagates
-its share of the global loss, so the summed gradient is the global one and SAM's norm, the finiteness
-flag and Adam's step are the same on every rank. The code bank sees every rank's per-image moments
-(all-gathered in rank order), so shifts, retrievals and the bank are identical everywhere. At start the
-ranks check that they hold the same model and config (`DistributedError` otherwise).
-
-`IMSE` follows the template of every method (`tta.method`); `state_dict()` carries the whole adaptation
-state (model with its codes, Adam state, code bank, counters; see `tta.adapter`), so a stream resumes
-from a saved state with identical results. The official code uses `cfg.OPTIM.LR` at any batch size (main.py,
-svd.py `collect_params`), so `lr_scaling` is "none" by default.
+Per batch the code bank may detect a shift and retrieve a code (section 7), then one SAM update of the adapted
+blocks' `s` on the reliable entropy minus λ times the diversity loss, with no host sync but the bank's decision.
+`compile=` runs forward + loss through `torch.compile`; `process_group=` adapts data-parallel (section 9).
 """
 import copy
 import dataclasses

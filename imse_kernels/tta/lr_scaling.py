@@ -1,15 +1,7 @@
 """Learning rates scaled with the batch size as each method's authors scale them (docs/design.md, section 12).
 
-A config's `lr` is the value at the reference batch of 64; `lr_scaling` names the rule and `batch_size` the
-stream's batch (None: `lr` is used as given). The arithmetic follows the authors' scripts operation by
-operation, so the results are the same floats:
-    none     lr                                   IMSE (main.py: cfg.OPTIM.LR at any TEST.BATCH_SIZE), CoTTA
-                                                  (imagenetc.py: cfg.OPTIM.LR), Tent
-    linear   lr / 64 · b                          SAR and EATA (mr-eggplant/SAR main.py lines 191–193) and DeYO
-                                                  (Jhyun17/DeYO main.py lines 350–352) for vitbase_timm
-    resnet   lr / 64 · b · 2 below b = 32, lr from 32 on: the same scripts for resnet50_gn / resnet50_bn
-then, at b = 1, · lr_batch1_factor: SAR and DeYO double it ("double lr for sar/DeYO under bs=1", SAR
-main.py lines 205–207, DeYO main.py lines 373–379).
+`lr` is the value at batch 64; `lr_scaling` names the rule (`none`, `linear`: lr / 64 · b, `resnet`) and
+`lr_batch1_factor` the factor at batch 1, computed operation by operation as the authors' scripts do.
 """
 from typing import Optional
 

@@ -1,25 +1,8 @@
 """`Method`: the template every test-time adaptation method follows (docs/design.md, section 12).
 
-`Method(model, config=None, *, compile=False, source=None, **fields)` is an `nn.Module` wrapping `model`
-(`adapter.model`); `logits = adapter(x)` predicts and adapts. The base owns what every method repeats:
-  * the config: `config` (an instance of the method's `config_class`; default its defaults) with `fields`
-    replaced, e.g. `SAR(model, lr=5e-4)`; its checks are written once (`tta.method_config`);
-  * the adapted parameters (the method's `_configure`, which also sets the model's mode) and the
-    optimizer over them (the method's `_build_optimizer`) at the effective learning rate `lr`
-    (`tta.lr_scaling`: the config's lr scaled for its `batch_size` as the authors do);
-  * the start snapshot (trained parameters, optimizer state) and `reset()`; `episodic` restores before
-    every batch and `steps` repeats the update;
-  * the counters `steps_taken` and `skipped_steps` (device tensors: reading one syncs);
-  * the state (`state_dict`, `save_state`; `tta.adapter`): config, trained-parameter names, counters,
-    optimizer, start snapshot and the method's own state (`_method_state`);
-  * `compile=`: the method's `_compile_target` (default: the model's forward) through `torch.compile`;
-  * clean source data: `prepare(source)`, or `source=` at construction, for the methods that use it
-    (`uses_source`: EATA's Fisher, IMSE's source statistics); the others refuse it.
-Two options only some methods take, declared in their signatures and handled here: `process_group=`
-(`data_parallel`: IMSE) and `optimizer=` (a ready torch optimizer over parameters of the user's choice,
-`takes_optimizer`: Tent); the others refuse them.
-A method writes its parameter selection, its optimizer and `_step(x)`; `_update(loss)` is the shared
-backward, finiteness check and step of the plain gradient methods.
+The base owns the config, the effective learning rate, the start snapshot and `reset()`, `episodic` and `steps`,
+the counters, the state, `compile=` and clean source data (`prepare`); a method writes its parameter selection
+(`_configure`), its optimizer (`_build_optimizer`) and its step (`_step`).
 """
 import copy
 import dataclasses

@@ -1,40 +1,8 @@
-"""`MultiStreamIMSE`: K independent IMSE streams adapted in one batched forward/backward (docs/design.md §8).
+"""`MultiStreamIMSE`: K independent IMSE streams adapted in one batched forward/backward (docs/design.md, section 8).
 
-`logits = adapter(x, streams)`: sample b belongs to stream `streams[b]`. Every adapted spectral layer holds
-a (K, r) code table (`enable_codes(K)`, row k = stream k's `s`) and the model runs inside
-`stream_codes(model, streams)`, so all streams share the GEMMs of one forward and one backward.
-
-The specification is K separate `IMSE` adapters on the same weights and config, each given only its own
-samples in the same order; everything per stream follows from that:
-  * losses: the reliable-entropy mean, the entropy filter (re-applied in SAM's second pass) and the
-    diversity loss (per-expert std over that stream's tokens only) are computed per stream; their sum
-    is backpropagated once. A ViT keeps samples independent (attention, LayerNorm and the per-sample
-    codes act within a sample), so row k of a table's gradient is stream k's own loss gradient, also
-    through layers fed by earlier adapted layers;
-  * SAM: each stream ascends by ρ·g_k/‖g_k‖, its own gradient norm over all its rows;
-  * Adam: `optim.RowAdam` keeps per-row moments and a per-stream step count with its own bias correction;
-    a stream absent from the batch, or whose step is skipped, is not stepped at all (no moment decay);
-  * code bank: one `CodeBank` (with its `DomainTracker`) per stream, fed that stream's patch tokens;
-    a retrieval loads row k and resets (or loads) only stream k's Adam state;
-  * counters and events per stream; a non-finite loss or gradient skips only its stream.
-Stream k's bank stores its code as every spectral layer's `s` with row k in place of the adapted ones
-and its Adam state in the layout of IMSE's `optimizer.state_dict()`, so a bank and its file read the
-same as a single-stream IMSE's.
-
-`process_group` (a `torch.distributed` group) shards the streams across its ranks (docs/design.md §9): rank q
-holds only the streams `stream_owner` gives it (default round-robin, stream k on rank k mod world size), as
-`owned_streams`, and is called with only their samples; stream ids stay global. The hot path has no
-communication: a stream is adapted by one rank, exactly as alone. At start the ranks check that they hold
-the same model, config and stream map.
-
-`compile` (as `IMSE`'s: True, a backend name or a dict of `torch.compile` keywords) runs the model's forward,
-with the per-stream diversity moments, through `torch.compile`; the stream selection, the losses and the
-update stay eager. Both SAM passes call the same compiled function and the batch dimension is dynamic; it
-recompiles where IMSE's does and once for each new number of streams present in a batch (at most K).
-
-`max_group_samples` (default None: one group) processes a large mixed batch in groups of whole streams
-(a stream's samples are never split) of at most that many samples, to bound activation memory; the
-result is the same up to round-off.
+`logits = adapter(x, streams)`: every adapted layer holds a (K, r) code table and the model runs inside
+`stream_codes`, so the streams share the GEMMs. It equals K separate `IMSE` adapters, each given its own samples
+(per-stream losses, SAM radius, Adam, code bank); `process_group` shards the streams across ranks (section 9).
 """
 import copy
 import dataclasses

@@ -1,13 +1,7 @@
 """The methods by name: name -> (class, config class, preset) (docs/design.md, section 12).
 
-    adapter = build("sar", model, lr=5e-4, batch_size=16)      # fields as keywords
-    adapter = build("sar", model, SARConfig(lr=5e-4))           # or a config object
+    adapter = build("sar", model, lr=5e-4, batch_size=16)      # fields as keywords, or a config object
     config = make_config("imse-mix", {"lr": "3e-3"})            # a config from text values (files, overrides)
-
-The command line, the config files and the results files name every method through this table. The IMSE
-variants `imse-mix` and `imse-nodiv` are entries of `IMSE` with a preset (fields set before any override).
-`build` also fills the two fields that follow the run where the config leaves them None: `batch_size` (the
-learning rate's batch scaling, `tta.lr_scaling`) and `seed` (the generators of CoTTA and DeYO).
 """
 import dataclasses
 from dataclasses import dataclass, field

@@ -2,33 +2,8 @@
 
 Sharpness-aware, reliable entropy minimisation with model recovery, after the official code
 (github.com/mr-eggplant/SAR at 20f6e24: sar.py `forward_and_adapt_sar`, `collect_params`, `SAR.forward`,
-`SAR.reset`; sam.py; main.py for the ViT-B/16 settings). Per batch (`logits = adapter(x)`, the first
-forward's logits):
-  1. H = softmax entropy; reliable set S1 = {H < E0}, E0 = entropy_margin · ln C (C = the logits' classes);
-  2. SAM (`imse_kernels.optim.SAM` around SGD with momentum): backward of mean_{S1} H, ascend to w + ρ·g/‖g‖,
-     forward again, S2 = S1 ∩ {H(w + e) < E0}, backward of mean_{S2} H(w + e), back to w, SGD step;
-  3. EMA ← 0.9 · EMA + 0.1 · mean_{S2} H(w + e) (`ema_momentum`; only when S2 is not empty); when
-     EMA < reset_constant the trained parameters go back to their start values ("model recovery", counted
-     in `recoveries`).
-Model recovery is the authors' `SAR.reset()`: it reloads the model's and the SAM optimizer's saved
-`state_dict`s. SAM's `state_dict` holds SAM's own state (the perturbation buffers) and the parameter
-groups, not the base SGD's state, so the SGD momentum buffers survive a recovery (sam.py: the base
-optimizer keeps its own `state`; checked by running their SAM), and the first step after a recovery
-still moves by the old momentum. That is the default here; `recovery_clears_momentum=True` restores the
-optimizer's start state as well (a fresh SGD). The same holds for the restore before every batch of an
-`episodic` SAR (their `reset()`). The EMA survives a recovery (sar.py lines 49–52: `reset()` clears it,
-then `self.ema = ema` puts it back); `adapter.reset()` clears it.
-A batch without reliable samples has a zero gradient (the official empty mean: NaN value, zero gradient),
-so SGD's momentum still moves the parameters, as in the official code. A loss or gradient that is not
-finite otherwise skips the update (`skipped_steps`).
-
-Trained parameters (official `collect_params`): the LayerNorm/GroupNorm/BatchNorm affine parameters of
-every transformer block but the last `frozen_blocks` (blocks 9–11 of ViT-B's 12), not the final `norm`.
-
-Deliberate differences from the authors' code (docs/design.md, section 12): `adapter.reset()` is a full
-restart (fresh SGD, as a new adapter), where their `reset()` keeps the momentum; a non-finite loss or
-gradient (other than the empty reliable set) skips the step instead of writing NaN into the weights; E0
-is a fraction of ln C for any number of classes (theirs: 0.4 · ln 1000).
+`SAR.reset`; sam.py; main.py for the ViT-B/16 settings). The step, the recovery (SGD's momentum survives it, as
+in the authors' code) and the deliberate differences: docs/design.md, sections 11 and 12.
 """
 from dataclasses import dataclass
 from typing import Optional

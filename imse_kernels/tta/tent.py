@@ -1,12 +1,7 @@
 """`Tent` (Wang et al., 2021): entropy minimisation of the normalisation layers' affine parameters.
 
-The baseline of docs/design.md §6, with the template's call (`tta.method`): `logits = adapter(x)` predicts
-and takes one update (per step) on the mean softmax entropy of the batch; `reset()` restores the start
-state. By default the LayerNorm/GroupNorm/BatchNorm affine parameters are trained with Adam or SGD
-(`TentConfig.optim`); a ready `torch.optim.Optimizer` over any of the model's parameters may be passed as
-`optimizer=` instead. BatchNorm layers use batch statistics, as in the original. Everything else
-(including spectral `s`) is frozen. `compile=` runs forward + loss through `torch.compile` (batch dimension
-dynamic), as IMSE's (docs/design.md §6); the finiteness check of the update reads one flag on the host.
+One update per batch on the mean softmax entropy, with Adam or SGD (`TentConfig.optim`) or a ready `optimizer=`;
+everything else, spectral `s` included, is frozen (docs/design.md, section 6).
 """
 import warnings
 from dataclasses import dataclass
