@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..backends import use_backend
+from ..precision import SlowAutocastError
 from ..tta import ConfigError, IMSE, registry
 from . import progress
 from .corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
@@ -304,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if argv is None:
             restart_for_openmp(build_parser().parse_intermixed_args(raw).omp_wait_policy)
         evaluate(check(raw))
-    except (UsageError, ConfigError, DataError) as exc:
+    except (UsageError, ConfigError, DataError, SlowAutocastError) as exc:
         print(f"imse-eval: error: {exc}", file=sys.stderr)
         return 2
     return 0
