@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "benchmarks" / "gpu_correctness.py"
 # The summary lines of a full dry run, in the order the stages must run (the order of their evidence).
 STEPS = ["stage 0 versions/compile_check", "stage 1 build", "stage 1 build/imse_kernels_info",

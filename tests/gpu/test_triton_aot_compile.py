@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "triton_compile_check.py")
 LINE = re.compile(r"^(ok~?|SPILL|BIG|REGS|ERR)\s+(\w+) (sm_\d+) (\w+) (\S+)")
 

@@ -22,7 +22,7 @@ from imse_kernels import FusedSpectralLinear, spectralize, svf, unspectralize  #
 from imse_kernels.layers.conv1d import is_conv1d  # noqa: E402
 from imse_kernels.state_file import StateFileError  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 VOCAB = 97
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-WORKER = Path(__file__).with_name("dp_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "dp_worker.py"
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
