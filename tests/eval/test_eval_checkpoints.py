@@ -12,6 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from eval_files import PickledOsCall, write_hub_cache, write_safetensors
 
 from imse_kernels.eval import checkpoints as ck
 from imse_kernels.eval.errors import DataError
@@ -60,17 +61,10 @@ class RunsCode:
         return (subprocess.call, (["touch", self.marker],))
 
 
-def _save_safetensors(tensors, path):
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    return path
-
-
 # ------------------------------------------------------------------------------------------------- formats
 
 FORMATS = {
-    "safetensors": lambda sd, p: _save_safetensors(sd, p / "w.safetensors"),
+    "safetensors": lambda sd, p: write_safetensors(sd, p / "w.safetensors"),
     "pytorch_model.bin": lambda sd, p: torch.save(sd, p / "pytorch_model.bin") or p / "pytorch_model.bin",
     "pth": lambda sd, p: torch.save(sd, p / "w.pth") or p / "w.pth",
     "pth_legacy_format": lambda sd, p: torch.save(sd, p / "w.pth", _use_new_zipfile_serialization=False) or p / "w.pth",
@@ -135,23 +129,10 @@ def test_a_hugging_face_snapshot_directory(tmp_path, src, sd, weights):
     snap = tmp_path / "snapshot"
     snap.mkdir()
     (snap / "config.json").write_text(json.dumps(_timm_config()))
-    _save_safetensors(sd, snap / weights) if weights.endswith("safetensors") else torch.save(sd, snap / weights)
+    write_safetensors(sd, snap / weights) if weights.endswith("safetensors") else torch.save(sd, snap / weights)
     loaded = build_timm_model(None, str(snap))  # the architecture from its config.json
     assert loaded.name == "test_vit" and loaded.checkpoint == str(snap / weights) and _same_model(loaded, src)
     assert _same_model(build_timm_model("test_vit", str(snap)), src)
-
-
-def _fake_hub_cache(root, repo, files):
-    """The local Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    base = root / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    (base / "refs" / "main").write_text(commit)
-    snap = base / "snapshots" / commit
-    snap.mkdir(parents=True)
-    for name, write in files.items():
-        write(snap / name)
-    return snap
 
 
 def test_hf_hub_names_from_the_local_cache_only(tmp_path, src, sd, monkeypatch):
@@ -165,8 +146,8 @@ def test_hf_hub_names_from_the_local_cache_only(tmp_path, src, sd, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     repo = "timm/test_vit.r160_in1k"
-    _fake_hub_cache(tmp_path / "hub", repo, {"config.json": lambda p: p.write_text(json.dumps(_timm_config())),
-                                             "model.safetensors": lambda p: _save_safetensors(sd, p)})
+    write_hub_cache(tmp_path / "hub", repo, {"config.json": lambda p: p.write_text(json.dumps(_timm_config())),
+                                             "model.safetensors": lambda p: write_safetensors(sd, p)})
     loaded = build_timm_model(f"hf-hub:{repo}", None)
     assert loaded.name == "test_vit" and _same_model(loaded, src)
     assert loaded.checkpoint.endswith("model.safetensors") and "hub" in loaded.checkpoint
@@ -183,7 +164,7 @@ def test_a_32px_patch8_vit_with_img_size_and_patch_size(tmp_path):
     torch.manual_seed(2)
     small = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
                               patch_size=8).eval()
-    path = _save_safetensors(small.state_dict(), tmp_path / "cifar_vit.safetensors")
+    path = write_safetensors(small.state_dict(), tmp_path / "cifar_vit.safetensors")
     loaded = build_timm_model("vit_tiny_patch16_224", str(path), num_classes=10, img_size=32, patch_size=8)
     assert loaded.warnings == [] and loaded.data_config["input_size"] == (3, 32, 32)
     mean, std = torch.tensor(loaded.data_config["mean"]).view(1, 3, 1, 1), torch.tensor(loaded.data_config["std"])
@@ -212,7 +193,7 @@ def test_error_ten_class_head_without_num_classes(tmp_path):
 
 
 def test_error_checkpoint_of_another_architecture(tmp_path, sd):
-    path = _save_safetensors(sd, tmp_path / "vit.safetensors")
+    path = write_safetensors(sd, tmp_path / "vit.safetensors")
     msg = _error(build_timm_model, "resnet18", str(path))
     assert msg.startswith(f"{path}: not a resnet18 checkpoint: none of its 122 tensors is in the file")
     assert "the file is a ViT of width 64, depth 6, patch 16, 1000 classes" in msg
@@ -220,7 +201,7 @@ def test_error_checkpoint_of_another_architecture(tmp_path, sd):
     msg = _error(build_timm_model, "test_vit2", str(path))  # same family, other layout: the right name is offered
     assert "test_vit2's tensors are missing" in msg and msg.endswith("pass --model test_vit")
     wide = timm.create_model("test_vit", pretrained=False, embed_dim=96, num_heads=2)
-    msg = _error(build_timm_model, "test_vit", str(_save_safetensors(wide.state_dict(), tmp_path / "wide.safetensors")))
+    msg = _error(build_timm_model, "test_vit", str(write_safetensors(wide.state_dict(), tmp_path / "wide.safetensors")))
     assert "tensors differ in shape from test_vit (e.g. cls_token: 1x1x96 in the file, 1x1x64 in the model)" in msg
 
 
@@ -232,7 +213,7 @@ def test_error_config_json_given_as_checkpoint(tmp_path):
 
 
 def test_error_half_downloaded_safetensors(tmp_path, sd):
-    path = _save_safetensors(sd, tmp_path / "model.safetensors")
+    path = write_safetensors(sd, tmp_path / "model.safetensors")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     msg = _error(build_timm_model, "test_vit", str(path))
@@ -300,18 +281,13 @@ def test_error_npz_that_timm_cannot_read(tmp_path):
 # ------------------------------------------------------------------------------------ no pickled code runs
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch EVIL_RAN",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_os_calls_are_refused(tmp_path, monkeypatch, sd):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "evil.pth", "wb") as f:  # a plain pickle (legacy format)
-        pickle.dump({"state_dict": _Evil()}, f)
+        pickle.dump({"state_dict": PickledOsCall()}, f)
     assert "evil.pth" in _error(build_timm_model, "test_vit", str(tmp_path / "evil.pth"))
-    torch.save({"state_dict": sd, "x": _Evil()}, tmp_path / "evil_zip.pth")
+    torch.save({"state_dict": sd, "x": PickledOsCall()}, tmp_path / "evil_zip.pth")
     msg = _error(build_timm_model, "test_vit", str(tmp_path / "evil_zip.pth"))
     assert "cannot be read without running code it names" in msg
     assert not (tmp_path / "EVIL_RAN").exists()

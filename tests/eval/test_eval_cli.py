@@ -7,24 +7,13 @@ import statistics
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 from PIL import Image
 
 from imse_kernels.eval.__main__ import main
 from imse_kernels.eval.metrics import shift_detection
 
 CI = ["--train-steps", "40", "--n-test", "64", "--batch-size", "32", "--no-progress", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    pytest.importorskip("sklearn")  # the embedded data set
-    return str(tmp_path_factory.mktemp("imse_cache"))
-
-
-def _run(args, capsys):
-    rc = main(args)
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
 
 
 def _source_accuracy(cache, corruption, severity, seed):
@@ -40,12 +29,12 @@ def _source_accuracy(cache, corruption, severity, seed):
     return accuracy(model, Split(corrupt(test.images, corruption, severity, seed, CONTENT_SCALE), test.labels))
 
 
-def test_digits_continual_all_methods(tmp_path, cache, capsys):
+def test_digits_continual_all_methods(tmp_path, digits_cache, capsys):
     # Source, Tent and the IMSE variants by name (`--method all` is the baselines' tests' business)
     methods = ["source", "tent", "imse", "imse-mix", "imse-nodiv"]
     out = tmp_path / "out"
-    rc, stdout, err = _run(CI + ["--corruptions", "gaussian_noise,contrast", "--cache-dir", cache, "--method",
-                                 ",".join(methods), "--output-dir", str(out), "--seed", "3"], capsys)
+    rc, stdout, err = run_cli(CI + ["--corruptions", "gaussian_noise,contrast", "--cache-dir", digits_cache, "--method",
+                                    ",".join(methods), "--output-dir", str(out), "--seed", "3"], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == methods and res["meta"]["setting"] == "continual"
@@ -56,7 +45,7 @@ def test_digits_continual_all_methods(tmp_path, cache, capsys):
         assert all(0 <= a <= 1 for a in r["accuracy"]) and r["images_per_s"] > 0
         assert r["mean_accuracy"] == pytest.approx(sum(r["accuracy"]) / 2)
     for k, c in enumerate(["gaussian_noise", "contrast"]):
-        assert res["methods"]["source"]["accuracy"][k] == pytest.approx(_source_accuracy(cache, c, 5, 3))
+        assert res["methods"]["source"]["accuracy"][k] == pytest.approx(_source_accuracy(digits_cache, c, 5, 3))
     assert res["methods"]["source"]["shift_detection"] is None
     det = res["methods"]["imse"]["shift_detection"]
     assert det["boundaries"] == [2] and det["recall"] == 1.0, "noise -> contrast is a large shift"
@@ -98,15 +87,17 @@ def test_digits_continual_all_methods(tmp_path, cache, capsys):
         assert "matplotlib is not installed" in stdout and not (out / "accuracy.png").exists()
 
 
-def test_reset_and_recurring_settings_and_determinism(tmp_path, cache, capsys):
-    base = CI + ["--corruptions", "fog,impulse_noise", "--cache-dir", cache, "--method", "source,imse", "--no-plot"]
-    rc, _, err = _run(base + ["--setting", "reset_each_shift", "--output-dir", str(tmp_path / "a")], capsys)
+def test_reset_and_recurring_settings_and_determinism(tmp_path, digits_cache, capsys):
+    base = CI + ["--corruptions", "fog,impulse_noise", "--cache-dir", digits_cache, "--method", "source,imse",
+                 "--no-plot"]
+    rc, _, err = run_cli(base + ["--setting", "reset_each_shift", "--output-dir", str(tmp_path / "a")], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     assert res["methods"]["imse"]["shift_detection"] is None
     assert not [e for e in res["methods"]["imse"]["events"] if e["kind"] == "shift"], "reset before every domain"
 
-    rc, _, err = _run(base + ["--setting", "recurring", "--rounds", "2", "--output-dir", str(tmp_path / "b")], capsys)
+    rc, _, err = run_cli(base + ["--setting", "recurring", "--rounds", "2", "--output-dir", str(tmp_path / "b")],
+                         capsys)
     assert rc == 0, err
     rec = json.loads((tmp_path / "b" / "results.json").read_text())
     assert [s["label"] for s in rec["segments"]] == ["r1:fog", "r1:impulse_noise", "r2:fog", "r2:impulse_noise"]
@@ -114,23 +105,25 @@ def test_reset_and_recurring_settings_and_determinism(tmp_path, cache, capsys):
     src = rec["methods"]["source"]["correct"]
     assert src[:2] == src[2:], "the same images in both rounds"
 
-    rc, _, err = _run(base + ["--setting", "recurring", "--rounds", "2", "--output-dir", str(tmp_path / "c")], capsys)
+    rc, _, err = run_cli(base + ["--setting", "recurring", "--rounds", "2", "--output-dir", str(tmp_path / "c")],
+                         capsys)
     again = json.loads((tmp_path / "c" / "results.json").read_text())
     assert again["methods"]["imse"]["correct"] == rec["methods"]["imse"]["correct"]
     assert again["methods"]["imse"]["events"] == rec["methods"]["imse"]["events"], "same seed, same run"
 
 
 def test_missing_inputs_are_clear_errors(tmp_path, capsys):
-    rc, _, err = _run(["--data", "imagenet-c", "--no-progress"], capsys)
+    rc, _, err = run_cli(["--data", "imagenet-c", "--no-progress"], capsys)
     assert rc == 2 and "needs --data-dir" in err
-    rc, _, err = _run(["--data", "imagenet-c", "--data-dir", str(tmp_path / "nowhere"), "--no-progress"], capsys)
+    rc, _, err = run_cli(["--data", "imagenet-c", "--data-dir", str(tmp_path / "nowhere"), "--no-progress"], capsys)
     assert rc == 2 and "ImageNet-C directory not found" in err and "nowhere" in err
     (tmp_path / "inc" / "fog" / "5").mkdir(parents=True)
-    rc, _, err = _run(["--data", "imagenet-c", "--data-dir", str(tmp_path / "inc"), "--model", "test_vit",
-                       "--checkpoint", str(tmp_path / "missing.safetensors"), "--corruptions", "fog", "--no-progress"],
-                      capsys)
+    rc, _, err = run_cli(["--data", "imagenet-c", "--data-dir", str(tmp_path / "inc"), "--model", "test_vit",
+                          "--checkpoint", str(tmp_path / "missing.safetensors"), "--corruptions", "fog",
+                          "--no-progress"],
+                         capsys)
     assert rc == 2 and "checkpoint file not found" in err and "missing.safetensors" in err
-    rc, _, err = _run(["--method", "source,bogus", "--no-progress"], capsys)
+    rc, _, err = run_cli(["--method", "source,bogus", "--no-progress"], capsys)
     assert rc == 2 and "unknown method" in err
 
 
@@ -149,13 +142,13 @@ def test_imagenet_c_folder_run_with_a_local_timm_checkpoint(tmp_path, capsys):
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
     out = tmp_path / "out"
-    rc, stdout, err = _run(["--data", "imagenet-c", "--data-dir", str(tmp_path / "inc"), "--corruptions",
-                            "gaussian_noise,fog", "--subset", "full", "--preprocess", "timm", "--model", "test_vit",
-                            "--checkpoint",
-                            str(tmp_path / "test_vit.safetensors"), "--source-dir",
-                            str(tmp_path / "inc" / "clean" / "x"),
-                            "--method", "source,imse", "--batch-size", "4", "--output-dir", str(out), "--no-progress",
-                            "--no-plot", "--threads", "1"], capsys)
+    rc, stdout, err = run_cli(["--data", "imagenet-c", "--data-dir", str(tmp_path / "inc"), "--corruptions",
+                               "gaussian_noise,fog", "--subset", "full", "--preprocess", "timm", "--model", "test_vit",
+                               "--checkpoint",
+                               str(tmp_path / "test_vit.safetensors"), "--source-dir",
+                               str(tmp_path / "inc" / "clean" / "x"),
+                               "--method", "source,imse", "--batch-size", "4", "--output-dir", str(out),
+                               "--no-progress", "--no-plot", "--threads", "1"], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["data_config"]["input_size"] == [3, 160, 160] and res["meta"]["preprocess"] == "timm"
@@ -176,12 +169,13 @@ def test_imagenet_c_folder_run_with_a_local_timm_checkpoint(tmp_path, capsys):
     assert "source" in stdout and "imse" in stdout
 
 
-def test_multi_stream_setting_equals_separate_adapters(tmp_path, cache, capsys):
+def test_multi_stream_setting_equals_separate_adapters(tmp_path, digits_cache, capsys):
     """--setting multi_stream: K streams in mixed batches through MultiStreamIMSE give the accuracy of K
     separate IMSE adapters (the adapter's contract), per stream, with each one's throughput."""
     out = tmp_path / "ms"
-    rc, text, err = _run(CI + ["--cache-dir", cache, "--setting", "multi_stream", "--streams", "3", "--batch-size",
-                               "16", "--corruptions", "gaussian_noise,fog,pixelate", "--output-dir", str(out)], capsys)
+    rc, text, err = run_cli(CI + ["--cache-dir", digits_cache, "--setting", "multi_stream", "--streams", "3",
+                                  "--batch-size", "16", "--corruptions", "gaussian_noise,fog,pixelate",
+                                  "--output-dir", str(out)], capsys)
     assert rc == 0, err
     data = json.loads((out / "results.json").read_text())
     multi, sep = data["methods"]["multi_stream"], data["methods"]["separate"]
@@ -195,19 +189,19 @@ def test_multi_stream_setting_equals_separate_adapters(tmp_path, cache, capsys):
     assert prov["checkpoint_sha256"] == hashlib.sha256(open(data["meta"]["cache"], "rb").read()).hexdigest()
 
 
-def test_correlated_setting(tmp_path, cache, capsys):
+def test_correlated_setting(tmp_path, digits_cache, capsys):
     """Labels in Dirichlet runs inside each domain, the domains in the continual order: Source's per-domain
     accuracy is the one computed without the harness (order does not matter to it), boundaries as continual."""
     out = tmp_path / "cor"
-    rc, stdout, err = _run(CI + ["--cache-dir", cache, "--setting", "correlated", "--dirichlet", "0.05",
-                                 "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
-                                 "--output-dir", str(out)], capsys)
+    rc, stdout, err = run_cli(CI + ["--cache-dir", digits_cache, "--setting", "correlated", "--dirichlet", "0.05",
+                                    "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
+                                    "--output-dir", str(out)], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["dirichlet"] == 0.05 == res["provenance"]["dirichlet"]
     assert res["meta"]["true_boundaries"] == [2] and len(res["meta"]["stream_sha256"]) == 64
     for k, c in enumerate(["gaussian_noise", "contrast"]):
-        assert res["methods"]["source"]["accuracy"][k] == pytest.approx(_source_accuracy(cache, c, 5, 0))
+        assert res["methods"]["source"]["accuracy"][k] == pytest.approx(_source_accuracy(digits_cache, c, 5, 0))
     imse = res["methods"]["imse"]
     assert imse["total"] == [64, 64] and imse["batches"] == [2, 2] and imse["stream_batches"] == 4
     det = imse["shift_detection"]
@@ -215,13 +209,13 @@ def test_correlated_setting(tmp_path, cache, capsys):
     assert "correlated · dirichlet 0.05" in stdout
 
 
-def test_mixed_correlated_over_seeds(tmp_path, cache, capsys):
+def test_mixed_correlated_over_seeds(tmp_path, digits_cache, capsys):
     """--seeds: the comparison per seed, mean ± std and min-max of each method's mean accuracy; a mixed stream
     still scores every image against its own domain (Source as computed without the harness, per seed)."""
     out = tmp_path / "mix"
-    rc, stdout, err = _run(CI + ["--cache-dir", cache, "--setting", "mixed_correlated", "--seeds", "0,1",
-                                 "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
-                                 "--output-dir", str(out)], capsys)
+    rc, stdout, err = run_cli(CI + ["--cache-dir", digits_cache, "--setting", "mixed_correlated", "--seeds", "0,1",
+                                    "--corruptions", "gaussian_noise,contrast", "--method", "source,imse", "--no-plot",
+                                    "--output-dir", str(out)], capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["seeds"] == [0, 1] and res["provenance"]["seeds"]["run"] == [0, 1]
@@ -230,7 +224,7 @@ def test_mixed_correlated_over_seeds(tmp_path, cache, capsys):
     for run in res["runs"]:
         for k, c in enumerate(["gaussian_noise", "contrast"]):
             assert run["methods"]["source"]["accuracy"][k] == pytest.approx(
-                _source_accuracy(cache, c, 5, run["seed"]))
+                _source_accuracy(digits_cache, c, 5, run["seed"]))
         assert run["methods"]["imse"]["total"] == [64, 64] and run["methods"]["imse"]["stream_batches"] == 4
         det = run["methods"]["imse"]["shift_detection"]
         assert det["boundaries"] is None and det["precision"] is None
@@ -256,9 +250,9 @@ def test_help_and_option_errors(capsys):
                     "mixed_correlated", "multi_stream"):
         assert f"{setting}:" in text, setting
     assert "--dirichlet" in text and "--seeds" in text
-    rc, _, err = _run(["--seeds", "0,x", "--no-progress"], capsys)
+    rc, _, err = run_cli(["--seeds", "0,x", "--no-progress"], capsys)
     assert rc == 2 and "--seeds" in err
-    rc, _, err = _run(["--dirichlet", "0", "--setting", "correlated", "--no-progress"], capsys)
+    rc, _, err = run_cli(["--dirichlet", "0", "--setting", "correlated", "--no-progress"], capsys)
     assert rc == 2 and "--dirichlet must be > 0" in err
-    rc, _, err = _run(["--setting", "multi_stream", "--seeds", "0,1", "--no-progress"], capsys)
+    rc, _, err = run_cli(["--setting", "multi_stream", "--seeds", "0,1", "--no-progress"], capsys)
     assert rc == 2 and "--seeds" in err

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
-from eval_files import write_cifar_c, write_imagenet_c_tree
+from eval_files import write_cifar_c, write_hub_cache, write_imagenet_c_tree, write_safetensors
+from helpers import run_cli
 from imse_kernels.eval import runner
 from imse_kernels.eval.__main__ import main
 from imse_kernels.eval.errors import DataError
@@ -21,31 +21,21 @@ from imse_kernels.eval.preprocess import build_preprocess
 FAST = ["--no-progress", "--no-plot", "--threads", "1"]
 
 
-def _save(model, path):
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_data")
     torch.manual_seed(0)
     f = {"root": root}
-    f["vit32"] = _save(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=4, num_classes=10),
-                       root / "vit32.safetensors")
-    f["vit224"] = _save(timm.create_model("test_vit", pretrained=False, img_size=224), root / "vit224.safetensors")
+    vit32 = timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=4, num_classes=10)
+    f["vit32"] = str(write_safetensors(vit32, root / "vit32.safetensors"))
+    vit224 = timm.create_model("test_vit", pretrained=False, img_size=224)
+    f["vit224"] = str(write_safetensors(vit224, root / "vit224.safetensors"))
     write_cifar_c(root / "cifar" / "CIFAR-10-C", corruptions=("gaussian_noise", "fog", "speckle_noise"), n=24)
     write_cifar_c(root / "c100", corruptions=("fog",), n=12, num_classes=100)
     f["rels"] = subset_5000()[:12]
     f["inc"] = write_imagenet_c_tree(root / "inc", f["rels"], corruptions=("gaussian_noise", "fog", "saturate"),
                                      size=(40, 30))
     return f
-
-
-def _run(args, capsys):
-    rc = main(args)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def cifar_args(files, out, *more):
@@ -72,8 +62,8 @@ def _source_correct_cifar(files, corruption, severity, n):
 
 def test_cifar10c_run_end_to_end_and_its_rerun(files, tmp_path, capsys):
     out = tmp_path / "c10"
-    rc, stdout, err = _run(cifar_args(files, out, "--corruptions", "gaussian_noise,fog", "--method", "source,imse",
-                                      "--batch-size", "8", "--max-per-domain", "16", "--severity", "3"), capsys)
+    rc, stdout, err = run_cli(cifar_args(files, out, "--corruptions", "gaussian_noise,fog", "--method", "source,imse",
+                                         "--batch-size", "8", "--max-per-domain", "16", "--severity", "3"), capsys)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     p = res["meta"]["protocol"]
@@ -104,16 +94,17 @@ def test_cifar10c_run_end_to_end_and_its_rerun(files, tmp_path, capsys):
 def test_cifar_corruptions_from_disk_and_cifar100(files, tmp_path, capsys):
     """`all` means every .npy present (the extra speckle_noise included, in the published order); CIFAR-100-C
     reads 100 classes; a model at another size gets resized images and the header says so."""
-    rc, _, err = _run(cifar_args(files, tmp_path / "a", "--corruptions", "all", "--method", "source"), capsys)
+    rc, _, err = run_cli(cifar_args(files, tmp_path / "a", "--corruptions", "all", "--method", "source"), capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     assert res["config"]["run"]["corruptions"] == ["gaussian_noise", "fog", "speckle_noise"]
     assert [s["corruption"] for s in res["segments"]] == ["gaussian_noise", "fog", "speckle_noise"]
     assert res["methods"]["source"]["total"] == [24, 24, 24]
-    c100 = _save(timm.create_model("test_vit", pretrained=False, num_classes=100, img_size=64), tmp_path / "c.st")
-    rc, stdout, err = _run(["--data", "cifar100-c", "--data-dir", str(files["root"] / "c100"), "--model", "test_vit",
-                            "--img-size", "64", "--num-classes", "100", "--checkpoint", c100, "--corruptions", "fog",
-                            "--method", "source", "--output-dir", str(tmp_path / "b"), *FAST], capsys)
+    c100 = str(write_safetensors(timm.create_model("test_vit", pretrained=False, num_classes=100, img_size=64),
+                                 tmp_path / "c.st"))
+    rc, stdout, err = run_cli(["--data", "cifar100-c", "--data-dir", str(files["root"] / "c100"), "--model", "test_vit",
+                               "--img-size", "64", "--num-classes", "100", "--checkpoint", c100, "--corruptions", "fog",
+                               "--method", "source", "--output-dir", str(tmp_path / "b"), *FAST], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["meta"]["protocol"]["preprocess"]["name"] == "resize64" and "resized to the model's 64 px" in err
@@ -124,8 +115,8 @@ def test_imagenet_c_subset_5000_end_to_end(files, tmp_path, capsys):
     """The CoTTA-lineage protocol: RobustBench's list in its order, the first NUM_EX, res256crop224 by default,
     error reported; Source's counts equal the folded model on images read with torchvision's pipeline; the
     seed does not change the images."""
-    rc, stdout, err = _run(inc_args(files, tmp_path / "s0", "--corruptions", "gaussian_noise,fog", "--method",
-                                    "source,tent", "--seed", "0"), capsys)
+    rc, stdout, err = run_cli(inc_args(files, tmp_path / "s0", "--corruptions", "gaussian_noise,fog", "--method",
+                                       "source,tent", "--seed", "0"), capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "s0" / "results.json").read_text())
     p = res["meta"]["protocol"]
@@ -144,8 +135,8 @@ def test_imagenet_c_subset_5000_end_to_end(files, tmp_path, capsys):
         for k, c in enumerate(["gaussian_noise", "fog"]):
             correct = sum(int((loaded.model(x).argmax(1) == y).sum()) for x, y in data.domain(c, 5).batches(4))
             assert res["methods"]["source"]["correct"][k] == correct
-    rc, _, err = _run(inc_args(files, tmp_path / "s1", "--corruptions", "gaussian_noise,fog", "--method", "source",
-                               "--seed", "1"), capsys)
+    rc, _, err = run_cli(inc_args(files, tmp_path / "s1", "--corruptions", "gaussian_noise,fog", "--method", "source",
+                                  "--seed", "1"), capsys)
     assert rc == 0, err
     s1 = json.loads((tmp_path / "s1" / "results.json").read_text())
     assert s1["methods"]["source"]["correct"] == res["methods"]["source"]["correct"], "a fixed list, not shuffled"
@@ -154,8 +145,8 @@ def test_imagenet_c_subset_5000_end_to_end(files, tmp_path, capsys):
 def test_imagenet_c_options_reach_the_run(files, tmp_path, capsys):
     """--preprocess, --report, --corruptions all (an extra corruption on disk), --image-check decode, --label-map,
     --subset full: each in the results file and in what ran."""
-    rc, stdout, err = _run(inc_args(files, tmp_path / "a", "--corruptions", "all", "--preprocess", "crop224",
-                                    "--report", "accuracy", "--image-check", "decode", "--method", "source"), capsys)
+    rc, stdout, err = run_cli(inc_args(files, tmp_path / "a", "--corruptions", "all", "--preprocess", "crop224",
+                                       "--report", "accuracy", "--image-check", "decode", "--method", "source"), capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "a" / "results.json").read_text())
     assert res["config"]["run"]["corruptions"] == ["gaussian_noise", "fog", "saturate"]
@@ -165,8 +156,8 @@ def test_imagenet_c_options_reach_the_run(files, tmp_path, capsys):
     # a label map: class folders -> outputs of the head
     wnids = sorted({r.split("/")[0] for r in files["rels"]})
     (tmp_path / "map.json").write_text(json.dumps({w: 7 + i for i, w in enumerate(wnids)}))
-    rc, _, err = _run(inc_args(files, tmp_path / "b", "--corruptions", "fog", "--label-map", str(tmp_path / "map.json"),
-                               "--subset", "full", "--method", "source"), capsys)
+    rc, _, err = run_cli(inc_args(files, tmp_path / "b", "--corruptions", "fog", "--label-map",
+                                  str(tmp_path / "map.json"), "--subset", "full", "--method", "source"), capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["config"]["run"]["label_map"] == str(tmp_path / "map.json") and res["config"]["run"]["subset"] == "full"
@@ -179,9 +170,9 @@ def test_skip_unreadable_is_counted_and_recorded(files, tmp_path, capsys):
     args = ["--data", "imagenet-c", "--data-dir", str(root), "--corruptions", "fog,snow", "--max-per-domain", "6",
             "--model", "test_vit", "--img-size", "224", "--checkpoint", files["vit224"], "--method", "source",
             "--batch-size", "4", *FAST]
-    rc, _, err = _run(args + ["--output-dir", str(tmp_path / "x")], capsys)
+    rc, _, err = run_cli(args + ["--output-dir", str(tmp_path / "x")], capsys)
     assert rc == 2 and files["rels"][4] in err and "--skip-unreadable" in err
-    rc, stdout, err = _run(args + ["--skip-unreadable", "--output-dir", str(tmp_path / "y")], capsys)
+    rc, stdout, err = run_cli(args + ["--skip-unreadable", "--output-dir", str(tmp_path / "y")], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "y" / "results.json").read_text())
     check = res["meta"]["image_check"]
@@ -193,19 +184,17 @@ def test_skip_unreadable_is_counted_and_recorded(files, tmp_path, capsys):
 def test_hf_hub_model_from_the_local_cache_without_checkpoint(files, tmp_path, capsys, monkeypatch):
     from huggingface_hub import constants
 
-    from test_eval_checkpoints import _fake_hub_cache
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = {"architecture": "test_vit", "num_classes": 10, "model_args": {"img_size": 32, "patch_size": 4},
            "pretrained_cfg": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
                               "interpolation": "bicubic"}}
-    _fake_hub_cache(tmp_path / "hub", "someone/vit32-digits", {
+    write_hub_cache(tmp_path / "hub", "someone/vit32-digits", {
         "config.json": lambda p: p.write_text(json.dumps(cfg)),
         "model.safetensors": lambda p: p.write_bytes(open(files["vit32"], "rb").read())})
-    rc, _, err = _run(["--data", "cifar10-c", "--data-dir", str(files["root"] / "cifar"), "--model",
-                       "hf-hub:someone/vit32-digits", "--corruptions", "fog", "--method", "source",
-                       "--output-dir", str(tmp_path / "o"), *FAST], capsys)
+    rc, _, err = run_cli(["--data", "cifar10-c", "--data-dir", str(files["root"] / "cifar"), "--model",
+                          "hf-hub:someone/vit32-digits", "--corruptions", "fog", "--method", "source",
+                          "--output-dir", str(tmp_path / "o"), *FAST], capsys)
     assert rc == 0, err
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["meta"]["checkpoint"].endswith("model.safetensors") and res["meta"]["num_classes"] == 10
@@ -227,8 +216,8 @@ def test_results_are_written_as_each_method_finishes(files, tmp_path, capsys, mo
 
     out = tmp_path / "a"
     monkeypatch.setattr(runner, "run_method", failing(DataError))
-    rc, _, err = _run(cifar_args(files, out, "--corruptions", "fog,gaussian_noise", "--method", "source,tent,imse"),
-                      capsys)
+    rc, _, err = run_cli(cifar_args(files, out, "--corruptions", "fog,gaussian_noise", "--method", "source,tent,imse"),
+                         capsys)
     assert rc == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("imse-eval: error: /data/x.JPEG: cannot read image; replace the file; the finished "

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from eval_files import PickledOsCall
 
 from imse_kernels.eval import models as M
 from imse_kernels.eval.errors import DataError
@@ -71,16 +72,11 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         M.load_timm_model("test_vit", None)
 
 
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch EVIL_RAN",))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"state_dict": _Evil()}, f)
+        pickle.dump({"state_dict": PickledOsCall()}, f)
     with pytest.raises(DataError, match="evil.pth"):
         M.load_timm_model("test_vit", str(tmp_path / "evil.pth"))
     assert not (tmp_path / "EVIL_RAN").exists()

@@ -3,7 +3,7 @@ when TRITON_INTERPRET=1 would interpret instead of compile).
 
 Each variant (fused / split) is forced in turn with the default tile configuration (tuning off, so
 the run stays short), in float32, bfloat16 and float16, against a float64 oracle on the GPU; the
-tolerance is twice PyTorch's own error in the same dtype plus a small floor (tests/triton_oracle.py).
+tolerance is twice PyTorch's own error in the same dtype plus a small floor (`assert_close` in tests/helpers.py).
 Run by benchmarks/gpu_check.sh.
 """
 import pytest
@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 from imse_kernels import spectral_linear, use_backend  # noqa: E402
 from imse_kernels.backends import get_backend  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
-from triton_oracle import assert_close, oracle_backward, oracle_forward  # noqa: E402
+from helpers import assert_close, oracle_backward, oracle_forward  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,22 +1,13 @@
 """torch.compile(fullgraph=True) of a spectralized tiny timm ViT: no graph break, same numbers."""
 import pytest
-import timm
 import torch
-
-from imse_kernels import spectralize
-
-
-def _tiny_vit():
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
-    spectralize(model)
-    return model.eval()
+from helpers import tiny_vit
 
 
 @pytest.mark.parametrize("train_s", [True, False])
 def test_compile_fullgraph_matches_eager(train_s):
     torch._dynamo.reset()
-    model = _tiny_vit()
+    model = tiny_vit(depth=2, head_scale=None, spectral=True).eval()
     model.requires_grad_(False)
     for name, p in model.named_parameters():
         p.requires_grad_(train_s and name.endswith(".s"))
@@ -39,7 +30,7 @@ def test_compile_fullgraph_matches_eager(train_s):
 def test_compile_inductor_forward():
     """The full inductor pipeline (C++ codegen on CPU) also traces the op without a graph break."""
     torch._dynamo.reset()
-    model = _tiny_vit()
+    model = tiny_vit(depth=2, head_scale=None, spectral=True).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-4, atol=1e-4)

@@ -1,6 +1,6 @@
 """bf16 on the CPU (docs/design.md §14): the op and the layer under CPU autocast against a float64 oracle,
 the per-version cache of the low-precision factors and W', and the behaviour on a CPU without native bf16
-(the capability check patched). One IMSE step against float64: tests/test_bf16_cpu_adapters.py.
+(the capability check patched). One IMSE step against float64: tests/tta/test_bf16_cpu_adapters.py.
 
 Bounds (relative error = max |error| / max |reference|; the oracle in float64 on the inputs rounded the way
 autocast rounds them: x, U, Vh and bias to bf16, s exact): y, dx and ds 1e-2, for both CPU backends and
@@ -19,21 +19,16 @@ from imse_kernels import FusedSpectralLinear, precision, spectral_linear, use_ba
 from imse_kernels.ops import force_route
 from imse_kernels.ops.weight_cache import RecomposedWeightCache
 
-from helpers import factors
+from helpers import cpu_backends, factors, rel_err
 
 BF16 = torch.bfloat16
-CPU_BACKENDS = [b for b in ("torch", "cpu") if b in imse_kernels.available_backends()]
+CPU_BACKENDS = cpu_backends()
 # (lead shape, d_in, d_out, r): N = 1, odd sizes, truncated rank, 3-D and 4-D x, N above a 64-row chunk
 SHAPES = [((1,), 13, 29, 13), ((7,), 24, 9, 9), ((3, 5), 17, 31, 6), ((2, 3, 4), 33, 20, 20), ((130,), 40, 40, 40)]
 TOL_Y = TOL_DS = 1e-2
 
 native_bf16 = pytest.mark.skipif(not precision.cpu_native_dtype(BF16),
                                  reason="this CPU has no native bf16 (the slow-CPU tests patch the check instead)")
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def bf16_oracle(x, U, s, Vh, b):
@@ -79,9 +74,9 @@ def test_op_under_autocast_matches_float64_oracle(backend, route, lead, d_in, d_
     y.backward(g)
     y64, x64, s64 = bf16_oracle(x, U, s, Vh, b)
     y64.backward(g.double())
-    assert rel(y, y64) < TOL_Y
-    assert x.grad.dtype == torch.float32 and rel(x.grad, x64.grad) < TOL_Y
-    assert s.grad.dtype == torch.float32 and rel(s.grad, s64.grad) < TOL_DS
+    assert rel_err(y, y64) < TOL_Y
+    assert x.grad.dtype == torch.float32 and rel_err(x.grad, x64.grad) < TOL_Y
+    assert s.grad.dtype == torch.float32 and rel_err(s.grad, s64.grad) < TOL_DS
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -100,7 +95,7 @@ def test_op_bf16_inputs_non_contiguous(backend, route):
     y.backward(g)
     y64, x64, s64 = bf16_oracle(x, U, s, Vh, b)
     y64.backward(g.double())
-    assert rel(y, y64) < TOL_Y and rel(x.grad, x64.grad) < TOL_Y and rel(s.grad, s64.grad) < TOL_DS
+    assert rel_err(y, y64) < TOL_Y and rel_err(x.grad, x64.grad) < TOL_Y and rel_err(s.grad, s64.grad) < TOL_DS
 
 
 def test_cpu_backend_ds_accumulates_in_float32():
@@ -117,12 +112,12 @@ def test_cpu_backend_ds_accumulates_in_float32():
     s = torch.ones(r)
     _, ds = ops.factorized_backward(grad, h, U, s, Vh, False)
     ref = (h.double() * (grad.double() @ U.double())).sum(0)
-    assert ds.dtype == torch.float32 and rel(ds, ref) < 1e-5
+    assert ds.dtype == torch.float32 and rel_err(ds, ref) < 1e-5
     x = (torch.rand(n, d) + 0.5).to(BF16)
     W = (U.float() @ Vh.float()).to(BF16)
     _, ds_r = ops.recomposed_backward(grad, x, U, s, Vh, W, False)
     ref_r = ((U.double().t() @ (grad.double().t() @ x.double())) * Vh.double()).sum(1)
-    assert ds_r.dtype == torch.float32 and rel(ds_r, ref_r) < 1e-2  # G and M = UᵀG rounded to bf16 once each
+    assert ds_r.dtype == torch.float32 and rel_err(ds_r, ref_r) < 1e-2  # G and M = UᵀG rounded to bf16 once each
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,9 +143,9 @@ def test_layer_under_autocast_matches_float64_oracle(trained, rank, lead):
     y64.backward(g.double())
     # a frozen layer runs x·W'ᵀ with W' recomposed in float32 and rounded once: the oracle's bf16 factors
     # are one more rounding away from it, so the bound is the same
-    assert y.dtype == BF16 and rel(y, y64) < TOL_Y and rel(x.grad, x64.grad) < TOL_Y
+    assert y.dtype == BF16 and rel_err(y, y64) < TOL_Y and rel_err(x.grad, x64.grad) < TOL_Y
     if trained:
-        assert layer.s.grad.dtype == torch.float32 and rel(layer.s.grad, s64.grad) < TOL_DS
+        assert layer.s.grad.dtype == torch.float32 and rel_err(layer.s.grad, s64.grad) < TOL_DS
     else:
         assert layer.s.grad is None
 
@@ -181,9 +176,9 @@ def test_tapped_layer_under_autocast_gives_h_and_matches_oracle():
         with torch.autocast("cpu", BF16):
             y = layer(x)
         y64, _, _ = bf16_oracle(x, layer.U, layer.s, layer.Vh, layer.bias)
-        assert rel(y, y64) < TOL_Y
+        assert rel_err(y, y64) < TOL_Y
         h64 = x.detach().to(BF16).double().reshape(-1, d_in) @ layer.Vh.to(BF16).double().t()
-        assert seen[0] is not None and seen[0].dtype == BF16 and rel(seen[0], h64) < TOL_Y
+        assert seen[0] is not None and seen[0].dtype == BF16 and rel_err(seen[0], h64) < TOL_Y
         with CountCasts([layer.U.shape, layer.Vh.shape]) as casts, torch.autocast("cpu", BF16):
             layer(x).float().sum().backward()
         assert casts.count == 0
@@ -221,7 +216,7 @@ def check_frozen_output(layer, x):
     with torch.autocast("cpu", BF16), torch.no_grad():
         y = layer(x)
     y64, _, _ = bf16_oracle(x, layer.U, layer.s, layer.Vh, layer.bias)
-    assert rel(y, y64) < TOL_Y
+    assert rel_err(y, y64) < TOL_Y
 
 
 def test_cache_is_rebuilt_after_every_in_place_update_of_s():
@@ -275,14 +270,14 @@ def test_cache_is_rebuilt_after_an_update_of_U_Vh_or_the_bias():
         with torch.autocast("cpu", BF16):
             y = layer(x)
         y64, _, _ = bf16_oracle(x, layer.U, layer.s, layer.Vh, layer.bias)
-        assert rel(y, y64) < TOL_Y, name
+        assert rel_err(y, y64) < TOL_Y, name
     layer.s.requires_grad_(False)
     with torch.no_grad():
         layer.U.mul_(2.0)
         with torch.autocast("cpu", BF16):
             y = layer(x)
     y64, _, _ = bf16_oracle(x, layer.U, layer.s, layer.Vh, layer.bias)
-    assert rel(y, y64) < TOL_Y
+    assert rel_err(y, y64) < TOL_Y
 
 
 def test_cache_follows_a_dtype_change():
@@ -297,7 +292,7 @@ def test_cache_follows_a_dtype_change():
                 y = layer(x)
             assert y.dtype == dt
             ref = F.linear(x.to(dt).double(), layer.weight.double(), layer.bias.to(dt).double())
-            assert rel(y, ref) < TOL_Y
+            assert rel_err(y, ref) < TOL_Y
     assert {t.dtype for t in layer._weight_cache.tensors()} >= {BF16, torch.float16}
     layer.double()
     with torch.no_grad():
@@ -319,7 +314,7 @@ def test_trainable_bias_under_autocast_gets_its_gradient():
         g = torch.randn_like(y)
         y.backward(g)
         assert layer.bias.grad is not None and layer.bias.grad.dtype == torch.float32
-        assert rel(layer.bias.grad, g.double().sum(0)) < TOL_Y
+        assert rel_err(layer.bias.grad, g.double().sum(0)) < TOL_Y
 
 
 def test_codes_under_autocast_use_the_cached_factors():
@@ -340,10 +335,10 @@ def test_codes_under_autocast_use_the_cached_factors():
             y = model(x)
     assert casts.count == 0 and y.dtype == BF16
     h64 = x.to(BF16).double().reshape(-1, 40) @ layer.Vh.to(BF16).double().t()
-    assert seen[-1] is not None and seen[-1].dtype == BF16 and rel(seen[-1], h64) < TOL_Y
+    assert seen[-1] is not None and seen[-1].dtype == BF16 and rel_err(seen[-1], h64) < TOL_Y
     for b in range(3):
         y64, _, _ = bf16_oracle(x[b], layer.U, layer.codes[index[b]], layer.Vh, layer.bias)
-        assert rel(y[b], y64) < TOL_Y
+        assert rel_err(y[b], y64) < TOL_Y
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,7 +445,7 @@ def test_precision_autocast_attention_policy(monkeypatch, slow, attention, want)
     ref = F.scaled_dot_product_attention(a, a, a)
     with precision.autocast("cpu", "bf16", attention=attention):
         got = F.scaled_dot_product_attention(a.to(BF16), a.to(BF16), a.to(BF16))
-    assert rel(got, ref) < 2e-2
+    assert rel_err(got, ref) < 2e-2
 
 
 def test_precision_autocast_checks_and_fp32():

@@ -9,7 +9,7 @@ import torch
 import imse_kernels
 from imse_kernels import spectral_linear, use_backend
 
-from helpers import factors
+from helpers import code_table, factors, per_code_oracle
 
 pytestmark = pytest.mark.skipif("cpu" not in imse_kernels.available_backends(),
                                 reason="the C++ CPU extension imse_kernels._C is not available")
@@ -20,31 +20,6 @@ TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4), torch.bfloat1
 
 def _ops():
     return torch.ops.imse_ext
-
-
-def _table(k, r, dtype=torch.float32):
-    return (torch.rand(k, r, dtype=torch.float64) + 0.5).to(dtype)
-
-
-def oracle(x, U, S, Vh, b, index, g):
-    """y, h, dx, dS by a per-code loop in float64 on the same (rounded) inputs."""
-    x, U, S, Vh, g = (t.double() for t in (x, U, S, Vh, g))
-    N, K, r = x.shape[0], S.shape[0], S.shape[1]
-    y = torch.zeros(N, U.shape[0], dtype=torch.float64)
-    dx = torch.zeros(N, Vh.shape[1], dtype=torch.float64)
-    dS = torch.zeros(K, r, dtype=torch.float64)
-    h = x @ Vh.t()
-    for k in range(K):
-        rows = (index == k).nonzero().flatten()
-        if rows.numel() == 0:
-            continue
-        y[rows] = (h[rows] * S[k]) @ U.t()
-        t = g[rows] @ U
-        dx[rows] = (t * S[k]) @ Vh
-        dS[k] = (h[rows] * t).sum(0)
-    if b is not None:
-        y = y + b.double()
-    return y, h, dx, dS
 
 
 def _rel(a, ref):
@@ -58,7 +33,7 @@ def _problem(n, d_in, d_out, r, k, dtype, codes=None, bias=True, seed=0):
     U, _, Vh, b = factors(d_in, d_out, r, torch.float64, bias=bias)
     U, Vh = U.to(dtype), Vh.to(dtype)
     b = b.to(dtype) if b is not None else None
-    S = _table(k, r, torch.float64 if dtype == torch.float64 else torch.float32)
+    S = code_table(k, r, torch.float64 if dtype == torch.float64 else torch.float32)
     x = torch.randn(n, d_in, dtype=torch.float64).to(dtype)
     g = torch.randn(n, d_out, dtype=torch.float64).to(dtype)
     index = torch.randint(0, codes if codes is not None else k, (n,))
@@ -80,7 +55,7 @@ SHAPES = [
 @pytest.mark.parametrize("n,d_in,d_out,r,k,codes", SHAPES)
 def test_ops_match_per_code_loop(dtype, n, d_in, d_out, r, k, codes):
     x, U, S, Vh, b, index, g = _problem(n, d_in, d_out, r, k, dtype, codes, bias=(n != 7))
-    y_ref, _, dx_ref, dS_ref = oracle(x, U, S, Vh, b, index, g)
+    y_ref, _, dx_ref, dS_ref = per_code_oracle(x, U, S, Vh, b, g, index)
     tol_y, tol_ds = TOL[dtype]
     y, h = _ops().indexed_forward(x, U, S, Vh, b, index, True)
     assert y.shape == (n, d_out) and y.dtype == dtype and h.shape == (n, r) and h.dtype == dtype
@@ -102,7 +77,7 @@ def test_ops_match_per_code_loop(dtype, n, d_in, d_out, r, k, codes):
 
 def test_low_precision_float16():
     x, U, S, Vh, b, index, g = _problem(37, 20, 12, 8, 3, torch.float16)
-    y_ref, _, dx_ref, dS_ref = oracle(x, U, S, Vh, b, index, g)
+    y_ref, _, dx_ref, dS_ref = per_code_oracle(x, U, S, Vh, b, g, index)
     y, h = _ops().indexed_forward(x, U, S, Vh, b, index, True)
     dx, dS = _ops().indexed_backward(g, h, U, S, Vh, index, True)
     assert y.dtype == dx.dtype == torch.float16 and dS.dtype == torch.float32
@@ -114,7 +89,7 @@ def test_float64_table_with_float32_inputs():
     comes back in S's dtype."""
     x, U, S, Vh, b, index, g = _problem(20, 10, 8, 5, 3, torch.float32)
     S64 = S.double()
-    y_ref, _, dx_ref, dS_ref = oracle(x, U, S64, Vh, b, index, g)
+    y_ref, _, dx_ref, dS_ref = per_code_oracle(x, U, S64, Vh, b, g, index)
     y, h = _ops().indexed_forward(x, U, S64, Vh, b, index, True)
     dx, dS = _ops().indexed_backward(g, h, U, S64, Vh, index, True)
     assert y.dtype == torch.float32 and dS.dtype == torch.float64
@@ -132,7 +107,7 @@ def test_no_rows():
 
 def test_non_contiguous_inputs():
     x, U, S, Vh, b, index, g = _problem(90, 14, 11, 7, 4, torch.float32)
-    y_ref, _, dx_ref, dS_ref = oracle(x, U, S, Vh, b, index, g)
+    y_ref, _, dx_ref, dS_ref = per_code_oracle(x, U, S, Vh, b, g, index)
     nc = {
         "x": torch.stack([x, x], 2)[..., 0],
         "U": U.t().contiguous().t(),
@@ -202,7 +177,7 @@ def test_ds_reduction_order_is_fixed(dtype):
     n, r, k = 517, 24, 6
     U = torch.eye(r, dtype=dtype)
     Vh = torch.randn(r, 10, dtype=torch.float64).to(dtype)
-    S = _table(k, r)
+    S = code_table(k, r)
     h = torch.randn(n, r, dtype=torch.float64).to(dtype)
     g = torch.randn(n, r, dtype=torch.float64).to(dtype)
     index = torch.randint(0, k - 1, (n,))  # code k-1 unused
@@ -233,7 +208,7 @@ def test_bad_inputs_fail_clearly():
         (lambda: fwd(x, U, S.bfloat16(), Vh, b, index, True), "S must be float32 or float64, got BFloat16"),
         (lambda: fwd(x, U, S.half(), Vh, b, index, True), "S must be float32 or float64"),
         (lambda: fwd(x, U, S[0], Vh, b, index, True), "S must be 2-D"),
-        (lambda: fwd(x, U, _table(3, 4), Vh, b, index, True), "rank mismatch"),
+        (lambda: fwd(x, U, code_table(3, 4), Vh, b, index, True), "rank mismatch"),
         (lambda: fwd(x, U.double(), S, Vh, b, index, True), "U and Vh must have x's dtype Float"),
         (lambda: fwd(x[0], U, S, Vh, b, index, True), "x must be 2-D"),
         (lambda: fwd(x.int(), U, S, Vh, b, index, True), "x must be floating point"),
@@ -275,7 +250,7 @@ def test_spectral_linear_uses_the_cpu_ops(monkeypatch, need_ds):
         assert getattr(CudaBackend, name) is getattr(CpuBackend, name) is not getattr(SpectralBackend, name)
 
     U, _, Vh, b = factors(24, 18, 12)
-    S0 = _table(4, 12)
+    S0 = code_table(4, 12)
     x0 = torch.randn(3, 5, 24)
     index = torch.tensor([2, 0, 2])
     out = {}

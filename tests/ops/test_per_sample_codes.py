@@ -6,15 +6,14 @@ determinism and bad inputs."""
 import pytest
 import torch
 
-import imse_kernels
 from imse_kernels import spectral_linear, use_backend
 from imse_kernels.backends.base import segment_sum, sorted_segment_sum
 from imse_kernels.ops.planner import FACTORIZED
 from imse_kernels.ops.spectral_linear import _backward_op, _forward_op
 
-from helpers import factors
+from helpers import code_table, cpu_backends, factors, tiny_vit
 
-CPU_BACKENDS = [b for b in ("torch", "cpu") if b in imse_kernels.available_backends()]
+CPU_BACKENDS = cpu_backends()
 
 
 def per_code_loop(x, U, S, Vh, b, rows_index):
@@ -24,10 +23,6 @@ def per_code_loop(x, U, S, Vh, b, rows_index):
                        for n in range(xs.shape[0])])
     out = out + b.double() if b is not None else out
     return out.reshape(*x.shape[:-1], U.shape[0])
-
-
-def _table(k, r, dtype=torch.float32):
-    return (torch.rand(k, r, dtype=torch.float64) + 0.5).to(dtype)
 
 
 # (x shape, d_in, d_out, r, K, index kind): N = 1, odd sizes, truncated rank, K = 1, unused codes, 3-D
@@ -55,7 +50,7 @@ def _rows(index, shape):
 @pytest.mark.parametrize("shape,d_in,d_out,r,k,kind", CASES)
 def test_matches_per_code_loop_float32(backend, shape, d_in, d_out, r, k, kind):
     U, _, Vh, b = factors(d_in, d_out, r)
-    S = _table(k, r).requires_grad_(True)
+    S = code_table(k, r).requires_grad_(True)
     x = torch.randn(*shape, requires_grad=True)
     index = _index(shape, k, kind)
     with use_backend(backend):
@@ -80,7 +75,7 @@ def test_matches_per_code_loop_float32(backend, shape, d_in, d_out, r, k, kind):
 @pytest.mark.parametrize("kind", ["sample", "row"])
 def test_gradcheck_float64(backend, kind):
     U, _, Vh, b = factors(11, 7, 5, torch.float64, torch.float64)
-    S = _table(3, 5, torch.float64).requires_grad_(True)
+    S = code_table(3, 5, torch.float64).requires_grad_(True)
     x = torch.randn(4, 2, 11, dtype=torch.float64, requires_grad=True)
     index = _index(x.shape, 3, kind)
     with use_backend(backend):
@@ -102,7 +97,7 @@ def test_one_code_equals_the_unindexed_op(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_ds_in_float32(dtype):
     U, _, Vh, b = factors(48, 40, 24)
-    S = _table(3, 24).requires_grad_(True)
+    S = code_table(3, 24).requires_grad_(True)
     x = torch.randn(10, 48).to(dtype)
     index = _index(x.shape, 3, "sample")
     y = spectral_linear(x, U.to(dtype), S, Vh.to(dtype), b.to(dtype), index=index)
@@ -127,7 +122,7 @@ def test_segment_sums_are_deterministic_and_agree():
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     U, _, Vh, b = factors(12, 10, 6)
-    S = _table(3, 6)
+    S = code_table(3, 6)
     idx = torch.tensor([0, 2, 2, 1, 0])
     with use_backend(backend):
         for need_ds, need_dx in ((True, True), (True, False), (False, True), (False, False)):
@@ -142,7 +137,7 @@ def test_opcheck(backend):
 def test_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     U, _, Vh, b = factors(12, 10, 6)
-    S = _table(3, 6).requires_grad_(True)
+    S = code_table(3, 6).requires_grad_(True)
     idx = torch.tensor([0, 2, 2, 1])
     x = torch.randn(4, 7, 12)
 
@@ -159,7 +154,7 @@ def test_compile_fullgraph_matches_eager():
 
 def test_bad_index_inputs():
     U, s, Vh, b = factors(12, 10, 6)
-    S = _table(3, 6)
+    S = code_table(3, 6)
     x = torch.randn(4, 5, 12)
     ok = torch.tensor([0, 1, 2, 0])
     with pytest.raises(IndexError, match=r"\[0, K=3\).*max 3"):
@@ -179,7 +174,7 @@ def test_bad_index_inputs():
     with pytest.raises(ValueError, match="needs index="):
         spectral_linear(x, U, S, Vh, b)
     with pytest.raises(ValueError, match="rank mismatch"):
-        spectral_linear(x, U, _table(3, 5), Vh, b, index=ok)
+        spectral_linear(x, U, code_table(3, 5), Vh, b, index=ok)
     with pytest.raises(ValueError, match="index is on meta"):
         spectral_linear(x, U, S, Vh, b, index=ok.to("meta"))
 
@@ -187,15 +182,10 @@ def test_bad_index_inputs():
 # --------------------------------------------------------------------------------------------
 # The module: a code table per layer, selected per forward by `stream_codes`
 
-def _tiny_vit():
-    import timm
-
-    from imse_kernels import spectralize
-
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, num_classes=5)
-    spectralize(model)
-    return model.eval()
+def _small_vit():
+    """The tiny ViT at 16 px (width 24, 2 heads, 2 blocks, 5 classes), spectralized, in eval mode."""
+    return tiny_vit(depth=2, head_scale=None, spectral=True, img_size=16, embed_dim=24, num_heads=2,
+                    num_classes=5).eval()
 
 
 def test_stream_codes_equal_separate_models():
@@ -205,7 +195,7 @@ def test_stream_codes_equal_separate_models():
     from imse_kernels import stream_codes
     from imse_kernels.layers import coded_layers, spectral_layers
 
-    model = _tiny_vit()
+    model = _small_vit()
     x = torch.randn(5, 3, 16, 16)
     before = model(x)
     for m in spectral_layers(model).values():
@@ -230,7 +220,7 @@ def test_stream_codes_gradients_reach_only_the_used_rows():
     from imse_kernels import stream_codes
     from imse_kernels.layers import spectral_layers
 
-    model = _tiny_vit()
+    model = _small_vit()
     layer = spectral_layers(model)["blocks.1.mlp.fc1"]
     layer.s.requires_grad_(True)
     codes = layer.enable_codes(4)
@@ -245,7 +235,7 @@ def test_stream_codes_bad_inputs():
     from imse_kernels import stream_codes
     from imse_kernels.layers import spectral_layers
 
-    model = _tiny_vit()
+    model = _small_vit()
     with pytest.raises(ValueError, match="enable_codes"):
         with stream_codes(model, torch.tensor([0])):
             pass

@@ -9,9 +9,9 @@ from imse_kernels.ops import force_route
 from imse_kernels.ops.spectral_linear import _backward_op, _forward_op
 from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED
 
-from helpers import factors, oracle
+from helpers import cpu_backends, factors, oracle
 
-CPU_BACKENDS = [b for b in ("torch", "cpu") if b in imse_kernels.available_backends()]
+CPU_BACKENDS = cpu_backends()
 ROUTES = ["factorized", "recomposed"]
 
 # (lead shape, d_in, d_out, r): N = 1, sizes not multiples of 8, truncated rank, 3-D and 4-D x

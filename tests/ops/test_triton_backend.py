@@ -13,7 +13,7 @@ from imse_kernels.backends import get_backend, unavailable_reason  # noqa: E402
 from imse_kernels.backends.triton_backend import TritonBackend  # noqa: E402
 from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED, plan  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
-from triton_oracle import assert_close, factors, oracle_backward, oracle_forward  # noqa: E402
+from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None or not runtime.INTERPRETED,
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
@@ -36,7 +36,7 @@ def ref():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("save_h", [False, True])
 def test_factorized_forward(tb, ref, variant, dtype, save_h):
-    x, U, s, Vh, b = factors(19, 37, 26, 21, dtype)
+    x, U, s, Vh, b = spectral_inputs(19, 37, 26, 21, dtype)
     with tuning.force(variant):
         y, h = tb.factorized_forward(x, U, s, Vh, b, save_h)
     y_ref, h_ref = ref.factorized_forward(x, U, s, Vh, b, save_h)
@@ -52,7 +52,7 @@ def test_factorized_forward(tb, ref, variant, dtype, save_h):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("need_dx", [False, True])
 def test_factorized_backward(tb, ref, variant, dtype, need_dx):
-    x, U, s, Vh, _ = factors(19, 37, 26, 21, dtype, bias=False)
+    x, U, s, Vh, _ = spectral_inputs(19, 37, 26, 21, dtype, bias=False)
     g = torch.randn(19, 26).to(dtype)
     h = x @ Vh.t()
     with tuning.force(variant):
@@ -69,7 +69,7 @@ def test_factorized_backward(tb, ref, variant, dtype, need_dx):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_factorized_input_grad(tb, ref, variant, dtype):
-    _, U, s, Vh, _ = factors(1, 37, 26, 21, dtype, bias=False)
+    _, U, s, Vh, _ = spectral_inputs(1, 37, 26, 21, dtype, bias=False)
     g = torch.randn(1, 26).to(dtype)  # N = 1
     with tuning.force(variant):
         dx = tb.factorized_input_grad(g, U, s, Vh)
@@ -78,7 +78,7 @@ def test_factorized_input_grad(tb, ref, variant, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_recompose_and_recomposed_backward(tb, ref, dtype):
-    x, U, s, Vh, _ = factors(23, 37, 26, 21, dtype, bias=False)
+    x, U, s, Vh, _ = spectral_inputs(23, 37, 26, 21, dtype, bias=False)
     W = tb.recompose(U, s, Vh)
     W64 = (U.double() * s.double()) @ Vh.double()
     assert_close(W, W64, ref.recompose(U, s, Vh), "W")
@@ -93,14 +93,14 @@ def test_recompose_and_recomposed_backward(tb, ref, dtype):
 
 
 def test_float64_runs_through_torch_backend(tb):
-    x, U, s, Vh, b = factors(5, 12, 10, 8, torch.float64)
+    x, U, s, Vh, b = spectral_inputs(5, 12, 10, 8, torch.float64)
     y, h = tb.factorized_forward(x, U, s.double(), Vh, b, True)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, oracle_forward(x, U, s, Vh, b)[0])
 
 
 def test_backend_rejects_bad_operands(tb):
-    x, U, s, Vh, b = factors(5, 20, 18, 16, torch.float32)
+    x, U, s, Vh, b = spectral_inputs(5, 20, 18, 16, torch.float32)
     with pytest.raises(ValueError, match="s must be a floating 1-D tensor of length r=16"):
         tb.factorized_forward(x, U, s[:3], Vh, b, False)
     with pytest.raises(TypeError, match="share one dtype"):
@@ -129,7 +129,7 @@ def _grads(backend, x, U, s, Vh, b):
 @pytest.mark.parametrize("bias", [True, False])
 def test_spectral_linear_autograd_matches_torch_backend(shape, r, route, bias):
     d_in, d_out = 24, 20
-    _, U, s, Vh, b = factors(1, d_in, d_out, r, torch.float32, bias=bias)
+    _, U, s, Vh, b = spectral_inputs(1, d_in, d_out, r, torch.float32, bias=bias)
     x = torch.randn(*shape)
     n = x.numel() // d_in
     assert plan(n, d_in, d_out, r, True, True, False).route == route
@@ -142,7 +142,7 @@ def test_spectral_linear_autograd_matches_torch_backend(shape, r, route, bias):
 
 
 def test_spectral_linear_noncontiguous_input_bf16():
-    _, U, s, Vh, b = factors(1, 24, 20, 12, torch.bfloat16)
+    _, U, s, Vh, b = spectral_inputs(1, 24, 20, 12, torch.bfloat16)
     x = torch.randn(24, 9).to(torch.bfloat16).t()  # non-contiguous (9, 24)
     with use_backend("triton"):
         y = spectral_linear(x, U, s, Vh, b)
@@ -159,7 +159,7 @@ def test_torch_compile_fullgraph_runs_the_triton_kernels(monkeypatch):
             calls.append(_name)
             return _orig(self, *a)
         monkeypatch.setattr(TritonBackend, name, spy)
-    _, U, s, Vh, b = factors(1, 24, 20, 12, torch.float32)
+    _, U, s, Vh, b = spectral_inputs(1, 24, 20, 12, torch.float32)
     x = torch.randn(2, 5, 24, requires_grad=True)
     s = s.clone().requires_grad_()
     torch._dynamo.reset()
@@ -237,7 +237,7 @@ def test_measured_route_off_on_cpu_and_picks_faster_when_timed(tb, monkeypatch):
 @pytest.mark.parametrize("need", ["ds_dx", "dx", "ds"])
 def test_per_sample_codes_match_torch_backend(dtype, need):
     """index=: the chain kernel's gathered scale and per-code ds partials against the ATen default."""
-    _, U, _, Vh, b = factors(1, 37, 26, 21, dtype)
+    _, U, _, Vh, b = spectral_inputs(1, 37, 26, 21, dtype)
     S = torch.rand(4, 21) + 0.5
     x = torch.randn(3, 5, 37).to(dtype)
     index = torch.tensor([3, 0, 3])

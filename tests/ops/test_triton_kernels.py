@@ -14,7 +14,7 @@ from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
 from imse_kernels.triton_kernels.chain import chain  # noqa: E402
 from imse_kernels.triton_kernels.recomposed_ds import recomposed_ds  # noqa: E402
 from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul  # noqa: E402
-from triton_oracle import assert_close, factors, oracle_backward, oracle_forward  # noqa: E402
+from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not runtime.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")
@@ -36,7 +36,7 @@ def _dev(*ts):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_chain_forward_with_h(shape, dtype):
     n, d_in, d_out, r = shape
-    x, U, s, Vh, b = _dev(*factors(n, d_in, d_out, r, dtype))
+    x, U, s, Vh, b = _dev(*spectral_inputs(n, d_in, d_out, r, dtype))
     y, h, ds = chain(x, Vh.t(), s, U.t(), b, save_h=True)
     y64, h64 = oracle_forward(x, U, s, Vh, b)
     y_torch = torch.addmm(b, x @ Vh.t(), (U.float() * s).to(dtype).t())
@@ -49,7 +49,7 @@ def test_chain_forward_with_h(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_chain_backward_ds_and_dx(shape, dtype):
     n, d_in, d_out, r = shape
-    x, U, s, Vh, _ = _dev(*factors(n, d_in, d_out, r, dtype, bias=False))
+    x, U, s, Vh, _ = _dev(*spectral_inputs(n, d_in, d_out, r, dtype, bias=False))
     g = torch.randn(n, d_out, device=x.device).to(dtype)
     h = x @ Vh.t()
     dx, hout, ds = chain(g, U, s, Vh, h=h)
@@ -63,7 +63,7 @@ def test_chain_backward_ds_and_dx(shape, dtype):
 
 def test_chain_bias_none_and_noncontiguous_operands():
     n, d_in, d_out, r = 21, 40, 19, 18
-    x, U, s, Vh, _ = _dev(*factors(n, 2 * d_in, d_out, r, torch.float32, bias=False))
+    x, U, s, Vh, _ = _dev(*spectral_inputs(n, 2 * d_in, d_out, r, torch.float32, bias=False))
     x = x[:, ::2]                      # strided rows
     Vh = Vh[:, ::2]
     Ut = U.t().contiguous().t()         # column-major U
@@ -74,7 +74,7 @@ def test_chain_bias_none_and_noncontiguous_operands():
 
 def test_chain_tile_configs_agree():
     """Every rank chunking / tile shape gives the same answer (masks and loops, not one tile)."""
-    x, U, s, Vh, b = _dev(*factors(40, 50, 35, 33, torch.float32))
+    x, U, s, Vh, b = _dev(*spectral_inputs(40, 50, 35, 33, torch.float32))
     ref = oracle_forward(x, U, s, Vh, b)[0]
     for bm, bn, br, bk in [(16, 16, 16, 16), (32, 64, 16, 32), (16, 32, 64, 16)]:
         cfg = tuning.make(2, 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, BLOCK_K=bk, GROUP_M=2)
@@ -85,7 +85,7 @@ def test_chain_tile_configs_agree():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scaled_matmul_scale_k_with_bias(dtype):
     """y = (h ⊙ s)·Uᵀ + b, the recomposition pattern: s on the reduction dimension."""
-    x, U, s, Vh, b = _dev(*factors(37, 45, 29, 23, dtype))
+    x, U, s, Vh, b = _dev(*spectral_inputs(37, 45, 29, 23, dtype))
     h = x @ Vh.t()
     c, ds = scaled_matmul(h, U.t(), s, b, scale="k")
     assert ds is None
@@ -96,7 +96,7 @@ def test_scaled_matmul_scale_k_with_bias(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_scaled_matmul_scale_n_with_ds_epilogue(dtype):
     """ts = (g·U) ⊙ s and ds = Σ h ⊙ (g·U): the split backward's first stage."""
-    x, U, s, Vh, _ = _dev(*factors(37, 45, 29, 23, dtype, bias=False))
+    x, U, s, Vh, _ = _dev(*spectral_inputs(37, 45, 29, 23, dtype, bias=False))
     g = torch.randn(37, 29, device=x.device).to(dtype)
     h = x @ Vh.t()
     ts, ds = scaled_matmul(g, U, s, scale="n", h=h)
@@ -119,7 +119,7 @@ def test_scaled_matmul_unscaled_noncontiguous():
 @pytest.mark.parametrize("dims", [(29, 45, 23), (50, 20, 17)])
 def test_recomposed_ds(dims, dtype):
     d_out, d_in, r = dims
-    _, U, s, Vh, _ = _dev(*factors(1, d_in, d_out, r, dtype, bias=False))
+    _, U, s, Vh, _ = _dev(*spectral_inputs(1, d_in, d_out, r, dtype, bias=False))
     x = torch.randn(13, d_in, device=U.device).to(dtype)
     g = torch.randn(13, d_out, device=U.device).to(dtype)
     G = g.t() @ x
@@ -131,7 +131,7 @@ def test_recomposed_ds(dims, dtype):
 
 
 def test_launchers_reject_bad_operands():
-    x, U, s, Vh, b = _dev(*factors(5, 20, 18, 16, torch.float32))
+    x, U, s, Vh, b = _dev(*spectral_inputs(5, 20, 18, 16, torch.float32))
     with pytest.raises(TypeError, match="share one dtype"):
         chain(x, Vh.t().half(), s, U.t(), b)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -149,7 +149,7 @@ def test_launchers_reject_bad_operands():
 
 
 def test_empty_batch():
-    x, U, s, Vh, b = _dev(*factors(3, 20, 18, 16, torch.float32))
+    x, U, s, Vh, b = _dev(*spectral_inputs(3, 20, 18, 16, torch.float32))
     y, _, ds = chain(x[:0], Vh.t(), s, U.t(), b, h=(x @ Vh.t())[:0])
     assert y.shape == (0, 18) and torch.equal(ds, torch.zeros_like(ds))
 
@@ -159,7 +159,7 @@ def test_empty_batch():
 def test_chain_with_per_row_codes(shape, dtype):
     """index: s is a (C, R) table gathered per row; ds is summed per code (unused codes get zeros)."""
     n, d_in, d_out, r = shape
-    x, U, s, Vh, b = _dev(*factors(n, d_in, d_out, r, dtype))
+    x, U, s, Vh, b = _dev(*spectral_inputs(n, d_in, d_out, r, dtype))
     codes = 5
     S = _dev(torch.rand(codes, r) + 0.5)[0]
     index = _dev(torch.randint(0, codes - 1, (n,)))[0]  # the last code is never used

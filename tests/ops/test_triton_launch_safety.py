@@ -15,7 +15,7 @@ from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
 from imse_kernels.triton_kernels.chain import chain  # noqa: E402
 MAX_CODES = getattr(chain_module, "MAX_CODES", 64)
 from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul  # noqa: E402
-from triton_oracle import factors, oracle_forward  # noqa: E402
+from helpers import oracle_forward, spectral_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None or not runtime.INTERPRETED,
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1)")
@@ -34,7 +34,7 @@ def _rel(got, ref) -> float:
 
 @pytest.mark.parametrize("variant", ["fused", "split"])
 def test_a_strided_bias_is_added_correctly_by_the_kernels(variant):
-    x, U, s, Vh, b = factors(9, 37, 26, 21, torch.float32)
+    x, U, s, Vh, b = spectral_inputs(9, 37, 26, 21, torch.float32)
     bs = _strided(b)
     assert not bs.is_contiguous() and torch.equal(bs, b)
     with tuning.force(variant):
@@ -47,7 +47,7 @@ def test_a_strided_bias_is_added_correctly_by_the_kernels(variant):
 
 
 def test_a_strided_bias_through_spectral_linear():
-    x, U, s, Vh, b = factors(9, 37, 26, 21, torch.float32)
+    x, U, s, Vh, b = spectral_inputs(9, 37, 26, 21, torch.float32)
     with use_backend("triton"):
         y = spectral_linear(x, U, s, Vh, _strided(b))
     assert _rel(y, oracle_forward(x, U, s, Vh, b)[0]) < 1e-5
@@ -57,7 +57,7 @@ def test_a_strided_bias_through_spectral_linear():
 # Codes outside [0, K)
 
 def _coded(n=7, d_in=37, d_out=26, r=21, k=4, dtype=torch.float32):
-    x, U, _, Vh, b = factors(n, d_in, d_out, r, dtype)
+    x, U, _, Vh, b = spectral_inputs(n, d_in, d_out, r, dtype)
     S = torch.rand(k, r) + 0.5
     return x, U, S, Vh, b
 
@@ -167,7 +167,7 @@ def test_the_fp32_default_still_lets_the_tuner_or_a_forced_variant_pick_kernels(
     monkeypatch.setattr(runtime, "dot_precision", lambda dtype: "ieee")
     monkeypatch.setattr(tuning, "candidates", lambda kernel, *args, **kwargs: [tuning.INTERPRETER[kernel]])
     monkeypatch.setattr(tuning, "default", lambda kernel, *args, **kwargs: tuning.INTERPRETER[kernel])
-    x, U, s, Vh, b = factors(9, 37, 26, 21, torch.float32)
+    x, U, s, Vh, b = spectral_inputs(9, 37, 26, 21, torch.float32)
     seen = {}
     real_choose = tuning.choose
 
@@ -205,7 +205,7 @@ def test_dropped_tiles_are_never_offered_and_a_kernel_without_tiles_is_not_the_d
         raise _Offered
 
     monkeypatch.setattr(tuning, "choose", spy)
-    x, U, s, Vh, b = factors(*sizes, torch.bfloat16)
+    x, U, s, Vh, b = spectral_inputs(*sizes, torch.bfloat16)
     assert runtime.aligned((x, U, Vh, b), sizes[1:]) == (layout == "aligned")
     with pytest.raises(_Offered):
         get_backend("triton").factorized_forward(x, U, s, Vh, b, False)

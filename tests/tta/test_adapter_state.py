@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 if __name__ == "__main__":  # the child process of the resume test runs this file as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_tta_imse import tiny_vit  # noqa: E402
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import domain, tiny_vit  # noqa: E402
 
 from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, Source, Tent  # noqa: E402
+
+# One intra-op thread here and in the child: the same reduction order, so bitwise-equal results.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = dict(stats_window=8, lr=3e-3)
 DOMAINS = (1, 1, 2, 2, 1, 1)  # shifts at batches 2 (first half) and 4 (after the resume), each with a retrieval
@@ -26,8 +28,7 @@ def stream(seed=1):
     g = torch.Generator().manual_seed(seed)
     xs = []
     for d in (0,) + DOMAINS:  # the first batch is the clean source batch
-        x = torch.randn(8, 3, 32, 32, generator=g)
-        xs.append([x, x * 1.8 + 0.6, x * 0.5 - 0.5][d])
+        xs.append(domain(torch.randn(8, 3, 32, 32, generator=g), d))
     return xs[0], xs[1:]
 
 
@@ -79,15 +80,6 @@ def _child(folder: Path) -> None:
         logits = [adapter(x) for x in xs[HALF:]]
         out[kind] = dict(summary(adapter), logits=logits)
     torch.save(out, folder / "out.pt")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the child: the same reduction order, so bitwise-equal results."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +173,10 @@ def test_mismatched_states_are_refused_and_change_nothing():
     b = fresh("imse")
     b(xs[1])
     before = summary(b)
-    torch.manual_seed(0)
-    wide = IMSE(VisionTransformer(img_size=32, patch_size=8, embed_dim=60, depth=4, num_heads=3, num_classes=10),
-                IMSEConfig(**CONFIG))
+    wide = IMSE(tiny_vit(seed=0, head_scale=None, embed_dim=60), IMSEConfig(**CONFIG))
     with pytest.raises(AdapterStateError, match=r"different model: .*shape \[1, 1, 48\].*\[1, 1, 60\]"):
         wide.load_state_dict(sd)
-    torch.manual_seed(0)
-    heads = IMSE(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=7),
-                 IMSEConfig(**CONFIG))
+    heads = IMSE(tiny_vit(seed=0, head_scale=None, num_classes=7), IMSEConfig(**CONFIG))
     with pytest.raises(AdapterStateError, match=r"model\.head\.weight has shape \[10, 48\]"):
         heads.load_state_dict(sd)
     torch.manual_seed(0)

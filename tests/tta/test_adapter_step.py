@@ -4,38 +4,12 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from helpers import CountingBackend, tiny_vit
 
-from imse_kernels import spectralize
 from imse_kernels.tta import IMSE, IMSEConfig, Tent
 
 STATS = {}  # figures the tests print (max abs diffs, graph counts), for the report
-
-
-def tiny_vit(depth=4):
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=depth, num_heads=3, num_classes=10)
-    with torch.no_grad():
-        m.head.weight.mul_(30)  # confident enough that some samples pass the entropy filter
-    spectralize(m)
-    return m
-
-
-class CountingBackend:
-    """A torch.compile backend that counts the graphs it is handed and delegates to another backend."""
-
-    def __init__(self, inner="aot_eager"):
-        self.inner, self.graphs = torch._dynamo.lookup_backend(inner), 0
-
-    def __call__(self, gm, example_inputs):
-        self.graphs += 1
-        return self.inner(gm, example_inputs)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def adam_state(adapter):
@@ -71,7 +45,7 @@ def compare(eager, compiled, sizes, tol, label):
 
 
 def pair(compile_option, cfg=None):
-    model = tiny_vit()
+    model = tiny_vit(spectral=True)
     cfg = cfg or IMSEConfig(stats_window=8)
     return IMSE(copy.deepcopy(model), cfg), IMSE(model, cfg, compile=compile_option)
 
@@ -104,7 +78,8 @@ def test_compiled_inductor_equals_eager():
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_nan_batch_leaves_s_and_adam_state_bitwise_unchanged(mode):
-    adapter = IMSE(tiny_vit(), IMSEConfig(stats_window=8), compile=None if mode == "eager" else "aot_eager")
+    adapter = IMSE(tiny_vit(spectral=True), IMSEConfig(stats_window=8),
+                   compile=None if mode == "eager" else "aot_eager")
     adapter(torch.randn(8, 3, 32, 32))
     s0 = {n: m.s.detach().clone() for n, m in adapter.layers.items()}
     opt0 = adam_state(adapter)
@@ -128,7 +103,7 @@ def test_nan_batch_leaves_s_and_adam_state_bitwise_unchanged(mode):
 
 def test_a_skipped_first_step_then_a_step_equals_one_plain_step():
     """A skipped step at the start changes nothing but the counter: the next step is Adam's first."""
-    model = tiny_vit()
+    model = tiny_vit(spectral=True)
     plain, skipped = IMSE(copy.deepcopy(model), IMSEConfig(stats_window=8)), IMSE(model, IMSEConfig(stats_window=8))
     bad = torch.full((8, 3, 32, 32), float("nan"))
     skipped(bad)
@@ -160,7 +135,8 @@ class SyncCounter:
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 def test_the_step_reads_nothing_back_from_the_device(mode, monkeypatch):
-    adapter = IMSE(tiny_vit(), IMSEConfig(stats_window=8), compile=None if mode == "eager" else "aot_eager")
+    adapter = IMSE(tiny_vit(spectral=True), IMSEConfig(stats_window=8),
+                   compile=None if mode == "eager" else "aot_eager")
     x = torch.randn(8, 3, 32, 32)
     adapter(x)  # warm-up (and the compile)
     counter = SyncCounter(monkeypatch)
@@ -200,7 +176,7 @@ class OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_step_makes_no_cuda_sync():
-    adapter = IMSE(tiny_vit().cuda(), IMSEConfig(stats_window=8))
+    adapter = IMSE(tiny_vit(spectral=True).cuda(), IMSEConfig(stats_window=8))
     x = torch.randn(8, 3, 32, 32, device="cuda")
     adapter(x)
     torch.cuda.synchronize()
@@ -216,7 +192,7 @@ def test_the_step_makes_no_cuda_sync():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_step_equals_eager_and_keeps_the_first_logits():
     """compile={"mode": "reduce-overhead"}: CUDA graphs replayed for both SAM passes; s updated in place."""
-    model = tiny_vit().cuda()
+    model = tiny_vit(spectral=True).cuda()
     eager = IMSE(copy.deepcopy(model), IMSEConfig(stats_window=8))
     graphs = IMSE(model, IMSEConfig(stats_window=8), compile={"mode": "reduce-overhead"})
     for i in range(4):
@@ -229,7 +205,7 @@ def test_cuda_graphs_step_equals_eager_and_keeps_the_first_logits():
 
 
 def test_tent_compiled_equals_eager():
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    model = tiny_vit(depth=2, head_scale=None)
     eager, compiled = Tent(copy.deepcopy(model), lr=1e-3), Tent(model, lr=1e-3, compile="aot_eager")
     for b in (8, 8, 5):
         x = torch.randn(b, 3, 32, 32)
@@ -241,7 +217,7 @@ def test_tent_compiled_equals_eager():
 
 def test_compile_option_is_checked():
     with pytest.raises(TypeError, match="compile"):
-        IMSE(tiny_vit(), compile=3)
+        IMSE(tiny_vit(spectral=True), compile=3)
 
 
 def test_masked_adam_is_torch_adam_bitwise_and_a_false_flag_changes_nothing():
@@ -279,7 +255,7 @@ def test_eval_cli_compile_flag_reaches_the_adapters():
 
     assert build_parser().parse_args(["--compile"]).compile is True
     assert build_parser().parse_args([]).compile is False
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+    model = tiny_vit(head_scale=None)
     for name in ("tent", "imse", "imse-mix", "imse-nodiv"):
         assert build_method(name, model, MethodOptions(compile="aot_eager"))._compiled is not None, name
         assert build_method(name, model, MethodOptions())._compiled is None, name

@@ -5,23 +5,13 @@ import os
 
 import pytest
 import torch
+from helpers import TOKEN_CHANNELS, TOKENS_PER_IMAGE, domain_tokens, token_domains
 from safetensors.torch import save_file
 
 from imse_kernels.tta import BankFileError, CodeBank, DomainStats, DomainTracker, symmetric_kl
 from imse_kernels.tta.domain_stats import image_moments, pooled_stats
 
-C, T = 12, 16
-
-
-def domains(n=3, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(C, generator=g) * 1.5, torch.rand(C, generator=g) * 2 + 0.3) for _ in range(n)]
-
-
-def tokens(domain, batch, seed):
-    mean, std = domain
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, T, C, generator=g) * std + mean
+C, T = TOKEN_CHANNELS, TOKENS_PER_IMAGE
 
 
 def official_kl(domain_var, domain_mean, cur_var, cur_mean):
@@ -42,7 +32,7 @@ def test_symmetric_kl_is_both_kls_averaged_over_channels():
 
 
 def test_pooled_window_stats_equal_var_mean_over_images_and_tokens():
-    x = tokens(domains()[0], 5, 0) * 3 + 100  # large mean: the pooling must not lose precision
+    x = domain_tokens(token_domains()[0], 5, 0) * 3 + 100  # large mean: the pooling must not lose precision
     stats = pooled_stats(*image_moments(x))
     var, mean = torch.var_mean(x.double(), dim=(0, 1))
     torch.testing.assert_close(stats.mean, mean, rtol=1e-6, atol=1e-6)
@@ -50,9 +40,9 @@ def test_pooled_window_stats_equal_var_mean_over_images_and_tokens():
 
 
 def test_full_batches_follow_the_official_detector():
-    doms = domains()
+    doms = token_domains()
     order = [0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 1]
-    batches = [tokens(doms[d], 8, i) for i, d in enumerate(order)]
+    batches = [domain_tokens(doms[d], 8, i) for i, d in enumerate(order)]
     # the official DomainInfo loop, written out
     var = mean = None
     shifts, ended = [], []
@@ -78,12 +68,12 @@ def test_full_batches_follow_the_official_detector():
 
 
 def test_batch_size_one_uses_a_sliding_window():
-    doms = domains()
+    doms = token_domains()
     order = [0] * 24 + [1] * 24 + [2] * 24
     tracker = DomainTracker(window=8, momentum=0.8, threshold=0.05)
     shifts, first_stats = [], None
     for i, d in enumerate(order):
-        obs = tracker.observe(tokens(doms[d], 1, 100 + i))
+        obs = tracker.observe(domain_tokens(doms[d], 1, 100 + i))
         if i < 7:
             assert obs.stats is None  # the window is not full yet: no decision on 1 image
         elif first_stats is None:
@@ -92,17 +82,17 @@ def test_batch_size_one_uses_a_sliding_window():
             shifts.append(i)
     assert len(shifts) == 2
     assert 24 <= shifts[0] < 24 + 4 and 48 <= shifts[1] < 48 + 4  # within a few images of the true boundary
-    one_image = pooled_stats(*image_moments(tokens(doms[0], 1, 0)))
-    pooled = torch.var_mean(torch.cat([tokens(doms[0], 1, 100 + i) for i in range(8)]).double(), dim=(0, 1))
+    one_image = pooled_stats(*image_moments(domain_tokens(doms[0], 1, 0)))
+    pooled = torch.var_mean(torch.cat([domain_tokens(doms[0], 1, 100 + i) for i in range(8)]).double(), dim=(0, 1))
     torch.testing.assert_close(first_stats.var, pooled[0], rtol=1e-5, atol=1e-6)
     assert one_image.mean.shape == (C,)
 
 
 def test_non_finite_tokens_are_ignored():
     tracker = DomainTracker(window=4)
-    tracker.observe(tokens(domains()[0], 4, 0))
+    tracker.observe(domain_tokens(token_domains()[0], 4, 0))
     before = tracker.running
-    bad = tokens(domains()[0], 4, 1)
+    bad = domain_tokens(token_domains()[0], 4, 1)
     bad[0, 0, 0] = float("nan")
     obs = tracker.observe(bad)
     assert obs.stats is None and not obs.shift and tracker.running is before
@@ -126,10 +116,10 @@ class FakeModel:
 
 def run_stream(bank, order, batch=8, model=None):
     model = model or FakeModel()
-    doms = domains()
+    doms = token_domains()
     log = []
     for i, d in enumerate(order):
-        found = bank.observe(tokens(doms[d], batch, 1000 + i), model.snapshot)
+        found = bank.observe(domain_tokens(doms[d], batch, 1000 + i), model.snapshot)
         if found is not None:
             model.codes = found.codes
             log.append((i, found))
@@ -334,9 +324,9 @@ def test_state_dict_resumes_the_stream_and_refuses_other_banks(tmp_path):
     twin = CodeBank({"blocks.0.attn.qkv": torch.zeros(6), "blocks.0.mlp.fc1": torch.zeros(4)}, window=8,
                     max_entries=3, policy="merge_nearest")
     twin.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
-    doms = domains()
+    doms = token_domains()
     for i, d in enumerate(order[5:], start=5):
-        x = tokens(doms[d], 8, 1000 + i)
+        x = domain_tokens(doms[d], 8, 1000 + i)
         a, b = bank.observe(x, model.snapshot), twin.observe(x, model.snapshot)
         assert (a is None) == (b is None) and (a is None or (a.entry == b.entry and a.distances == b.distances))
     assert twin.events == bank.events and any(e.kind == "merge" for e in bank.events)

@@ -7,18 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from helpers import tiny_vit
 from torch import nn
 
 from imse_kernels import FusedSpectralLinear, spectral_layers, spectralize
 from imse_kernels.tta import IMSE, IMSEConfig, Retrieval
-
-
-def tiny_vit(depth=4, dtype=torch.float32):
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=depth, num_heads=3, num_classes=10)
-    with torch.no_grad():
-        m.head.weight.mul_(30)  # confident enough that some samples pass the entropy filter
-    return m.to(dtype)
 
 
 # ------------------------------------------------------------------ the step written out by hand

@@ -5,14 +5,16 @@ import math
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from helpers import TOKEN_CHANNELS, TOKENS_PER_IMAGE, domain_tokens, tiny_vit, token_domains
 
 from imse_kernels.tta import IMSE, CodeBank, DomainStats, DomainTracker, IMSEConfig, Retrieval
 from imse_kernels.tta.code_bank import BankEntry
 from imse_kernels.tta.config import with_defaults
 from imse_kernels.tta.domain_stats import DISTANCE_FNS, domain_distance, image_moments, patch_embedding_tokens
 
-C, T = 12, 16
+# The tokens are float32 (as a model's); the re-derivations take them to float64, the tracker's moments are float32
+# sums (`image_moments`), hence the relative tolerances of 1e-5 below.
+C, T = TOKEN_CHANNELS, TOKENS_PER_IMAGE
 
 
 # ------------------------------------------------------------------ the official code, re-derived
@@ -55,19 +57,6 @@ def official_detector(batches, batch_size, distance="kl_div", threshold=0.05):
     return shifts, values, (var, mean)
 
 
-def domains(n=3, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(C, generator=g) * 1.5, torch.rand(C, generator=g) * 2 + 0.3) for _ in range(n)]
-
-
-def tokens(domain, batch, seed):
-    """float32 tokens (as a model's); the re-derivations take them to float64, the tracker's moments are float32
-    sums (`image_moments`), hence the relative tolerances of 1e-5 below."""
-    mean, std = domain
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, T, C, generator=g) * std + mean
-
-
 def stats(mean, var):
     return DomainStats(torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(var, dtype=torch.float64))
 
@@ -95,9 +84,9 @@ def test_distances_equal_the_official_formulas():
 @pytest.mark.parametrize("official,threshold", [("kl_div", 0.05), ("mean", 0.5), ("variance", 0.5),
                                                 ("l2_distance", 0.5)])
 def test_shift_detection_uses_the_configured_distance(official, threshold):
-    doms = domains()
+    doms = token_domains()
     order = [0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 1]
-    batches = [tokens(doms[d], 8, i) for i, d in enumerate(order)]
+    batches = [domain_tokens(doms[d], 8, i) for i, d in enumerate(order)]
     want, values, (var, mean) = official_detector(batches, 8, official, threshold)
     tracker = DomainTracker(window=8, threshold=threshold, distance=OURS[official])
     obs = [tracker.observe(b) for b in batches]
@@ -178,12 +167,12 @@ class FakeModel:
 
 
 def test_no_adapt_mode_stops_adapting_after_the_first_retrieval(tmp_path):
-    doms = domains()
+    doms = token_domains()
     bank = CodeBank({"l": torch.zeros(4)}, retrieval="top1_no_adapt", window=8)
     model = FakeModel()
     flags, found = [], []
     for i, d in enumerate([0, 0, 1, 1, 2, 2]):
-        r = bank.observe(tokens(doms[d], 8, 50 + i), model.snapshot)
+        r = bank.observe(domain_tokens(doms[d], 8, 50 + i), model.snapshot)
         if r is not None:
             model.codes = r.codes
             found.append((i, r.adapt))
@@ -214,13 +203,6 @@ def test_no_adapt_mode_stops_adapting_after_the_first_retrieval(tmp_path):
 
 
 # ------------------------------------------------------------------ IMSE: optimizer and no-adapt modes
-
-def tiny_vit():
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    with torch.no_grad():
-        m.head.weight.mul_(30)
-    return m
-
 
 def adam_state(adapter):
     return copy.deepcopy(adapter.optimizer.state_dict()["state"])
@@ -288,11 +270,11 @@ def stream_with_partial_batches(doms, seed=0):
     """Domain 0: 3 batches of 64 + 8; domain 1: 2 batches of 64 + 8 of domain 2 (a shift on a partial
     batch) + 2 batches of 64 of domain 2."""
     plan = [(0, 64)] * 3 + [(0, 8)] + [(1, 64)] * 2 + [(2, 8)] + [(2, 64)] * 2
-    return [tokens(doms[d], b, seed + i) for i, (d, b) in enumerate(plan)]
+    return [domain_tokens(doms[d], b, seed + i) for i, (d, b) in enumerate(plan)]
 
 
 def test_official_partial_batch_is_described_alone_and_leaves_the_running_stats():
-    doms = domains()
+    doms = token_domains()
     batches = stream_with_partial_batches(doms)
     want, values, (var, mean) = official_detector(batches, 64)
     assert want == [4, 6] and values[7] is None  # after a shift on a partial batch nothing runs until a full one
@@ -316,7 +298,7 @@ def test_official_partial_batch_is_described_alone_and_leaves_the_running_stats(
 
 
 def test_pooled_partial_batch_joins_the_most_recent_images():
-    doms = domains()
+    doms = token_domains()
     batches = stream_with_partial_batches(doms)
     tracker = DomainTracker(window=64, partial_batch="pool")
     for b in batches[:3]:
@@ -332,9 +314,9 @@ def test_pooled_partial_batch_joins_the_most_recent_images():
 
 
 def test_batch_one_streams_still_pool():
-    doms = domains()
+    doms = token_domains()
     order = [0] * 24 + [1] * 24
-    xs = [tokens(doms[d], 1, 100 + i) for i, d in enumerate(order)]
+    xs = [domain_tokens(doms[d], 1, 100 + i) for i, d in enumerate(order)]
     auto, pool = DomainTracker(window=8), DomainTracker(window=8, partial_batch="pool")
     for x in xs:
         a, p = auto.observe(x), pool.observe(x)

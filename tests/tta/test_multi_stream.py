@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from test_compiled_step import CountingBackend
-from test_tta_imse import tiny_vit
+from helpers import CountingBackend, domain, tiny_vit
 
 from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, MultiStreamIMSE
 from imse_kernels.optim import RowAdam
@@ -23,23 +22,11 @@ SCHEDULE = [[(1, 4), (1, 4), (3, 4)], [(1, 4), (1, 3), (3, 4)], [(1, 4), (2, 4),
 NAN_AT = (4, 0)  # batch 4: one image of stream 0 is not finite → only stream 0 skips its step
 TOL = dict(logits=1e-4, codes=1e-5, adam=1e-5, bank=1e-5)  # float32 (|logits| reach ~13)
 TOL64 = dict.fromkeys(TOL, 1e-9)  # float64 model and images (codes and Adam state stay float32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return tiny_vit(dtype=dtype)
-
-
-def domain(x, d):
-    return [x, x * 1.8 + 0.6, x * 0.5 - 0.5, x * 1.2 - 1.0][d]
+    return tiny_vit(dtype=dtype, seed=0)
 
 
 def mixed_batches(schedule=SCHEDULE, seed=1, dtype=torch.float32):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from helpers import tiny_vit
 from torch import nn
 
 from imse_kernels.eval.methods import DEFAULT_METHODS, METHODS, MethodOptions, build_method, parse_methods
@@ -22,10 +22,10 @@ DEPTH, C = 5, 10
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 
 
-def tiny_vit(depth=DEPTH, scale=0.8, dtype=torch.float64):
-    """A random timm ViT whose head spreads predictions over classes with mixed confidence."""
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=depth, num_heads=3, num_classes=C).double()
+def calibrated_vit(depth=DEPTH, scale=0.8, dtype=torch.float64):
+    """The tiny ViT in float64 with its head set so that it spreads predictions over classes with mixed
+    confidence."""
+    m = tiny_vit(depth, torch.float64, seed=0, head_scale=None, num_classes=C)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         f = m.forward_head(m.forward_features(torch.rand(16, 3, 32, 32, dtype=torch.float64, generator=g)),
@@ -124,7 +124,7 @@ def sar_reference(model, xs, lr, rho, margin, reset_constant, keep_momentum=Fals
 
 @pytest.mark.parametrize("reset_constant", [0.0, 10.0])
 def test_sar_steps_match_plain_torch(reset_constant):
-    base, xs = tiny_vit(), [images(seed=2), images(seed=3)]
+    base, xs = calibrated_vit(), [images(seed=2), images(seed=3)]
     ref = copy.deepcopy(base)
     outs, ema, recoveries, masks, _ = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4,
                                                     reset_constant=reset_constant)
@@ -181,7 +181,7 @@ def eata_reference(model, src, xs, lr, margin, d_margin, alpha):
 
 
 def test_eata_steps_match_plain_torch():
-    base = tiny_vit()
+    base = calibrated_vit()
     src = [images(4, seed=10), images(4, seed=11)]
     xs = [images(seed=2), images(seed=3), images(seed=4)]
     kw = dict(lr=1e-3, margin=0.4, d_margin=0.5)
@@ -237,7 +237,7 @@ def cotta_reference(model, xs, cfg):
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_cotta_steps_match_plain_torch(augment):
-    base, xs = tiny_vit(), [images(seed=2), images(seed=3)]
+    base, xs = calibrated_vit(), [images(seed=2), images(seed=3)]
     cfg = CoTTAConfig(ema_alpha=0.9, restore_prob=0.3, confidence_threshold=1.0 if augment else 0.0,
                       augmentations=3, seed=5)
     ref = copy.deepcopy(base)
@@ -302,7 +302,7 @@ def deyo_reference(model, xs, lr, margin, margin_e0, tau, seed, update=True):
 
 
 def test_deyo_steps_match_plain_torch():
-    base, xs = tiny_vit(scale=0.5), [images(seed=2), images(seed=3)]
+    base, xs = calibrated_vit(scale=0.5), [images(seed=2), images(seed=3)]
     _, info = deyo_reference(copy.deepcopy(base), xs[:1], 1e-3, 0.5, 0.4, 0.0, seed=7, update=False)
     m1, plpd = info[0]
     assert 2 < int(m1.sum()) < len(m1), "the entropy filter must keep some samples and drop others"
@@ -331,7 +331,7 @@ TRAINED = {"sar": lambda m: SAR_NAMES, "eata": lambda m: EATA_NAMES, "cotta": co
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_trained_parameters_and_reset(name):
-    base = tiny_vit()
+    base = calibrated_vit()
     adapter = MAKERS[name](copy.deepcopy(base))
     names = TRAINED[name](base)
     assert adapter.param_names == names
@@ -356,7 +356,7 @@ def test_trained_parameters_and_reset(name):
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_state_round_trip_continues_identically(name, tmp_path):
-    base = tiny_vit()
+    base = calibrated_vit()
     a = MAKERS[name](copy.deepcopy(base))
     a(images(seed=2))
     sd = a.state_dict()
@@ -389,7 +389,7 @@ def test_state_round_trip_continues_identically(name, tmp_path):
 
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_batch_of_one_and_non_finite_input(name):
-    base = tiny_vit()
+    base = calibrated_vit()
     adapter = MAKERS[name](copy.deepcopy(base))
     out = adapter(images(1, seed=2))
     assert out.shape == (1, C) and torch.isfinite(out).all() and not out.requires_grad
@@ -423,15 +423,15 @@ def test_bad_configs_name_the_field(config, field, value):
 
 def test_model_errors():
     with pytest.raises(ValueError, match="lower frozen_blocks"):
-        SAR(tiny_vit(depth=3))
+        SAR(calibrated_vit(depth=3))
     with pytest.raises(ValueError, match="frozen_blocks=0"):
         DeYO(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
     with pytest.raises(TypeError, match="SARConfig"):
-        SAR(tiny_vit(), EATAConfig())
+        SAR(calibrated_vit(), EATAConfig())
     with pytest.raises(ValueError, match="no images"):
-        EATA(tiny_vit()).fisher_from([])
+        EATA(calibrated_vit()).fisher_from([])
     with pytest.raises(ValueError, match="smaller than"):
-        DeYO(tiny_vit(), DeYOConfig(patch_len=64, plpd_threshold=-1.0, deyo_margin=1.0))(images(2))
+        DeYO(calibrated_vit(), DeYOConfig(patch_len=64, plpd_threshold=-1.0, deyo_margin=1.0))(images(2))
 
 
 # ------------------------------------------------------------------------------------------------ augmentations
@@ -477,7 +477,7 @@ def test_augment_is_seeded_and_in_range():
 def test_methods_registry_builds_the_baselines():
     assert DEFAULT_METHODS == ("source", "tent", "sar", "eata", "cotta", "deyo", "imse")
     assert parse_methods("all") == list(DEFAULT_METHODS) and {"imse-mix", "imse-nodiv"} <= set(METHODS)
-    model = tiny_vit(dtype=torch.float32)
+    model = calibrated_vit(dtype=torch.float32)
     src = [images(4, seed=10, dtype=torch.float32)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     kinds = {"sar": SAR, "eata": EATA, "cotta": CoTTA, "deyo": DeYO}
@@ -520,7 +520,7 @@ def test_sar_recovery_keeps_the_momentum_as_the_authors_code():
     """Default: a recovery restores the parameters but not SGD's momentum (the authors' SAM state_dict excludes
     the base optimizer's state), so the step after a recovery moves by the old momentum too.
     `recovery_clears_momentum=True` gives a fresh SGD instead, and then the next step differs."""
-    base, xs = tiny_vit(), [images(seed=2), images(seed=3), images(seed=4)]
+    base, xs = calibrated_vit(), [images(seed=2), images(seed=3), images(seed=4)]
     # every step ends in a recovery (the loss EMA is always below 10): the momentum accumulates across them
     ref = copy.deepcopy(base)
     outs, _, _, _, bufs = sar_reference(ref, xs, lr=0.05, rho=0.05, margin=0.4, reset_constant=10.0,
@@ -570,7 +570,7 @@ def authors_lr(method: str, batch: int) -> float:
 def test_learning_rates_scale_with_the_batch_as_the_authors_code(batch):
     from imse_kernels.tta import build, scaled_lr
 
-    model = tiny_vit(dtype=torch.float32)
+    model = calibrated_vit(dtype=torch.float32)
     for name in ("sar", "eata", "deyo", "cotta", "imse", "tent"):
         adapter = build(name, copy.deepcopy(model), batch_size=batch)
         want = authors_lr(name, batch)

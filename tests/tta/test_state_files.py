@@ -17,63 +17,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import adapted_imse, image_source, imse_adapter
 from safetensors.torch import load as st_load, save as st_save
-from test_tta_imse import tiny_vit
 
 from imse_kernels import state_file
 from imse_kernels.state_file import atomic_write_text, read_bytes, tensor_bytes
-from imse_kernels.tta import IMSE, BankFileError, CodeBank, IMSEConfig
+from imse_kernels.tta import BankFileError, CodeBank
 from imse_kernels.tta.bank_io import read_bank_file, write_bank_file
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where helpers.py is
 TEMP_NAME = r"\.{name}\.\d+\.[0-9a-f]{{8}}\.tmp"  # what atomic_write_bytes names its temp files
 
 
-# ------------------------------------------------------------------ a real bank, cheaply
-
-def make_adapter(seed=0):
-    """IMSE on the tiny ViT of test_tta_imse; the same seed gives the same pretrained weights (source code)."""
-    torch.manual_seed(seed)
-    return IMSE(tiny_vit(), IMSEConfig(stats_window=8, lr=3e-3))
-
-
-def image_source(seed=1):
-    g = torch.Generator().manual_seed(seed)
-
-    def images(d):
-        x = torch.randn(8, 3, 32, 32, generator=g)
-        return [x, x * 1.8 + 0.6, x * 0.5 - 0.5, x * 1.2 - 1.0][d]
-
-    return images
-
-
-def adapted(domains=(1, 1, 2, 2, 3), seed=0):
-    """An adapter with source statistics after a stream over `domains`: (1, 1, 2, 2, 3) shifts twice,
-    so its bank holds 3 entries (source + 2, with descriptors, codes and Adam states)."""
-    adapter = make_adapter(seed)
-    images = image_source()
-    adapter.source_statistics([images(0)])
-    for d in domains:
-        adapter(images(d))
-    return adapter
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: intra-op threads only slow these small models down (and fork is safe with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Two shared cores: intra-op threads only slow these small models down (and fork is safe with one).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory):
     d = tmp_path_factory.mktemp("banks")
-    big = adapted()
+    big = adapted_imse()
     assert len(big.bank.entries) == 3
     big.save_bank(d / "a.safetensors")
-    adapted(()).save_bank(d / "b.safetensors")  # source entry only: smaller
+    adapted_imse(()).save_bank(d / "b.safetensors")  # source entry only: smaller
     return {"a": d / "a.safetensors", "b": d / "b.safetensors",
             "A": read_bank_file(d / "a.safetensors"), "B": read_bank_file(d / "b.safetensors"),
             "source_codes": big._start_codes, "channels": big.model.embed_dim}
@@ -281,16 +247,16 @@ import os, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-from test_state_files import adapted, image_source, make_adapter
+from helpers import adapted_imse, image_source, imse_adapter
 from imse_kernels.tta.bank_io import read_bank_file
 
 path, small_path = sys.argv[2], sys.argv[3]
-big = adapted()
+big = adapted_imse()
 assert len(big.bank.entries) == 3
 big.save_bank(path)
-twin = make_adapter()
+twin = imse_adapter()
 twin.load_bank(path)
-adapted(()).save_bank(small_path)
+adapted_imse(()).save_bank(small_path)
 small = open(small_path, "rb").read()
 assert len(small) < os.path.getsize(path) // 2
 with open(path, "r+b") as f:  # truly in place: same inode, shorter
@@ -493,14 +459,14 @@ def _adapter_state(adapter):
 
 
 def test_a_failed_load_leaves_the_adapter_as_it_was(banks, tmp_path, monkeypatch):
-    adapter = adapted((1, 1, 2, 2, 3, 3, 1))  # mid-stream: 4 entries, events, a running descriptor
+    adapter = adapted_imse((1, 1, 2, 2, 3, 3, 1))  # mid-stream: 4 entries, events, a running descriptor
     assert len(adapter.bank.entries) == 4 and adapter.bank.tracker.running is not None
     before = _adapter_state(adapter)
     damaged = bytearray(read_bytes(banks["a"]))
     damaged[-5] ^= 0x01
     truncated = read_bytes(banks["a"])[:-100]
     foreign = tmp_path / "foreign.safetensors"
-    adapted((), seed=1).save_bank(foreign)  # other pretrained weights
+    adapted_imse((), seed=1).save_bank(foreign)  # other pretrained weights
     cases = {"damaged.safetensors": (bytes(damaged), "damaged"), "truncated.safetensors": (truncated, "truncated"),
              "foreign.safetensors": (None, "pretrained code")}
     for name, (data, match) in cases.items():

@@ -3,17 +3,10 @@ import math
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from helpers import tiny_vit
 from torch import nn
 
 from imse_kernels.tta import IMSE, IMSEConfig, Source, Tent
-
-
-def tiny_vit():
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    with torch.no_grad():
-        m.head.weight.mul_(30)
-    return m
 
 
 def norm_params(model):
