@@ -12,7 +12,7 @@
    (their GEMMs then run on ATen's CPU path). They are compared with the torch backend (float64
    oracle) for every dtype, custom kernels on and off, odd shapes, N = 1, truncated rank; the switch
    is checked by counting emulated launches; and all of it runs once under AddressSanitizer.
-   None of this replaces running on a GPU (tests/test_cuda_gpu.py); it checks indexing, bounds,
+   None of this replaces running on a GPU (tests/gpu/test_cuda_gpu.py); it checks indexing, bounds,
    tiling, reductions, synchronisation order and the launcher logic.
 3. Per-sample codes (docs/design.md §8): the three `indexed_*` ops (gather-scale kernel, deterministic
    segmented dS kernel, or their ATen path with the switch off), emulated the same way, against a
@@ -33,7 +33,7 @@ import torch
 
 import cuda_memcheck_case as case
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA_SRC = ROOT / "csrc" / "cuda"
 OPS = ("factorized_forward", "recompose", "factorized_backward", "factorized_input_grad", "recomposed_backward")
 INDEXED_OPS = ("indexed_forward", "indexed_backward", "indexed_input_grad")
@@ -328,24 +328,12 @@ def test_emulated_input_checks(emu):
 
 
 def _emulated_cuda_backend():
-    """The CudaBackend with its ops swapped for the emulated ones, so that spectral_linear (autograd,
-    planner, both routes) runs through the CUDA backend's code on CPU tensors."""
+    """The library's CudaBackend, every primitive included (the indexed ones too), with only its op
+    namespace and device check swapped for the emulated ones, so that spectral_linear (autograd, planner,
+    both routes, per-sample codes) runs through the CUDA backend's code on CPU tensors."""
     from imse_kernels.backends.compiled_backend import CudaBackend
 
     class EmulatedCudaBackend(CudaBackend):
-        # The per-sample-code primitives on the compiled ops (docs/design.md §8), as CompiledBackend
-        # is to route them once the CUDA ops are wired in (the same three methods as CpuBackend's).
-        def indexed_forward(self, x, U, S, Vh, bias, index, save_h):
-            y, h = self._ops.indexed_forward(x, U, S, Vh, bias, index, save_h)
-            return y, (h if save_h else None)
-
-        def indexed_backward(self, grad, h, U, S, Vh, index, need_dx):
-            dx, dS = self._ops.indexed_backward(grad, h, U, S, Vh, index, need_dx)
-            return (dx if need_dx else None), dS
-
-        def indexed_input_grad(self, grad, U, S, Vh, index):
-            return self._ops.indexed_input_grad(grad, U, S, Vh, index)
-
         def unavailable_reason(self):
             return None
 
@@ -391,97 +379,20 @@ def test_emulated_spectral_linear_gradcheck(emulated_backend, shape):
 # ------------------------------------------------------------------------------------------------
 # 3. Per-sample codes (docs/design.md §8), emulated on the CPU
 
-# (N, d_in, d_out, r, K): N = 1 (with K = 1 and with K > N), K = 1 over several 64-row chunks, K > N
-# (codes no row uses), odd sizes, codes straddling chunk boundaries, r over several 32-column tiles.
-INDEXED_SHAPES = [
-    (1, 8, 8, 8, 1),
-    (1, 5, 7, 3, 4),
-    (37, 45, 29, 21, 5),
-    (130, 72, 40, 24, 3),
-    (300, 24, 20, 40, 1),
-    (5, 3, 1, 2, 9),
-    (200, 16, 12, 70, 33),
-]
-
-
-def make_indexed_inputs(n, d_in, d_out, r, k, dtype, device, bias=True, seed=0):
-    """case.make_inputs plus a (K, r) code table S in s's dtype and an int64 index that uses a random
-    subset of the codes (about half when K > 2: the others are used by no row)."""
-    x, U, s, Vh, b, grad = case.make_inputs(n, d_in, d_out, r, dtype, device, bias, seed)
-    g = torch.Generator().manual_seed(seed + 1000)
-    S = (torch.rand(k, r, generator=g, dtype=torch.float64) * 2 + 0.25).to(s.dtype).to(device)
-    used = torch.randperm(k, generator=g)[: (k + 1) // 2 if k > 2 else k]
-    index = used[torch.randint(0, used.numel(), (n,), generator=g)].to(device)
-    return x, U, S, Vh, b, grad, index
-
-
-def indexed_reference(x, U, S, Vh, b, grad, index):
-    """Float64, one code at a time: y, h, dx and dS of the indexed ops (rows of unused codes: dS 0)."""
-    x64, U64, S64, Vh64, g64 = (t.detach().double() for t in (x, U, S, Vh, grad))
-    h, t = x64 @ Vh64.t(), g64 @ U64
-    y = torch.zeros(x.shape[0], U.shape[0], dtype=torch.float64, device=x.device)
-    dx = torch.zeros(x.shape[0], Vh.shape[1], dtype=torch.float64, device=x.device)
-    dS = torch.zeros(S.shape, dtype=torch.float64, device=x.device)
-    for c in range(S.shape[0]):
-        rows = (index == c).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        y[rows] = (h[rows] * S64[c]) @ U64.t() + (b.double() if b is not None else 0.0)
-        dx[rows] = (t[rows] * S64[c]) @ Vh64
-        dS[c] = (h[rows] * t[rows]).sum(0)
-    return {"y": y, "y_noh": y, "h": h, "dx": dx, "dx_input": dx, "dS": dS}
-
-
-def run_indexed(ops, x, U, S, Vh, b, grad, index):
-    """Every indexed op and flag combination; checks dtypes, shapes and that results do not depend on
-    save_h / need_dx (bitwise). Returns the outputs named as in indexed_reference."""
-    y, h = ops.indexed_forward(x, U, S, Vh, b, index, True)
-    y_noh, h_none = ops.indexed_forward(x, U, S, Vh, b, index, False)
-    dx, dS = ops.indexed_backward(grad, h, U, S, Vh, index, True)
-    dx_none, dS_only = ops.indexed_backward(grad, h, U, S, Vh, index, False)
-    dxi = ops.indexed_input_grad(grad, U, S, Vh, index)
-    n, r = x.shape[0], U.shape[1]
-    for t in (y, y_noh, h, dx, dxi):
-        assert t.dtype == x.dtype and t.device == x.device, (t.dtype, t.device)
-    assert y.shape == (n, U.shape[0]) and h.shape == (n, r) and dx.shape == dxi.shape == x.shape
-    assert dS.dtype == S.dtype and dS.shape == S.shape, (dS.dtype, dS.shape)
-    assert h_none.numel() == 0 and dx_none.numel() == 0
-    assert torch.equal(y, y_noh), "indexed_forward: y changed with save_h"
-    assert torch.equal(dS, dS_only), "indexed_backward: dS changed with need_dx"
-    assert torch.equal(dx, dxi), "indexed_backward and indexed_input_grad disagree on dx"
-    return {"y": y, "y_noh": y_noh, "h": h, "dx": dx, "dx_input": dxi, "dS": dS}
-
-
-def check_indexed(ops, n, d_in, d_out, r, k, dtype, device, bias=True, seed=0):
-    """The indexed ops through `ops` against the float64 per-code loop (case.TOL); the dS rows of codes
-    no row uses are exactly zero. Returns the outputs."""
-    x, U, S, Vh, b, grad, index = make_indexed_inputs(n, d_in, d_out, r, k, dtype, device, bias, seed)
-    out = run_indexed(ops, x, U, S, Vh, b, grad, index)
-    ref = indexed_reference(x, U, S, Vh, b, grad, index)
-    tol = case.tol_for(dtype)
-    errs = {key: case.rel_err(out[key], ref[key]) for key in ref}
-    bad = {key: e for key, e in errs.items() if not e <= tol}
-    assert not bad, f"{dtype} (N, d_in, d_out, r, K)={(n, d_in, d_out, r, k)} bias={bias}: errors over {tol:g}: {bad}"
-    unused = torch.ones(k, dtype=torch.bool, device=device)
-    unused[index] = False
-    assert torch.equal(out["dS"][unused], torch.zeros_like(out["dS"][unused])), "dS of unused codes is not zero"
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_emulated_indexed_ops_match_float64_loop(emu, dtype):
     from imse_kernels.backends.torch_backend import TorchBackend
 
     tb = TorchBackend()  # the ATen defaults of the protocol (backends/base.py), same dtype
     tol = case.TOL[dtype]
-    for i, shape in enumerate(INDEXED_SHAPES):
+    for i, shape in enumerate(case.INDEXED_SHAPES):
         outs = {}
         for fused in ("1", "0"):
             with case.env(IMSE_CUDA_FUSED=fused):
-                outs[fused] = check_indexed(emu, *shape, dtype, CPU, bias=(i % 2 == 0), seed=i)
+                outs[fused] = case.check_indexed(emu, *shape, dtype, CPU, bias=(i % 2 == 0), seed=i)
         bad = {k: e for k, e in ((k, case.rel_err(outs["1"][k], outs["0"][k])) for k in outs["1"]) if not e <= 2 * tol}
         assert not bad, f"kernels vs ATen path, {dtype} {shape}: {bad}"
-        x, U, S, Vh, b, grad, index = make_indexed_inputs(*shape, dtype, CPU, i % 2 == 0, i)
+        x, U, S, Vh, b, grad, index = case.make_indexed_inputs(*shape, dtype, CPU, i % 2 == 0, i)
         y, h = tb.indexed_forward(x, U, S, Vh, b, index, True)
         dx, dS = tb.indexed_backward(grad, h, U, S, Vh, index, True)
         own = {"y": (outs["1"]["y"], y), "dx": (outs["1"]["dx"], dx), "dS": (outs["1"]["dS"], dS)}
@@ -490,7 +401,7 @@ def test_emulated_indexed_ops_match_float64_loop(emu, dtype):
 
 
 def _indexed_calls(emu, dtype=torch.float32, n=150, k=4):
-    x, U, S, Vh, b, grad, index = make_indexed_inputs(n, 24, 20, 40, k, dtype, CPU)
+    x, U, S, Vh, b, grad, index = case.make_indexed_inputs(n, 24, 20, 40, k, dtype, CPU)
     _, h = emu.indexed_forward(x, U, S, Vh, b, index, True)
     return {"forward": lambda: emu.indexed_forward(x, U, S, Vh, b, index, False),
             "forward_h": lambda: emu.indexed_forward(x, U, S, Vh, b, index, True),
@@ -531,11 +442,11 @@ def test_emulated_indexed_switch_selects_aten_path(emu):
 def test_emulated_indexed_determinism(emu, fused):
     # dS (and every other output) bitwise equal on repeat; several chunks, one code or several.
     for dtype, (n, k) in ((torch.float32, (600, 3)), (torch.bfloat16, (600, 1)), (torch.float64, (257, 40))):
-        x, U, S, Vh, b, grad, index = make_indexed_inputs(n, 24, 20, 40, k, dtype, CPU, seed=3)
+        x, U, S, Vh, b, grad, index = case.make_indexed_inputs(n, 24, 20, 40, k, dtype, CPU, seed=3)
         with case.env(IMSE_CUDA_FUSED=fused):
-            first = run_indexed(emu, x, U, S, Vh, b, grad, index)
+            first = case.run_indexed(emu, x, U, S, Vh, b, grad, index)
             for _ in range(2):
-                again = run_indexed(emu, x, U, S, Vh, b, grad, index)
+                again = case.run_indexed(emu, x, U, S, Vh, b, grad, index)
                 for key, v in first.items():
                     assert torch.equal(v, again[key]), f"{key} differs between runs ({dtype}, fused={fused})"
 
@@ -543,17 +454,17 @@ def test_emulated_indexed_determinism(emu, fused):
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_emulated_indexed_empty_and_degenerate_shapes(emu, fused):
     for n, d_in, d_out, r, k in [(0, 8, 8, 4, 3), (4, 0, 6, 3, 2), (4, 5, 6, 0, 2), (0, 5, 6, 3, 0)]:
-        x, U, S, Vh, b, grad, index = make_indexed_inputs(n, d_in, d_out, r, max(k, 1), torch.float32, CPU)
+        x, U, S, Vh, b, grad, index = case.make_indexed_inputs(n, d_in, d_out, r, max(k, 1), torch.float32, CPU)
         S = S[:k]
         with case.env(IMSE_CUDA_FUSED=fused):
-            out = run_indexed(emu, x, U, S, Vh, b, grad, index)
-        ref = indexed_reference(x, U, S, Vh, b, grad, index)
+            out = case.run_indexed(emu, x, U, S, Vh, b, grad, index)
+        ref = case.indexed_reference(x, U, S, Vh, b, grad, index)
         for key in ref:
             torch.testing.assert_close(out[key].double(), ref[key], atol=1e-5, rtol=1e-5)
 
 
 def test_emulated_indexed_input_checks(emu):
-    x, U, S, Vh, b, grad, index = make_indexed_inputs(6, 8, 5, 4, 3, torch.float32, CPU)
+    x, U, S, Vh, b, grad, index = case.make_indexed_inputs(6, 8, 5, 4, 3, torch.float32, CPU)
     _, h = emu.indexed_forward(x, U, S, Vh, b, index, True)
     with pytest.raises(RuntimeError, match="indexed_forward: index must be int64, got Int"):
         emu.indexed_forward(x, U, S, Vh, b, index.int(), True)
@@ -592,7 +503,7 @@ def test_emulated_indexed_input_checks(emu):
     xt = torch.randn(8, 6).t()
     idx = torch.tensor([0, 1, 2, 2, 2, 0, 0, 1, 1, 2, 2, 0])[::2]  # non-contiguous too
     y, _ = emu.indexed_forward(xt, U, S.t().contiguous().t(), Vh, b, idx, False)
-    torch.testing.assert_close(y, indexed_reference(xt, U, S, Vh, b, grad, idx)["y"].float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, case.indexed_reference(xt, U, S, Vh, b, grad, idx)["y"].float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -615,8 +526,8 @@ def test_emulated_spectral_linear_codes_gradcheck(emulated_backend, per_row):
         y = spectral_linear(x, U, S, Vh, bias, index=index)
         y.backward(torch.ones_like(y))
     rows = index.reshape(-1) if per_row else index.repeat_interleave(t_)
-    ref = indexed_reference(x.detach().reshape(-1, d_in), U, S.detach(), Vh, bias,
-                            torch.ones(b_ * t_, d_out, dtype=torch.float64), rows)
+    ref = case.indexed_reference(x.detach().reshape(-1, d_in), U, S.detach(), Vh, bias,
+                                 torch.ones(b_ * t_, d_out, dtype=torch.float64), rows)
     torch.testing.assert_close(y.detach().reshape(-1, d_out), ref["y"])
     torch.testing.assert_close(S.grad, ref["dS"])
     assert torch.equal(S.grad[k - 1], torch.zeros(r, dtype=torch.float64))
@@ -662,13 +573,12 @@ def test_emulated_kernels_under_address_sanitizer():
         "sys.path.insert(0, os.path.join(os.getcwd(), 'tests'))\n"
         "torch.ops.load_library(glob.glob('build/imse_cuda_emu_asan/imse_cuda_emu_asan*.so')[0])\n"
         "import cuda_memcheck_case as case\n"
-        "from test_cuda_build import INDEXED_SHAPES, check_indexed\n"
         "n = 0\n"
         "for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):\n"
         "    for fused in ('1', '0'):\n"
         "        with case.env(IMSE_CUDA_FUSED=fused):\n"
-        "            for i, shape in enumerate(INDEXED_SHAPES):\n"
-        "                check_indexed(torch.ops.imse_emu, *shape, dtype, torch.device('cpu'), bias=i % 2 == 0, seed=i)\n"
+        "            for i, shape in enumerate(case.INDEXED_SHAPES):\n"
+        "                case.check_indexed(torch.ops.imse_emu, *shape, dtype, torch.device('cpu'), bias=i % 2 == 0, seed=i)\n"
         "                n += 1\n"
         "print(f'indexed: {n} cases passed')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(ROOT),

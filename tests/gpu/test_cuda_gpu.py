@@ -8,13 +8,12 @@ deterministic across runs; the public op end to end (autograd, both routes, froz
 streams and input checks. Per-sample codes (docs/design.md §8): the three indexed ops (gather-scale
 and segmented dS kernels, or their ATen path) against a float64 per-code loop with the switch on and
 off, bitwise deterministic dS, and which kernels each setting launches. The emulated CPU runs of the
-same kernels are in tests/test_cuda_build.py.
+same kernels are in tests/gpu/test_cuda_build.py.
 """
 import pytest
 import torch
 
 import cuda_memcheck_case as case
-from test_cuda_build import INDEXED_SHAPES, check_indexed, make_indexed_inputs, run_indexed
 
 pytestmark = pytest.mark.gpu
 
@@ -197,24 +196,23 @@ def test_indexed_small_shapes_match_float64_loop(ops, dtype, fused):
     from imse_kernels.backends.compiled_backend import cuda_fused_kernels
 
     with cuda_fused_kernels(fused):
-        for i, shape in enumerate(INDEXED_SHAPES):
-            check_indexed(ops, *shape, dtype, CUDA, bias=(i % 2 == 0), seed=i)
+        for i, shape in enumerate(case.INDEXED_SHAPES):
+            case.check_indexed(ops, *shape, dtype, CUDA, bias=(i % 2 == 0), seed=i)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4, 197, 768, 768, 768, 3), (64, 197, 768, 3072, 700, 64), (1, 1, 3072, 768, 300, 1)])
 def test_indexed_vit_shapes_kernels_and_aten_path(ops, dtype, shape):
     from imse_kernels.backends.compiled_backend import cuda_fused_kernels
-    from test_cuda_build import indexed_reference
 
     b_, t_, d_in, d_out, r, k = shape
-    x, U, S, Vh, b, grad, _ = make_indexed_inputs(b_ * t_, d_in, d_out, r, k, dtype, CUDA)
+    x, U, S, Vh, b, grad, _ = case.make_indexed_inputs(b_ * t_, d_in, d_out, r, k, dtype, CUDA)
     index = _per_sample_index(b_, t_, k)
-    ref = indexed_reference(x, U, S, Vh, b, grad, index)
+    ref = case.indexed_reference(x, U, S, Vh, b, grad, index)
     outs = {}
     for fused in (True, False):
         with cuda_fused_kernels(fused):
-            outs[fused] = run_indexed(ops, x, U, S, Vh, b, grad, index)
+            outs[fused] = case.run_indexed(ops, x, U, S, Vh, b, grad, index)
     tol = case.tol_for(dtype)
     for fused, out in outs.items():
         bad = {key: e for key, e in ((key, case.rel_err(out[key], ref[key])) for key in ref) if not e <= tol}
@@ -230,12 +228,12 @@ def test_indexed_deterministic(ops, dtype, fused):
     from imse_kernels.backends.compiled_backend import cuda_fused_kernels
 
     for b_, t_, k in ((64, 197, 64), (16, 197, 1), (3, 1000, 5)):
-        x, U, S, Vh, b, grad, _ = make_indexed_inputs(b_ * t_, 768, 768, 768, k, dtype, CUDA, seed=2)
+        x, U, S, Vh, b, grad, _ = case.make_indexed_inputs(b_ * t_, 768, 768, 768, k, dtype, CUDA, seed=2)
         index = _per_sample_index(b_, t_, k, seed=2)
         with cuda_fused_kernels(fused):
-            first = run_indexed(ops, x, U, S, Vh, b, grad, index)
+            first = case.run_indexed(ops, x, U, S, Vh, b, grad, index)
             for _ in range(2):
-                again = run_indexed(ops, x, U, S, Vh, b, grad, index)
+                again = case.run_indexed(ops, x, U, S, Vh, b, grad, index)
                 for key, v in first.items():
                     assert torch.equal(v, again[key]), f"{key} differs between runs ({dtype}, fused={fused}, K={k})"
 
@@ -243,11 +241,11 @@ def test_indexed_deterministic(ops, dtype, fused):
 def test_indexed_switch_selects_aten_path(ops):
     from imse_kernels.backends.compiled_backend import cuda_fused_kernels
 
-    x, U, S, Vh, b, grad, _ = make_indexed_inputs(4 * 197, 768, 768, 768, 4, torch.bfloat16, CUDA)
+    x, U, S, Vh, b, grad, _ = case.make_indexed_inputs(4 * 197, 768, 768, 768, 4, torch.bfloat16, CUDA)
     index = _per_sample_index(4, 197, 4)
 
     def run():
-        run_indexed(ops, x, U, S, Vh, b, grad, index)
+        case.run_indexed(ops, x, U, S, Vh, b, grad, index)
 
     with case.env(IMSE_CUDA_FUSED=None):  # auto: both always run
         assert _launched(run, INDEXED_KERNELS) == set(INDEXED_KERNELS)
@@ -263,7 +261,7 @@ def test_indexed_switch_selects_aten_path(ops):
 
 
 def test_indexed_input_checks_on_cuda(ops):
-    x, U, S, Vh, b, grad, index = make_indexed_inputs(6, 8, 5, 4, 3, torch.float32, CUDA)
+    x, U, S, Vh, b, grad, index = case.make_indexed_inputs(6, 8, 5, 4, 3, torch.float32, CUDA)
     with pytest.raises(RuntimeError, match="index must be a CUDA tensor"):
         ops.indexed_forward(x, U, S, Vh, b, index.cpu(), True)
     with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
