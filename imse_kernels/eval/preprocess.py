@@ -9,7 +9,7 @@
 
 Normalisation is the model's (its timm data config, folded into the model: see models.py), so every
 choice stops at `ToTensor`. Each is built from the torchvision/timm transforms it names, so the pixels
-are theirs (tests/test_eval_preprocess.py compares them on JPEGs of several sizes). docs/design.md, section 13.
+are theirs (tests/eval/test_eval_preprocess.py compares them on JPEGs of several sizes). docs/design.md, section 13.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
