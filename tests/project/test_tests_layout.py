@@ -50,3 +50,27 @@ def test_the_check_finds_each_kind_of_problem(tmp_path):
         "tta/test_b.py: 'from test_a import': import from tests/helpers.py, not from a test module",
         "test_a.py: in ops/test_a.py, tta/test_a.py",
     ]
+
+
+def test_only_the_gpu_mark_skips_a_test_on_a_cpu_machine(monkeypatch):
+    """Every test under tests/gpu/ has the folder's name among its keywords; the CUDA emulation, the fallback
+    guard, the Triton lowering and the GPU check's dry run run on the CPU all the same."""
+    import conftest
+    import torch
+
+    class Item:
+        keywords = {"gpu": 1, "test_x": 1}
+
+        def __init__(self, marked):
+            self.marked, self.added = marked, []
+
+        def get_closest_marker(self, name):
+            return object() if self.marked and name == "gpu" else None
+
+        def add_marker(self, mark):
+            self.added.append(mark)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    items = [Item(marked=True), Item(marked=False)]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [len(item.added) for item in items] == [1, 0]
