@@ -2,7 +2,7 @@
 
 `make_cases(root)` writes small files the way the real ones look (tests/eval_files.py) under `root` and
 returns one `Case` per input: the options, the exit status the command must give and the words its stderr
-must hold (the file named and the fix). tests/test_eval_bad_inputs.py runs each through `main()`;
+must hold (the file named and the fix). tests/eval/test_eval_bad_inputs.py runs each through `main()`;
 tools/bad_inputs_table.py runs each as a process and writes the table of messages and exit codes.
 """
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval_files import write_cifar_c, write_damaged_jpeg, write_imagenet_c_tree
+from eval_files import PickledOsCall, write_cifar_c, write_damaged_jpeg, write_imagenet_c_tree, write_safetensors
 
 #: Options of every case (unless it gives its own): one method, tiny batches, no bars, no plot, one thread.
 FAST = (("--method", "source"), ("--batch-size", "4"), ("--no-progress",), ("--no-plot",), ("--threads", "1"))
@@ -34,22 +34,6 @@ class Case:
     env: dict = field(default_factory=dict)  #: environment variables it needs
 
 
-class _Evil:
-    """Pickles as a call to os.system: a torch file holding it must be refused without running it."""
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, ("echo this must never run",))
-
-
-def _save(model: torch.nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 def write_files(root: Path) -> None:
     """The files the cases name, under `root`."""
     import timm
@@ -61,12 +45,12 @@ def write_files(root: Path) -> None:
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", pretrained=False, img_size=224).eval()   # ImageNet-C's model, 1000 classes
     sd = vit.state_dict()
-    w224 = _save(vit, root / "vit224.safetensors")
-    _save(timm.create_model("test_vit", pretrained=False), root / "vit160.safetensors")
-    _save(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=4, num_classes=10),
-          root / "vit32.safetensors")
-    _save(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8, num_classes=10),
-          root / "vit32_patch8.safetensors")
+    w224 = write_safetensors(vit, root / "vit224.safetensors")
+    write_safetensors(timm.create_model("test_vit", pretrained=False), root / "vit160.safetensors")
+    write_safetensors(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=4, num_classes=10),
+                      root / "vit32.safetensors")
+    write_safetensors(timm.create_model("test_vit", pretrained=False, img_size=32, patch_size=8, num_classes=10),
+                      root / "vit32_patch8.safetensors")
 
     # ImageNet-C: the first 8 names of RobustBench's list, two corruptions and one extra corruption
     rels = subset_5000()[:8]
@@ -90,10 +74,11 @@ def write_files(root: Path) -> None:
     (root / "snap").mkdir(exist_ok=True)
     (root / "snap" / "config.json").write_text(json.dumps({"architecture": "test_vit", "num_classes": 1000}))
     (root / "snap_ok").mkdir(exist_ok=True)
-    _save(vit, root / "snap_ok" / "model.safetensors")
+    write_safetensors(vit, root / "snap_ok" / "model.safetensors")
     data = w224.read_bytes()
     (root / "half.safetensors").write_bytes(data[: len(data) // 2])
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1), "x": _Evil()}, root / "evil.pth")
+    evil = PickledOsCall("echo this must never run")
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1), "x": evil}, root / "evil.pth")
 
     # CIFAR-10-C / CIFAR-100-C
     write_cifar_c(root / "c10", corruptions=("fog", "gaussian_noise"), n=10)

@@ -1,8 +1,9 @@
 """Reference checks of the CUDA backend's primitives (the `imse_ext` ops of csrc/cuda).
 
-Imported by tests/test_cuda_build.py (kernels run by the host emulator, ops `torch.ops.imse_emu`
-on CPU tensors) and tests/test_cuda_gpu.py (`torch.ops.imse_ext` on CUDA tensors). Run as a script
-it is the small case for the sanitizers:
+Imported by tests/gpu/test_cuda_build.py (kernels run by the host emulator, ops `torch.ops.imse_emu`
+on CPU tensors) and tests/gpu/test_cuda_gpu.py (`torch.ops.imse_ext` on CUDA tensors), which also share
+its checks of the per-sample-code (`indexed_*`) ops. Run as a script it is the small case for the
+sanitizers:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/cuda_memcheck_case.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python tests/cuda_memcheck_case.py --quick
@@ -19,6 +20,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from helpers import per_code_oracle
 
 # Max error relative to max |reference|, against the float64 torch backend.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -173,6 +176,75 @@ def sweep(ops, device, shapes, dtypes, own_oracle=False):
                         check_primitives(ops, *shape, dtype, device, bias=(i % 2 == 0), seed=i, own_oracle=own_oracle)
                         cases += 1
     return cases
+
+
+# ------------------------------------------------------------------ per-sample codes (docs/design.md §8)
+
+# (N, d_in, d_out, r, K): N = 1 (with K = 1 and with K > N), K = 1 over several 64-row chunks, K > N
+# (codes no row uses), odd sizes, codes straddling chunk boundaries, r over several 32-column tiles.
+INDEXED_SHAPES = [
+    (1, 8, 8, 8, 1),
+    (1, 5, 7, 3, 4),
+    (37, 45, 29, 21, 5),
+    (130, 72, 40, 24, 3),
+    (300, 24, 20, 40, 1),
+    (5, 3, 1, 2, 9),
+    (200, 16, 12, 70, 33),
+]
+
+
+def make_indexed_inputs(n, d_in, d_out, r, k, dtype, device, bias=True, seed=0):
+    """make_inputs plus a (K, r) code table S in s's dtype and an int64 index that uses a random
+    subset of the codes (about half when K > 2: the others are used by no row)."""
+    x, U, s, Vh, b, grad = make_inputs(n, d_in, d_out, r, dtype, device, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    S = (torch.rand(k, r, generator=g, dtype=torch.float64) * 2 + 0.25).to(s.dtype).to(device)
+    used = torch.randperm(k, generator=g)[: (k + 1) // 2 if k > 2 else k]
+    index = used[torch.randint(0, used.numel(), (n,), generator=g)].to(device)
+    return x, U, S, Vh, b, grad, index
+
+
+def indexed_reference(x, U, S, Vh, b, grad, index):
+    """Float64, one code at a time (per_code_oracle): y, h, dx and dS of the indexed ops (rows of unused
+    codes: dS 0), named as run_indexed names its outputs."""
+    y, h, dx, dS = per_code_oracle(x, U, S, Vh, b, grad, index)
+    return {"y": y, "y_noh": y, "h": h, "dx": dx, "dx_input": dx, "dS": dS}
+
+
+def run_indexed(ops, x, U, S, Vh, b, grad, index):
+    """Every indexed op and flag combination; checks dtypes, shapes and that results do not depend on
+    save_h / need_dx (bitwise). Returns the outputs named as in indexed_reference."""
+    y, h = ops.indexed_forward(x, U, S, Vh, b, index, True)
+    y_noh, h_none = ops.indexed_forward(x, U, S, Vh, b, index, False)
+    dx, dS = ops.indexed_backward(grad, h, U, S, Vh, index, True)
+    dx_none, dS_only = ops.indexed_backward(grad, h, U, S, Vh, index, False)
+    dxi = ops.indexed_input_grad(grad, U, S, Vh, index)
+    n, r = x.shape[0], U.shape[1]
+    for t in (y, y_noh, h, dx, dxi):
+        assert t.dtype == x.dtype and t.device == x.device, (t.dtype, t.device)
+    assert y.shape == (n, U.shape[0]) and h.shape == (n, r) and dx.shape == dxi.shape == x.shape
+    assert dS.dtype == S.dtype and dS.shape == S.shape, (dS.dtype, dS.shape)
+    assert h_none.numel() == 0 and dx_none.numel() == 0
+    assert torch.equal(y, y_noh), "indexed_forward: y changed with save_h"
+    assert torch.equal(dS, dS_only), "indexed_backward: dS changed with need_dx"
+    assert torch.equal(dx, dxi), "indexed_backward and indexed_input_grad disagree on dx"
+    return {"y": y, "y_noh": y_noh, "h": h, "dx": dx, "dx_input": dxi, "dS": dS}
+
+
+def check_indexed(ops, n, d_in, d_out, r, k, dtype, device, bias=True, seed=0):
+    """The indexed ops through `ops` against the float64 per-code loop (TOL); the dS rows of codes
+    no row uses are exactly zero. Returns the outputs."""
+    x, U, S, Vh, b, grad, index = make_indexed_inputs(n, d_in, d_out, r, k, dtype, device, bias, seed)
+    out = run_indexed(ops, x, U, S, Vh, b, grad, index)
+    ref = indexed_reference(x, U, S, Vh, b, grad, index)
+    tol = tol_for(dtype)
+    errs = {key: rel_err(out[key], ref[key]) for key in ref}
+    bad = {key: e for key, e in errs.items() if not e <= tol}
+    assert not bad, f"{dtype} (N, d_in, d_out, r, K)={(n, d_in, d_out, r, k)} bias={bias}: errors over {tol:g}: {bad}"
+    unused = torch.ones(k, dtype=torch.bool, device=device)
+    unused[index] = False
+    assert torch.equal(out["dS"][unused], torch.zeros_like(out["dS"][unused])), "dS of unused codes is not zero"
+    return out
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

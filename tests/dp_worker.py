@@ -1,4 +1,4 @@
-"""One rank of the data-parallel IMSE tests (tests/test_data_parallel.py), run as a separate process.
+"""One rank of the data-parallel IMSE tests (tests/tta/test_data_parallel.py), run as a separate process.
 
     python tests/dp_worker.py OUT RANK WORLD INIT [--fault none|config|weights|die|stall|never] [--streams]
 
@@ -16,7 +16,7 @@ import torch
 torch.set_num_threads(1)
 
 import torch.distributed as dist  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from helpers import tiny_vit  # noqa: E402  (tests/, this script's folder, is on sys.path)
 
 from imse_kernels.tta import IMSE, IMSEConfig, MultiStreamIMSE  # noqa: E402
 from imse_kernels.tta.distributed import init_distributed  # noqa: E402
@@ -25,10 +25,7 @@ BATCH = 10  # global batch; 2 ranks: 5 + 5, 3 ranks: 4 + 3 + 3
 
 
 def model_and_stream(seed: int = 0):
-    torch.manual_seed(seed)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-    with torch.no_grad():
-        m.head.weight.mul_(30)  # some samples pass the entropy filter
+    m = tiny_vit(seed=seed)  # its head scaled: some samples pass the entropy filter
     g = torch.Generator().manual_seed(seed + 1)
     domains = [(1.0, 0.0), (3.0, 1.0), (1.0, 0.0), (0.5, -1.0)]  # (scale, offset): shifts at batches 3, 6, 9
     xs = [torch.randn(BATCH, 3, 32, 32, generator=g) * a + b for a, b in domains for _ in range(3)]

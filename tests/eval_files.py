@@ -1,4 +1,5 @@
-"""Files the evaluation reads, written small the way the real ones look: JPEGs, ImageNet-C trees, CIFAR-C .npy."""
+"""Files the evaluation reads, written small the way the real ones look: JPEGs, ImageNet-C trees, CIFAR-C .npy,
+safetensors checkpoints, a Hugging Face cache, and a pickle that must never be loaded."""
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,39 @@ def write_damaged_jpeg(path: Path, seed: int = 0) -> Path:
     data[i + 5:i + 21] = b"\xff" * 16
     path.write_bytes(bytes(data))
     return path
+
+
+def write_safetensors(weights, path: Path) -> Path:
+    """A safetensors checkpoint of `weights` (a module's state_dict, or a dict of tensors)."""
+    from safetensors.torch import save_file
+
+    tensors = weights.state_dict() if hasattr(weights, "state_dict") else weights
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def write_hub_cache(root: Path, repo: str, files: dict) -> Path:
+    """The local Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}, each file
+    written by files[name](path). Returns the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = Path(root) / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    snap = base / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, write in files.items():
+        write(snap / name)
+    return snap
+
+
+class PickledOsCall:
+    """Pickles as a call to os.system(command): a file holding it must be refused without running it (the
+    default command leaves a file EVIL_RAN in the working folder if it ever runs)."""
+
+    def __init__(self, command: str = "touch EVIL_RAN"):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))

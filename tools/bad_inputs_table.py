@@ -6,7 +6,7 @@ Writes the files each case names (tests/bad_input_cases.py) into a temporary fol
 `python -m imse_kernels.eval <options>` for each as its own process, and writes OUT_PREFIX.json and
 OUT_PREFIX.md: the input, the options (the shared ones left out, temporary paths shown as <tmp>), the exit
 status, the number of lines on stderr, whether a traceback appeared, and the message: the error line, the
-warning, or what ran. tests/test_eval_bad_inputs.py checks the same cases through `main()`.
+warning, or what ran. tests/eval/test_eval_bad_inputs.py checks the same cases through `main()`.
 """
 import json
 import os

@@ -7,7 +7,7 @@
 //   gather_scale_kernel   per-sample codes: hs[n] = h[n] ⊙ S[index[n]] in one pass (docs/design.md §8);
 //   segment_partial_kernel / segment_reduce_kernel   per-sample codes: the deterministic segmented
 //                  dS[k] = Σ_{n: index[n]=k} h_n ⊙ t_n over code-sorted rows, no float atomics (§8).
-// No torch headers: nvcc compiles this file alone, and tests/test_cuda_build.py also compiles it with
+// No torch headers: nvcc compiles this file alone, and tests/gpu/test_cuda_build.py also compiles it with
 // the host compiler against emu/cuda_emu.h (IMSE_EMU) to run every kernel on a CPU.
 #ifdef IMSE_EMU
 #include "emu/cuda_emu.h"

@@ -5,7 +5,7 @@
 // bytes (0xFF) before every block, and the WMMA calls check the API's alignment rules (256-bit
 // aligned pointers, ldm a multiple of 16 bytes) and give every lane the whole fragment.
 //
-// Compiled only when IMSE_EMU is defined (tests/test_cuda_build.py builds it); never by setup.py.
+// Compiled only when IMSE_EMU is defined (tests/gpu/test_cuda_build.py builds it); never by setup.py.
 #pragma once
 
 #include <atomic>

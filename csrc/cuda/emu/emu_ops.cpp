@@ -3,7 +3,7 @@
 // docs/design.md §8) again under the namespace imse_emu, so that tests reach exactly the code paths of the CUDA ops without a GPU, with the switch op
 // imse_emu::cuda_fused_mode and imse_emu::launches() (emulated kernel launches so far: 0 more after a
 // call means the call took the ATen path).
-// Built only by the tests (tests/test_cuda_build.py), never by setup.py.
+// Built only by the tests (tests/gpu/test_cuda_build.py), never by setup.py.
 #include "../spectral_ops.h"
 #include "../../spectral_schema.h"
 

@@ -1,6 +1,6 @@
 // Standalone check of the kernels in ../spectral_kernels.cu under the emulator, without torch: the ds
 // column reduction in every dtype, the fused kernel in both layouts, and the per-sample-code kernels
-// (gather-scale, segmented dS; docs/design.md §8) in every dtype, against a float64 reference. Built with ThreadSanitizer by tests/test_cuda_build.py, where any read of shared memory
+// (gather-scale, segmented dS; docs/design.md §8) in every dtype, against a float64 reference. Built with ThreadSanitizer by tests/gpu/test_cuda_build.py, where any read of shared memory
 // that is not ordered after its write by a __syncthreads (a missing barrier) is a reported data race:
 //
 //   g++ -std=c++17 -O1 -g -fsanitize=thread -Wno-unknown-pragmas emu_selftest.cpp emu_kernels.cpp -lpthread
