@@ -350,7 +350,7 @@ def _on_term(signum, frame):
 def run(args, measures: list, name: str, note: Optional[str] = None) -> int:
     """Say what is measured, run each `measure(records, log)`, print the report, write <name>_<tag> files.
 
-    A TERM (e.g. `timeout` in gpu_check.sh) stops measuring; what was measured is still written (rc 3)."""
+    A TERM (e.g. `timeout` in checks/gpu_check.sh) stops measuring; what was measured is still written (rc 3)."""
     import torch
 
     if args.threads:

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Correctness of each spectral backend against a float64 oracle: one JSON line per check.
 
-    python benchmarks/gpu_correctness.py --device cuda                      # triton and cuda, full sweep
-    python benchmarks/gpu_correctness.py --device cpu --backends torch,cpu --quick
-    python benchmarks/gpu_correctness.py --device cpu --backends cpu --quick --inject-fault scale   # must fail
-    python benchmarks/gpu_correctness.py --device cuda --backends triton --dtypes bf16 --shard 0/8  # 1 of 8 warm-ups
+    python checks/gpu_correctness.py --device cuda                      # triton and cuda, full sweep
+    python checks/gpu_correctness.py --device cpu --backends torch,cpu --quick
+    python checks/gpu_correctness.py --device cpu --backends cpu --quick --inject-fault scale   # must fail
+    python checks/gpu_correctness.py --device cuda --backends triton --dtypes bf16 --shard 0/8  # 1 of 8 warm-ups
 
 Every primitive of the backend protocol (imse_kernels/backends/base.py) and the public
 `spectral_linear` (forward + backward under `use_backend(name)`, both routes pinned with

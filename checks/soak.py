@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Soak run of IMSE: many batches through a tiny timm ViT with domain shifts and injected faults.
 
-    python benchmarks/soak.py                          # 10,000 batches of 8 (10-15 min on 2 CPU cores)
-    python benchmarks/soak.py --batches 1000 --out /tmp/soak.json
-    python benchmarks/soak.py --batches 50             # smoke run
+    python checks/soak.py                          # 10,000 batches of 8 (10-15 min on 2 CPU cores)
+    python checks/soak.py --batches 1000 --out /tmp/soak.json
+    python checks/soak.py --batches 50             # smoke run
 
 It checks that a long stream stays healthy, not accuracy (the model is random-init and the images
 synthetic): the input distribution changes every --shift-every batches (a cycle of noise, brightness,
