@@ -374,7 +374,7 @@ class Record:
     peak_method: str = ""
     load1: float = math.nan                  # 1-min load average when the case ended (machine contention)
     gflop: float = math.nan                  # GFLOP of one call: layer level the route's nominal GEMM FLOPs
-                                             # (layer_bench.nominal_flops), model level GEMM + conv (counted)
+                                             # (layer_cases.nominal_flops), model level GEMM + conv (counted)
     extra: str = ""
     error: str = ""
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import layer_cases as LC
 from bench_common import RESULTS_DIR, Record, env_info, fmt, install_banner, machine_tag
 
 TARGETS = Path(__file__).resolve().parent / "targets.json"
@@ -120,12 +121,10 @@ def model_table(records: list) -> str:
 
 def gflops_table(records: list) -> str:
     """Achieved GFLOP/s = GFLOP of one call / median time: layer level the nominal GEMM FLOPs of each
-    provider's route (layer_bench.nominal_flops), model level the counted GEMM + convolution FLOPs."""
-    import layer_bench as LB
-
+    provider's route (layer_cases.nominal_flops), model level the counted GEMM + convolution FLOPs."""
     def gflop(r):  # a run saved before layer records carried it: the same formula
-        if r.level == "layer" and r.gflop != r.gflop and r.dtype in LB.DTYPES:
-            return LB.nominal_flops(LB.Case(*r.case.split("."), r.batch, r.mode, r.dtype), r.provider) / 1e9
+        if r.level == "layer" and r.gflop != r.gflop and r.dtype in LC.DTYPES:
+            return LC.nominal_flops(LC.Case(*r.case.split("."), r.batch, r.mode, r.dtype), r.provider) / 1e9
         return r.gflop
 
     out = []
@@ -194,15 +193,13 @@ def _cuda_derived_checks(layer: list, model: list) -> list:
 def gap_report(layer: list, limit: int = 16, threshold: float = 1.10) -> str:
     """Where fused_auto is slower than the FLOP model says it should be (planner.step_flops, best route,
     over nn.Linear's FLOPs): gap = measured time ratio / FLOP ratio. Targets for kernels and planner."""
-    import layer_bench as LB
-
     rows = []
     for r in layer:
-        if r.provider != "fused_auto" or r.error or r.dtype not in LB.DTYPES:
+        if r.provider != "fused_auto" or r.error or r.dtype not in LC.DTYPES:
             continue
         net, lay = r.case.split(".")
         try:
-            route, model = LB.flop_model(LB.Case(net, lay, r.batch, r.mode, r.dtype))
+            route, model = LC.flop_model(LC.Case(net, lay, r.batch, r.mode, r.dtype))
         except Exception:  # planner API changed
             return "Gaps: FLOP model unavailable"
         gap, gap_min = r.ratio_vs_baseline / model, r.ratio_vs_baseline_min / model
