@@ -11,15 +11,11 @@ blocks with `torch.cuda.Event`s.
 """
 import argparse
 import contextlib
-import datetime
 import gc
 import math
 import os
-import platform
 import re
-import socket
 import statistics
-import subprocess
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -36,7 +32,7 @@ import torch  # noqa: E402
 import torch.utils.benchmark as tbench  # noqa: E402
 
 import imse_kernels  # noqa: E402
-from imse_kernels import _extension  # noqa: E402
+from imse_kernels import _extension, provenance  # noqa: E402
 from imse_kernels.proc_status import cpu_model, proc_status_kib  # noqa: E402
 
 
@@ -68,14 +64,6 @@ def install_banner(info: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Environment
 
-def _git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_tag(device: str) -> str:
     """A file-name-safe name for the machine: GPU name on CUDA, CPU model and core count on CPU."""
     if device == "cuda":
@@ -86,42 +74,12 @@ def machine_tag(device: str) -> str:
 
 
 def env_info(device: str) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:
-        timm_version = None
-    info = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # PASSIVE makes idle OpenMP threads sleep: robust on shared cores, ~30% slower small GEMMs here
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "timm": timm_version,
-        "imse_kernels": imse_kernels.__version__,
-        "backends": imse_kernels.backend_status(),
-        "install": describe_install(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "device": device,
-    }
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_capability=f"{p.major}.{p.minor}")
+    """The run's `env`: the library's provenance record of machine and software (`imse_kernels.provenance`,
+    with the git commit of this checkout, whose scripts ran), plus what was measured: the imported package's
+    version, its backends and where it was installed."""
+    info = provenance.environment(device, root=REPO)
+    info.update(imse_kernels=imse_kernels.__version__, backends=imse_kernels.backend_status(),
+                install=describe_install())
     return info
 
 

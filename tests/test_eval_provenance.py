@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from imse_kernels.eval import provenance as P
+from imse_kernels import provenance as P
 
 
 def test_sha256_is_hashlib_of_the_file(tmp_path):

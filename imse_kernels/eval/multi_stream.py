@@ -16,9 +16,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import provenance as prov
 from ..backends import use_backend
 from ..tta import IMSE, IMSEConfig, MultiStreamIMSE
-from . import provenance as prov
 from .data_spec import images_per_domain
 from .progress import Progress
 from .report import header_lines, protocol_meta, provenance_record, write_json

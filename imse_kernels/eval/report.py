@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import provenance as prov
 from ..state_file import atomic_write_bytes, atomic_write_text
-from . import provenance as prov
 from .runner import MethodResult, SeedRun
 from .streams import DIRICHLET_SETTINGS, Stream
 
@@ -276,7 +276,7 @@ class Plotted:
 
 
 def provenance_record(plan, session, method_configs: dict, images: int) -> dict:
-    """The provenance of a run (`eval.provenance.collect`) with the command line it came from."""
+    """The provenance of a run (`imse_kernels.provenance.collect`) with the command line it came from."""
     run, data = plan.run, session.data
     seeds = list(run.seeds)
     return prov.collect(model=data.model_name, checkpoint=data.checkpoint, device=session.device,
