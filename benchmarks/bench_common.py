@@ -52,11 +52,13 @@ def install_banner(info: dict) -> str:
     """The lines every run starts with; loud when the compiled extension is missing."""
     lines = [f"measuring imse_kernels {imse_kernels.__version__} from {info['package_path']}"
              + (" (editable/source tree)" if info["editable_or_source_tree"] else " (installed copy)"),
-             f"  compiled CPU extension (_C): {info['extension_C']}; CUDA extension (_C_cuda): {info['extension_C_cuda']}",
+             f"  compiled CPU extension (_C): {info['extension_C']}; "
+             f"CUDA extension (_C_cuda): {info['extension_C_cuda']}",
              f"  backends available: {', '.join(info['backends_available'])}"]
     if info["extension_C"] != "loaded":
         bar = "!" * 100
-        lines += [bar, "!! WARNING: the compiled C++ extension is NOT loaded: the numbers below measure the pure-PyTorch",
+        lines += [bar,
+                  "!! WARNING: the compiled C++ extension is NOT loaded: the numbers below measure the pure-PyTorch",
                   "!! fallback, not the kernels. Install first: pip install .   (then run this script again)", bar]
     return "\n".join(lines)
 
@@ -365,10 +367,13 @@ def csv_list(s: Optional[str]) -> list:
 
 def add_common_args(ap) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run: few rounds, small cases (checks the script, not numbers)")
-    ap.add_argument("--rounds", type=int, default=None, help="max interleaved rounds per case (default 9 cpu / 15 cuda)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run: few rounds, small cases (checks the script, not numbers)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="max interleaved rounds per case (default 9 cpu / 15 cuda)")
     ap.add_argument("--min-rounds", type=int, default=3)
-    ap.add_argument("--max-case-s", type=float, default=None, help="stop adding rounds (past --min-rounds) after this long")
+    ap.add_argument("--max-case-s", type=float, default=None,
+                    help="stop adding rounds (past --min-rounds) after this long")
     ap.add_argument("--min-block-s", type=float, default=None, help="target length of one timed block")
     ap.add_argument("--warmup", type=int, default=2, help="calls per provider before timing (the last one calibrates)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

@@ -282,7 +282,8 @@ def add_args(ap) -> None:
     ap.add_argument("--skip-providers", default="", help="layer providers to leave out, e.g. naive_compile")
     ap.add_argument("--dtypes", default=None, help="fp32 (cpu default), fp32,bf16 (cuda default); fp16 too")
     BC.add_precisions_arg(ap)
-    ap.add_argument("--triton", action="store_true", help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
+    ap.add_argument("--triton", action="store_true",
+                    help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
 
 
 def resolve(args, ap) -> None:
@@ -346,7 +347,8 @@ def run(args, records: list, log=print) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     BC.add_common_args(ap)
     add_args(ap)
     args = ap.parse_args(argv)
