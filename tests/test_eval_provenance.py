@@ -34,6 +34,17 @@ def test_versions_and_device():
         assert P.device_info("cuda")["cuda_device"] == torch.cuda.get_device_name(0)
 
 
+def test_environment_is_the_benchmarks_flat_record(tmp_path):
+    env = P.environment("cpu", root=tmp_path)
+    assert list(env) == ["timestamp", "hostname", "python", "platform", "cpu", "cpu_count", "torch_threads",
+                         "omp_wait_policy", "torch", "torch_cuda", "triton", "timm", "git_commit", "git_dirty",
+                         "device"]
+    assert env["python"] == platform.python_version() and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu"
+    assert (env["git_commit"], env["git_dirty"]) == (None, False), "not a checkout: no commit, no error"
+    json.dumps(env)
+
+
 def test_git_commit_of_a_checkout_and_none_outside(tmp_path):
     info = P.git_info()
     root = P._checkout_root()
