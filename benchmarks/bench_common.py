@@ -11,15 +11,11 @@ blocks with `torch.cuda.Event`s.
 """
 import argparse
 import contextlib
-import datetime
 import gc
 import math
 import os
-import platform
 import re
-import socket
 import statistics
-import subprocess
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -36,7 +32,7 @@ import torch  # noqa: E402
 import torch.utils.benchmark as tbench  # noqa: E402
 
 import imse_kernels  # noqa: E402
-from imse_kernels import _extension  # noqa: E402
+from imse_kernels import _extension, provenance  # noqa: E402
 from imse_kernels.proc_status import cpu_model, proc_status_kib  # noqa: E402
 
 
@@ -56,25 +52,19 @@ def install_banner(info: dict) -> str:
     """The lines every run starts with; loud when the compiled extension is missing."""
     lines = [f"measuring imse_kernels {imse_kernels.__version__} from {info['package_path']}"
              + (" (editable/source tree)" if info["editable_or_source_tree"] else " (installed copy)"),
-             f"  compiled CPU extension (_C): {info['extension_C']}; CUDA extension (_C_cuda): {info['extension_C_cuda']}",
+             f"  compiled CPU extension (_C): {info['extension_C']}; "
+             f"CUDA extension (_C_cuda): {info['extension_C_cuda']}",
              f"  backends available: {', '.join(info['backends_available'])}"]
     if info["extension_C"] != "loaded":
         bar = "!" * 100
-        lines += [bar, "!! WARNING: the compiled C++ extension is NOT loaded: the numbers below measure the pure-PyTorch",
+        lines += [bar,
+                  "!! WARNING: the compiled C++ extension is NOT loaded: the numbers below measure the pure-PyTorch",
                   "!! fallback, not the kernels. Install first: pip install .   (then run this script again)", bar]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
 # Environment
-
-def _git(*args: str) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 def machine_tag(device: str) -> str:
     """A file-name-safe name for the machine: GPU name on CUDA, CPU model and core count on CPU."""
@@ -86,42 +76,12 @@ def machine_tag(device: str) -> str:
 
 
 def env_info(device: str) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:
-        timm_version = None
-    info = {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "hostname": socket.gethostname(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # PASSIVE makes idle OpenMP threads sleep: robust on shared cores, ~30% slower small GEMMs here
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "triton": triton_version,
-        "timm": timm_version,
-        "imse_kernels": imse_kernels.__version__,
-        "backends": imse_kernels.backend_status(),
-        "install": describe_install(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "device": device,
-    }
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_capability=f"{p.major}.{p.minor}")
+    """The run's `env`: the library's provenance record of machine and software (`imse_kernels.provenance`,
+    with the git commit of this checkout, whose scripts ran), plus what was measured: the imported package's
+    version, its backends and where it was installed."""
+    info = provenance.environment(device, root=REPO)
+    info.update(imse_kernels=imse_kernels.__version__, backends=imse_kernels.backend_status(),
+                install=describe_install())
     return info
 
 
@@ -374,7 +334,7 @@ class Record:
     peak_method: str = ""
     load1: float = math.nan                  # 1-min load average when the case ended (machine contention)
     gflop: float = math.nan                  # GFLOP of one call: layer level the route's nominal GEMM FLOPs
-                                             # (layer_bench.nominal_flops), model level GEMM + conv (counted)
+                                             # (layer_cases.nominal_flops), model level GEMM + conv (counted)
     extra: str = ""
     error: str = ""
 
@@ -407,10 +367,13 @@ def csv_list(s: Optional[str]) -> list:
 
 def add_common_args(ap) -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run: few rounds, small cases (checks the script, not numbers)")
-    ap.add_argument("--rounds", type=int, default=None, help="max interleaved rounds per case (default 9 cpu / 15 cuda)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny smoke run: few rounds, small cases (checks the script, not numbers)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="max interleaved rounds per case (default 9 cpu / 15 cuda)")
     ap.add_argument("--min-rounds", type=int, default=3)
-    ap.add_argument("--max-case-s", type=float, default=None, help="stop adding rounds (past --min-rounds) after this long")
+    ap.add_argument("--max-case-s", type=float, default=None,
+                    help="stop adding rounds (past --min-rounds) after this long")
     ap.add_argument("--min-block-s", type=float, default=None, help="target length of one timed block")
     ap.add_argument("--warmup", type=int, default=2, help="calls per provider before timing (the last one calibrates)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")

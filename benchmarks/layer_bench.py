@@ -23,19 +23,18 @@ Providers
 Writes benchmarks/results/layer_<machine>[_quick].{json,csv,txt}; the tables, targets and files come
 from report.py, the timing from bench_common.py.
 """
+import argparse
 import copy
 import math
-from dataclasses import dataclass
-from typing import Optional
-
-import argparse
 import sys
 import time
+from typing import Optional
 
 import bench_common as BC
 import report
 from bench_common import (Record, SavedTensorTracker, Timing, device_peak_bytes, load1, measure_interleaved, min_ratio,
                           paired_ratio)
+from layer_cases import BASELINE, DTYPES, MODES, SHAPES, TOKENS, Case, nominal_flops
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +43,7 @@ from torch import nn
 import imse_kernels
 from imse_kernels import FusedSpectralLinear, use_backend
 
-TOKENS = 197  # 14 x 14 patches + CLS at 224 px, patch 16
-
-SHAPES = {
-    "vit_s": {"qkv": (384, 1152), "proj": (384, 384), "fc1": (384, 1536), "fc2": (1536, 384)},
-    "vit_b": {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)},
-}
-MODES = ("fwd", "fwdbwd", "frozen", "infer")
 BASE_PROVIDERS = ("linear", "linear_frozen", "reference", "naive", "naive_compile")
-BASELINE = {"fwd": "linear", "fwdbwd": "linear", "frozen": "linear_frozen", "infer": "linear"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def fused_providers(device: str = "cpu") -> list:
@@ -75,46 +65,6 @@ def known_providers() -> list:
     """Every provider name that can be asked for by name (fused_<b>_F/_R: route pinned, opt-in)."""
     fused = [f"fused_{b}" for b in imse_kernels.available_backends()] + ["fused_auto"]
     return list(BASE_PROVIDERS) + fused + [f"{p}_{r}" for p in fused for r in "FR"]
-
-
-def nominal_flops(case: "Case", provider: str) -> float:
-    """FLOPs of one call on the provider's route, GEMMs only (docs/design.md section 2): factorized
-    2·N·r·(d_in + d_out) per pass (forward; backward t = g·U and dx), dense / reference / recomposed
-    2·N·d_in·d_out per GEMM (forward, dx, dW). Recomposition and elementwise work are left out; a
-    fused provider counts the route its FLOP model (or pin) picks."""
-    n, d_in, d_out = case.tokens, case.d_in, case.d_out
-    r = min(d_in, d_out)
-    pinned = provider.rpartition("_")[2] if provider.endswith(("_F", "_R")) else None
-    factorized = provider.startswith("naive") or pinned == "F" or (
-        provider.startswith("fused_") and pinned is None and flop_model(case)[0] == "F")
-    if factorized:
-        return (1 if case.mode in ("fwd", "infer") else 2) * 2 * n * r * (d_in + d_out)
-    gemms = {"fwd": 1, "infer": 1, "frozen": 2, "fwdbwd": 2 if provider == "linear_frozen" else 3}[case.mode]
-    return gemms * 2 * n * d_in * d_out
-
-
-def flop_model(case: "Case") -> tuple:
-    """(route the FLOP model picks, its FLOPs / the baseline's FLOPs) for the measured call of `case`.
-
-    Baseline FLOPs: nn.Linear forward 2·N·d_in·d_out, + 2·N·d_in·d_out for dx, + the same for dW.
-    Spectral: imse_kernels.ops.planner.step_flops (forward only in mode fwd: the route the planner
-    picks for the whole step, counted up to its output).
-    """
-    from imse_kernels.ops.planner import step_flops
-
-    n, d_in, d_out = case.tokens, case.d_in, case.d_out
-    r = min(d_in, d_out)
-    dense = 2 * n * d_in * d_out
-    need_ds = case.mode in ("fwd", "fwdbwd")
-    need_dx = case.mode != "infer"
-    has_weight = case.mode in ("frozen", "infer")
-    f, R = step_flops(n, d_in, d_out, r, need_ds, need_dx, has_weight)
-    route = "F" if f <= R else "R"
-    if case.mode == "fwd":
-        cost = 2 * n * r * (d_in + d_out) if route == "F" else 2 * r * d_in * d_out + dense
-        return route, cost / dense
-    base = dense * {"fwdbwd": 3, "frozen": 2, "infer": 1}[case.mode]
-    return route, min(f, R) / base
 
 
 def all_providers(device: str = "cpu") -> list:
@@ -141,31 +91,6 @@ def compiled_naive():
     if "naive" not in _compiled:
         _compiled["naive"] = torch.compile(naive_expr, dynamic=True)
     return _compiled["naive"]
-
-
-@dataclass
-class Case:
-    net: str
-    layer: str
-    batch: int
-    mode: str
-    dtype: str
-
-    @property
-    def d_in(self) -> int:
-        return SHAPES[self.net][self.layer][0]
-
-    @property
-    def d_out(self) -> int:
-        return SHAPES[self.net][self.layer][1]
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * TOKENS
-
-    @property
-    def name(self) -> str:
-        return f"{self.net}.{self.layer}"
 
 
 def _make_callable(provider: str, case: Case, linear: nn.Linear, fused: dict, x: torch.Tensor, g: torch.Tensor,
@@ -357,7 +282,8 @@ def add_args(ap) -> None:
     ap.add_argument("--skip-providers", default="", help="layer providers to leave out, e.g. naive_compile")
     ap.add_argument("--dtypes", default=None, help="fp32 (cpu default), fp32,bf16 (cuda default); fp16 too")
     BC.add_precisions_arg(ap)
-    ap.add_argument("--triton", action="store_true", help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
+    ap.add_argument("--triton", action="store_true",
+                    help="preset: " + " ".join(f"--{k} {v}" for k, v in TRITON_PRESET.items()))
 
 
 def resolve(args, ap) -> None:
@@ -421,7 +347,8 @@ def run(args, records: list, log=print) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     BC.add_common_args(ap)
     add_args(ap)
     args = ap.parse_args(argv)

@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import layer_cases as LC
 from bench_common import RESULTS_DIR, Record, env_info, fmt, install_banner, machine_tag
+
+from imse_kernels.text_table import render_table
 
 TARGETS = Path(__file__).resolve().parent / "targets.json"
 SHORT = {"linear": "lin", "linear_frozen": "linF", "reference": "ref", "naive": "naive",
@@ -27,17 +30,6 @@ SHORT = {"linear": "lin", "linear_frozen": "linF", "reference": "ref", "naive": 
 
 def short(p: str) -> str:
     return SHORT.get(p, p.replace("fused_", "f."))
-
-
-def render_table(headers: list, rows: list, left: int = 1) -> str:
-    """Fixed-width text table; the first `left` columns are left-aligned, the others right-aligned."""
-    widths = [max([len(str(headers[i]))] + [len(str(r[i])) for r in rows]) for i in range(len(headers))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 # --------------------------------------------------------------------------------------------
@@ -57,13 +49,17 @@ def layer_table(records: list, providers: list) -> str:
     out = []
     for dtype in dict.fromkeys(r.dtype for r in records):
         rows = []
-        for (case, batch, mode), recs in _groups([r for r in records if r.dtype == dtype], "case", "batch", "mode").items():
+        groups = _groups([r for r in records if r.dtype == dtype], "case", "batch", "mode")
+        for (case, batch, mode), recs in groups.items():
             any_r = next(iter(recs.values()))
             auto = recs.get("fused_auto")
-            spread = max((((r.q3_ms - r.q1_ms) / r.median_ms) for r in recs.values() if r.median_ms == r.median_ms and r.median_ms > 0), default=math.nan)
-            mem = "/".join(fmt(recs[p].saved_mb, 2) if p in recs else "-" for p in (any_r.baseline, "reference", "fused_auto"))
+            spread = max((((r.q3_ms - r.q1_ms) / r.median_ms) for r in recs.values()
+                          if r.median_ms == r.median_ms and r.median_ms > 0), default=math.nan)
+            mem = "/".join(fmt(recs[p].saved_mb, 2) if p in recs else "-"
+                           for p in (any_r.baseline, "reference", "fused_auto"))
             rows.append([case, any_r.extra, batch, mode]
-                        + [fmt(recs[p].median_ms) if p in recs and not recs[p].error else ("err" if p in recs else "") for p in providers]
+                        + [fmt(recs[p].median_ms) if p in recs and not recs[p].error else ("err" if p in recs else "")
+                           for p in providers]
                         + [fmt(getattr(auto, f), 2) if auto else "-" for f in ratio_fields]
                         + [mem, f"{spread * 100:.0f}%" if spread == spread else "-", fmt(any_r.load1, 1)])
         headers = (["layer", "d_in->d_out", "batch", "mode"] + [short(p) for p in providers]
@@ -75,9 +71,9 @@ def layer_table(records: list, providers: list) -> str:
             if r.dtype == dtype and r.error:
                 out.append(f"  error: {r.case} b{r.batch} {r.mode} {r.provider}: {r.error}")
         out.append("")
-    out.append("auto/base: time of FusedSpectralLinear (auto backend) / nn.Linear (<1 faster); ref/auto: speedup over the "
-               "reference F.linear(x, U@diag(s)@Vh, b); (min): from each provider's fastest round. IQR: the widest "
-               "interquartile range / median of the row. load: 1-min load average (2 shared cores: contention)."
+    out.append("auto/base: time of FusedSpectralLinear (auto backend) / nn.Linear (<1 faster); ref/auto: speedup "
+               "over the reference F.linear(x, U@diag(s)@Vh, b); (min): from each provider's fastest round. IQR: the "
+               "widest interquartile range / median of the row. load: 1-min load average (2 shared cores: contention)."
                + (" fp32/auto: fused_auto's fp32 time over its time in this precision; ref32/auto: the reference's "
                   "fp32 time over it (paired, one interleaved loop; 'autocast': fp32 layers under autocast)."
                   if paired else ""))
@@ -120,12 +116,10 @@ def model_table(records: list) -> str:
 
 def gflops_table(records: list) -> str:
     """Achieved GFLOP/s = GFLOP of one call / median time: layer level the nominal GEMM FLOPs of each
-    provider's route (layer_bench.nominal_flops), model level the counted GEMM + convolution FLOPs."""
-    import layer_bench as LB
-
+    provider's route (layer_cases.nominal_flops), model level the counted GEMM + convolution FLOPs."""
     def gflop(r):  # a run saved before layer records carried it: the same formula
-        if r.level == "layer" and r.gflop != r.gflop and r.dtype in LB.DTYPES:
-            return LB.nominal_flops(LB.Case(*r.case.split("."), r.batch, r.mode, r.dtype), r.provider) / 1e9
+        if r.level == "layer" and r.gflop != r.gflop and r.dtype in LC.DTYPES:
+            return LC.nominal_flops(LC.Case(*r.case.split("."), r.batch, r.mode, r.dtype), r.provider) / 1e9
         return r.gflop
 
     out = []
@@ -156,7 +150,8 @@ _MATCH_FIELDS = ("case", "batch", "mode", "dtype", "provider")
 
 
 def bars_report(layer: list, model: list, device: str, targets: Optional[list] = None) -> str:
-    lines = [f"Targets ({TARGETS.name}); value = median of paired ratios, [min-round ratio]; the worst matching case counts:"]
+    lines = [f"Targets ({TARGETS.name}); value = median of paired ratios, [min-round ratio]; "
+             "the worst matching case counts:"]
     for t in (load_targets(device) if targets is None else targets):
         recs = _find(layer if t["level"] == "layer" else model, **{k: t[k] for k in _MATCH_FIELDS if k in t})
         desc, attr, op, thr = t["name"], t["metric"], t["op"], t["value"]
@@ -182,27 +177,27 @@ def _cuda_derived_checks(layer: list, model: list) -> list:
         if "fused_auto" in recs and fused:
             worst = max(worst or (0, None), (recs["fused_auto"].median_ms / min(fused), key))
     if worst:
-        lines.append(f"  {'PASS' if worst[0] <= 1.05 else 'FAIL'}  auto vs best backend (median ms ratio): {worst[0]:.2f} <= 1.05 (worst: {worst[1]})")
+        lines.append(f"  {'PASS' if worst[0] <= 1.05 else 'FAIL'}  auto vs best backend (median ms ratio): "
+                     f"{worst[0]:.2f} <= 1.05 (worst: {worst[1]})")
     for r in _find(model, provider="imse"):
         ref = _find(model, provider="imse_reference", case=r.case, batch=r.batch, dtype=r.dtype)
         if ref and r.peak_mb == r.peak_mb:
             ok = r.peak_mb <= ref[0].peak_mb
-            lines.append(f"  {'PASS' if ok else 'FAIL'}  peak memory imse <= reference, {r.case} b{r.batch} {r.dtype}: {r.peak_mb:.0f} vs {ref[0].peak_mb:.0f} MB")
+            lines.append(f"  {'PASS' if ok else 'FAIL'}  peak memory imse <= reference, {r.case} b{r.batch} {r.dtype}: "
+                         f"{r.peak_mb:.0f} vs {ref[0].peak_mb:.0f} MB")
     return lines
 
 
 def gap_report(layer: list, limit: int = 16, threshold: float = 1.10) -> str:
     """Where fused_auto is slower than the FLOP model says it should be (planner.step_flops, best route,
     over nn.Linear's FLOPs): gap = measured time ratio / FLOP ratio. Targets for kernels and planner."""
-    import layer_bench as LB
-
     rows = []
     for r in layer:
-        if r.provider != "fused_auto" or r.error or r.dtype not in LB.DTYPES:
+        if r.provider != "fused_auto" or r.error or r.dtype not in LC.DTYPES:
             continue
         net, lay = r.case.split(".")
         try:
-            route, model = LB.flop_model(LB.Case(net, lay, r.batch, r.mode, r.dtype))
+            route, model = LC.flop_model(LC.Case(net, lay, r.batch, r.mode, r.dtype))
         except Exception:  # planner API changed
             return "Gaps: FLOP model unavailable"
         gap, gap_min = r.ratio_vs_baseline / model, r.ratio_vs_baseline_min / model
@@ -251,7 +246,8 @@ def plot(records: list, path: Path) -> None:
 def header_line(env: dict, device: str, tag: str, name: str = "throughput") -> str:
     return (f"imse_kernels {name}  device={device}  machine={tag}  torch {env['torch']}  "
             f"triton {env['triton']}  commit {str(env['git_commit'])[:10]}{'+dirty' if env['git_dirty'] else ''}  "
-            f"threads {env['torch_threads']}  OMP_WAIT_POLICY {env.get('omp_wait_policy', '?')}  backends {','.join(k for k, v in env['backends'].items() if v is None)}")
+            f"threads {env['torch_threads']}  OMP_WAIT_POLICY {env.get('omp_wait_policy', '?')}  "
+            f"backends {','.join(k for k, v in env['backends'].items() if v is None)}")
 
 
 def render(header: str, records: list, device: str, footer: str, gflops: bool = False) -> str:
@@ -350,7 +346,7 @@ def _on_term(signum, frame):
 def run(args, measures: list, name: str, note: Optional[str] = None) -> int:
     """Say what is measured, run each `measure(records, log)`, print the report, write <name>_<tag> files.
 
-    A TERM (e.g. `timeout` in gpu_check.sh) stops measuring; what was measured is still written (rc 3)."""
+    A TERM (e.g. `timeout` in checks/gpu_check.sh) stops measuring; what was measured is still written (rc 3)."""
     import torch
 
     if args.threads:

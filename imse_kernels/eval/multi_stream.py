@@ -16,9 +16,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import provenance as prov
 from ..backends import use_backend
+from ..text_table import render_table
 from ..tta import IMSE, IMSEConfig, MultiStreamIMSE
-from . import provenance as prov
 from .data_spec import images_per_domain
 from .progress import Progress
 from .report import header_lines, protocol_meta, provenance_record, write_json
@@ -115,11 +116,10 @@ def _sync(device: torch.device) -> None:
 def multi_stream_table(orders: list[list[str]], results: list[MultiStreamResult]) -> str:
     """Per-stream and mean accuracy of each method, with its throughput."""
     k = len(orders)
-    head = f"{'method':<14}" + "".join(f"{'s' + str(s):>7}" for s in range(k)) + f"{'mean':>8}{'img/s':>9}"
-    lines = [head]
-    for r in results:
-        lines.append(f"{r.method:<14}" + "".join(f"{100 * a:>7.1f}" for a in r.accuracy)
-                     + f"{100 * r.mean_accuracy:>8.1f}{r.images_per_s:>9.1f}")
+    rows = [[r.method] + [f"{100 * a:.1f}" for a in r.accuracy] + [f"{100 * r.mean_accuracy:.1f}",
+                                                                    f"{r.images_per_s:.1f}"] for r in results]
+    lines = [render_table(["method"] + [f"s{s}" for s in range(k)] + ["mean", "img/s"], rows, sep="",
+                          min_widths=[14] + [7] * k + [8, 9], header_rule=False)]
     speed = results[0].images_per_s / results[1].images_per_s
     lines.append(f"one batched step / {k} separate steps: {speed:.2f}x the throughput; max |logit difference| "
                  f"{results[0].max_logit_diff:.2e}")

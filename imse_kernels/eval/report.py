@@ -18,8 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import provenance as prov
 from ..state_file import atomic_write_bytes, atomic_write_text
-from . import provenance as prov
+from ..text_table import RULE, render_table
 from .runner import MethodResult, SeedRun
 from .streams import DIRICHLET_SETTINGS, Stream
 
@@ -64,15 +65,10 @@ def table(stream: Stream, results: Sequence[MethodResult], detection: dict[str, 
     """Per-segment accuracy or error (%, `reports`) per method, then mean accuracy and error, shift detection,
     speed and memory."""
     names = [r.method for r in results]
-    labels = [s.label(stream.setting) for s in stream.segments]
-    w0 = max([len(x) for x in labels] + [30])
-    w = max([len(n) for n in names] + [8]) + 1
     head = f"{reports} (%)" + (" per domain" if stream.mixes_domains else "")
-    lines = [head.ljust(w0) + "".join(n.rjust(w) for n in names)]
-    for i, lab in enumerate(labels):
-        lines.append(lab.ljust(w0) + "".join(_fmt(_score(reports, r.accuracy[i]), ".1f").rjust(w) for r in results))
-    lines.append("-" * (w0 + w * len(names)))
-    rows = [
+    rows = [[s.label(stream.setting)] + [_fmt(_score(reports, r.accuracy[i]), ".1f") for r in results]
+            for i, s in enumerate(stream.segments)]
+    summary = [
         ("mean accuracy (%)", [100 * r.mean_accuracy for r in results], ".1f"),
         ("mean error (%)", [100 - 100 * r.mean_accuracy for r in results], ".1f"),
         *_detector_rows(results, detection, stream.mixes_domains),
@@ -80,9 +76,15 @@ def table(stream: Stream, results: Sequence[MethodResult], detection: dict[str, 
         ("peak CUDA memory (MiB)" if results[0].memory_kind.startswith("cuda") else "peak process RSS (MiB)",
          [r.peak_mib for r in results], ".0f"),
     ]
-    for label, vals, spec in rows:
-        lines.append(label.ljust(w0) + "".join(_fmt(v, spec).rjust(w) for v in vals))
-    return "\n".join(lines)
+    rows += [RULE] + [[label] + [_fmt(v, spec) for v in vals] for label, vals, spec in summary]
+    return _method_table(head, names, rows, 8)
+
+
+def _method_table(head: str, names: Sequence[str], rows: list, min_width: int) -> str:
+    """A label column (at least 30 wide), then one right-aligned column per method, all as wide as the widest
+    name + 1 (at least `min_width` + 1), no separator."""
+    w = max([len(n) for n in names] + [min_width]) + 1
+    return render_table([head, *names], rows, sep="", min_widths=[30] + [w] * len(names), header_rule=False)
 
 
 def segments_payload(stream: Stream) -> list[dict]:
@@ -154,15 +156,11 @@ def seeds_table(stream: Stream, agg: dict, reports: str = "accuracy") -> str:
     """The table over several seeds: per-segment mean accuracy or error (`reports`), then mean ± std and min–max
     of each method's mean accuracy (and error), the detector's scores averaged over the seeds, and images/s."""
     names = list(agg)
-    labels = [s.label(stream.setting) for s in stream.segments]
-    w0 = max([len(x) for x in labels] + [30])
-    w = max([len(n) for n in names] + [11]) + 1
     n = len(agg[names[0]]["seeds"])
-    lines = [f"{reports} (%), mean of {n} seeds".ljust(w0) + "".join(m.rjust(w) for m in names)]
-    for i, lab in enumerate(labels):
-        lines.append(lab.ljust(w0) + "".join(
-            _fmt(_score(reports, agg[m]["accuracy_per_segment"]["mean"][i]), ".1f").rjust(w) for m in names))
-    lines.append("-" * (w0 + w * len(names)))
+    rows = [[s.label(stream.setting)]
+            + [_fmt(_score(reports, agg[m]["accuracy_per_segment"]["mean"][i]), ".1f") for m in names]
+            for i, s in enumerate(stream.segments)]
+    rows.append(RULE)
 
     def cell(m, key, spec, scale=1.0):
         v = agg[m]["mean_accuracy"][key]
@@ -172,24 +170,21 @@ def seeds_table(stream: Stream, agg: dict, reports: str = "accuracy") -> str:
         v = agg[m]["mean_accuracy"][{"min": "max", "max": "min"}.get(key, key)]
         return _fmt(None if v is None else (100 * v if key == "std" else 100 - 100 * v), ".1f")
 
-    lines.append("mean accuracy (%)".ljust(w0) + "".join(
-        (cell(m, "mean", ".1f", 100) + " ± " + cell(m, "std", ".1f", 100)).rjust(w) for m in names))
-    lines.append("  min – max".ljust(w0) + "".join(
-        (cell(m, "min", ".1f", 100) + "–" + cell(m, "max", ".1f", 100)).rjust(w) for m in names))
+    rows.append(["mean accuracy (%)"] + [cell(m, "mean", ".1f", 100) + " ± " + cell(m, "std", ".1f", 100)
+                                         for m in names])
+    rows.append(["  min – max"] + [cell(m, "min", ".1f", 100) + "–" + cell(m, "max", ".1f", 100) for m in names])
     if reports == "error":
-        lines.append("mean error (%)".ljust(w0) + "".join((err(m, "mean") + " ± " + err(m, "std")).rjust(w)
-                                                          for m in names))
-        lines.append("  min – max".ljust(w0) + "".join((err(m, "min") + "–" + err(m, "max")).rjust(w) for m in names))
+        rows.append(["mean error (%)"] + [err(m, "mean") + " ± " + err(m, "std") for m in names])
+        rows.append(["  min – max"] + [err(m, "min") + "–" + err(m, "max") for m in names])
     det_rows = ([("shifts per 100 batches", "shifts_per_100_batches", ".1f")] if stream.mixes_domains else
                 [("shift precision", "precision", ".2f"), ("shift recall", "recall", ".2f"),
                  ("detection delay mean (batches)", "mean_delay_batches", ".2f"),
                  ("false positives / 100 batches", "false_positives_per_100_batches", ".1f")])
     for label, key, spec in det_rows:
-        lines.append(label.ljust(w0) + "".join(
-            _fmt((agg[m]["shift_detection"] or {}).get(key, {}).get("mean"), spec).rjust(w) for m in names))
-    lines.append("images/s".ljust(w0) + "".join(_fmt(agg[m]["images_per_s"]["mean"], ".1f").rjust(w) for m in names))
-    lines.append(f"(seeds {', '.join(str(s) for s in agg[names[0]]['seeds'])}; ± is the sample std over seeds)")
-    return "\n".join(lines)
+        rows.append([label] + [_fmt((agg[m]["shift_detection"] or {}).get(key, {}).get("mean"), spec) for m in names])
+    rows.append(["images/s"] + [_fmt(agg[m]["images_per_s"]["mean"], ".1f") for m in names])
+    text = _method_table(f"{reports} (%), mean of {n} seeds", names, rows, 11)
+    return text + f"\n(seeds {', '.join(str(s) for s in agg[names[0]]['seeds'])}; ± is the sample std over seeds)"
 
 
 def _pct(v):
@@ -276,7 +271,7 @@ class Plotted:
 
 
 def provenance_record(plan, session, method_configs: dict, images: int) -> dict:
-    """The provenance of a run (`eval.provenance.collect`) with the command line it came from."""
+    """The provenance of a run (`imse_kernels.provenance.collect`) with the command line it came from."""
     run, data = plan.run, session.data
     seeds = list(run.seeds)
     return prov.collect(model=data.model_name, checkpoint=data.checkpoint, device=session.device,

@@ -8,9 +8,9 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .. import provenance as prov
 from ..tta import IMSEConfig
 from . import distributed as dist_eval
-from . import provenance as prov
 from .methods import build_method
 from .metrics import PeakMemory, shift_count, shift_detection
 from .progress import Progress

@@ -7,7 +7,7 @@ import platform
 import pytest
 import torch
 
-from imse_kernels.eval import provenance as P
+from imse_kernels import provenance as P
 
 
 def test_sha256_is_hashlib_of_the_file(tmp_path):
@@ -32,6 +32,17 @@ def test_versions_and_device():
     assert d["device"] == "cpu" and isinstance(d["cpu"], str) and d["cpu"]
     if torch.cuda.is_available():
         assert P.device_info("cuda")["cuda_device"] == torch.cuda.get_device_name(0)
+
+
+def test_environment_is_the_benchmarks_flat_record(tmp_path):
+    env = P.environment("cpu", root=tmp_path)
+    assert list(env) == ["timestamp", "hostname", "python", "platform", "cpu", "cpu_count", "torch_threads",
+                         "omp_wait_policy", "torch", "torch_cuda", "triton", "timm", "git_commit", "git_dirty",
+                         "device"]
+    assert env["python"] == platform.python_version() and env["torch"] == torch.__version__
+    assert env["torch_threads"] == torch.get_num_threads() and env["device"] == "cpu"
+    assert (env["git_commit"], env["git_dirty"]) == (None, False), "not a checkout: no commit, no error"
+    json.dumps(env)
 
 
 def test_git_commit_of_a_checkout_and_none_outside(tmp_path):

@@ -1,5 +1,5 @@
-"""The GPU check's plumbing on the CPU: benchmarks/gpu_check.sh in its dry run, and the correctness
-driver benchmarks/gpu_correctness.py, including a planted fault that it must report."""
+"""The GPU check's plumbing on the CPU: checks/gpu_check.sh in its dry run, and the correctness
+driver checks/gpu_correctness.py, including a planted fault that it must report."""
 import json
 import os
 import re
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DRIVER = REPO / "benchmarks" / "gpu_correctness.py"
+DRIVER = REPO / "checks" / "gpu_correctness.py"
 # The summary lines of a full dry run, in the order the stages must run (the order of their evidence).
 STEPS = ["stage 0 versions/compile_check", "stage 1 build", "stage 1 build/imse_kernels_info",
          "stage 2 correctness/warmup", "stage 2 correctness", "stage 3 tests_gpu", "stage 4 sanitizer/memcheck",
          "stage 4 sanitizer/racecheck", "stage 5 bench/bf16", "stage 5 bench/fp32", "stage 5 bench/model"]
-SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+SCRIPT = REPO / "checks" / "gpu_check.sh"
 
 
 def _env(**extra):

@@ -4,7 +4,7 @@ when TRITON_INTERPRET=1 would interpret instead of compile).
 Each variant (fused / split) is forced in turn with the default tile configuration (tuning off, so
 the run stays short), in float32, bfloat16 and float16, against a float64 oracle on the GPU; the
 tolerance is twice PyTorch's own error in the same dtype plus a small floor (`assert_close` in tests/helpers.py).
-Run by benchmarks/gpu_check.sh.
+Run by checks/gpu_check.sh.
 """
 import pytest
 import torch

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Soak run of IMSE: many batches through a tiny timm ViT with domain shifts and injected faults.
 
-    python benchmarks/soak.py                          # 10,000 batches of 8 (10-15 min on 2 CPU cores)
-    python benchmarks/soak.py --batches 1000 --out /tmp/soak.json
-    python benchmarks/soak.py --batches 50             # smoke run
+    python checks/soak.py                          # 10,000 batches of 8 (10-15 min on 2 CPU cores)
+    python checks/soak.py --batches 1000 --out /tmp/soak.json
+    python checks/soak.py --batches 50             # smoke run
 
 It checks that a long stream stays healthy, not accuracy (the model is random-init and the images
 synthetic): the input distribution changes every --shift-every batches (a cycle of noise, brightness,
@@ -61,7 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-frac", type=float, default=0.1)
     ap.add_argument("--rss-tol", type=float, default=0.05, help="allowed RSS growth after the warm-up (fraction)")
     ap.add_argument("--progress-every", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: an OpenMP team on shared cores stalls at barriers; 0 = torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1: an OpenMP team on "
+                    "shared cores stalls at barriers; 0 = torch's choice)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the report as JSON here")
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     s0 = {n: m.s.detach().clone() for n, m in adapter.adapted.items()}
     print(f"IMSE on vit_tiny depth {args.depth} img {args.img_size}/{args.patch_size}: {len(adapter.layers)} spectral "
           f"layers, {len(adapter.adapted)} adapted; bank bound {args.max_entries} ({args.bank_policy}); "
-          f"{args.batches} batches of {args.batch_size}, domain every {args.shift_every}; faults at {args.fault_batches}")
+          f"{args.batches} batches of {args.batch_size}, domain every {args.shift_every}; "
+          f"faults at {args.fault_batches}")
 
     warm_end = max(1, int(round(args.batches * args.warmup_frac)))
     samples, skipped_at, fault_log = [], [], []
@@ -228,7 +230,8 @@ def main(argv=None) -> int:
          f"{events.get('shift', 0)} shifts, {used} merges/drops over {n_domains} domains"
          + ("" if need_bound else " (too few domains to need the bound)"))
     crit("s_finite", finite_end and not s_nonfinite_at,
-         f"s finite at the end: {finite_end}; non-finite at samples {s_nonfinite_at[:10]}; max |s - s0| {drift_end:.4g}")
+         f"s finite at the end: {finite_end}; non-finite at samples {s_nonfinite_at[:10]}; "
+         f"max |s - s0| {drift_end:.4g}")
     expected = sorted(args.fault_batches)
     crit("skips", skipped_at == expected and all(f["s_unchanged"] for f in fault_log),
          f"skipped {len(skipped_at)} at {skipped_at[:20]}, injected {len(expected)} at {expected}; "
@@ -238,7 +241,8 @@ def main(argv=None) -> int:
     report = {
         "info": info, "args": {k: v for k, v in vars(args).items()},
         "batches": args.batches, "wall_s": round(wall, 1), "batches_per_s": round(args.batches / wall, 2),
-        "rss_warmup_kb": rss_warm, "rss_max_kb": rss_max, "rss_growth_pct": None if growth is None else round(growth * 100, 3),
+        "rss_warmup_kb": rss_warm, "rss_max_kb": rss_max,
+        "rss_growth_pct": None if growth is None else round(growth * 100, 3),
         "bank_max": bank_max, "bank_bound": args.max_entries, "events": events,
         "skipped_steps": adapter.skipped_steps, "skipped_at": skipped_at, "injected": expected, "faults": fault_log,
         "steps_taken": adapter.steps_taken, "s_finite_end": finite_end, "s_drift_end": drift_end,

@@ -1,20 +1,23 @@
-"""What was run, for the results files: model and checkpoint hash, method hyper-parameters, versions, git
-commit and device. Every function here answers None (or leaves a field out) rather than raise: recording
-provenance must never stop an evaluation.
+"""What was run, for the results files of `imse-eval` and of the benchmarks: versions, git commit, device and
+machine (`environment`, the benchmarks' `env`), and for an evaluation the model and checkpoint hash and every
+method's hyper-parameters (`collect`). Every function here answers None (or leaves a field out) rather than
+raise: recording provenance must never stop a run.
 """
 import dataclasses
+import datetime
 import hashlib
 import importlib.metadata
 import math
 import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..proc_status import cpu_model
+from .proc_status import cpu_model
 
 #: Distributions whose versions are recorded (None when not installed).
 PACKAGES = ("torch", "timm", "numpy", "safetensors", "triton", "scikit-learn", "torchvision", "pillow")
@@ -52,7 +55,7 @@ def versions() -> dict:
 
 def _checkout_root() -> Optional[Path]:
     """The git checkout the imported package lives in (an editable install or a source tree), else None."""
-    root = Path(__file__).resolve().parent.parent.parent  # imse_kernels/eval/provenance.py -> the checkout
+    root = Path(__file__).resolve().parent.parent  # imse_kernels/provenance.py -> the checkout
     return root if (root / ".git").exists() else None
 
 
@@ -90,6 +93,36 @@ def device_info(device) -> dict:
         except (RuntimeError, AssertionError, AttributeError):
             out["cuda_device"] = None
     return out
+
+
+def environment(device, root=None) -> dict:
+    """The machine and software a measurement ran on, as one flat record (the benchmarks' `env`): time, host,
+    python, platform, CPU, torch's threads, OpenMP's wait policy, torch (and its CUDA), triton, timm, the git
+    commit of `root` (default: the package's checkout) and, on CUDA, the GPU."""
+    dev, v = device_info(device), versions()
+    git = git_info(root)
+    info = {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+        "python": v["python"],
+        "platform": dev["platform"],
+        "cpu": dev["cpu"],
+        "cpu_count": dev["cpu_count"],
+        "torch_threads": dev["threads"],
+        # PASSIVE makes idle OpenMP threads sleep: robust on shared cores, slower small GEMMs
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "torch": v["torch"],
+        "torch_cuda": v["torch_cuda"],
+        "triton": v["triton"],
+        "timm": v["timm"],
+        "git_commit": git["commit"],
+        "git_dirty": bool(git["dirty"]),
+        "device": str(device),
+    }
+    if torch.device(device).type == "cuda":
+        info.update(gpu=dev.get("cuda_device"), gpu_memory_gib=dev.get("cuda_memory_gib"),
+                    gpu_capability=dev.get("cuda_capability"))
+    return info
 
 
 def jsonable(v):

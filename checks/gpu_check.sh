@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one command on a machine without network (Python 3.12, torch 2.11 + CUDA 13,
-# triton 3.6, nvcc 13.0, pytest-xdist, compute-sanitizer). From the repository root:
+# The prepared GPU check: build, correctness, GPU tests, sanitizers and benchmarks in one command, within
+# one time budget, writing its evidence to $OUT as it goes. From the repository root:
 #
-#     bash benchmarks/gpu_check.sh                        # everything, within GPU_CHECK_BUDGET_S
-#     STAGES=3,4,5 bash benchmarks/gpu_check.sh           # resume at later stages (a fresh machine: the
-#     bash benchmarks/gpu_check.sh --from 3               #   first stage that needs the build builds it)
-#     GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh    # CPU dry run (CI): order, caps, plumbing
+#     bash checks/gpu_check.sh                        # everything, within GPU_CHECK_BUDGET_S
+#     STAGES=3,4,5 bash checks/gpu_check.sh           # resume at later stages (a fresh machine: the
+#     bash checks/gpu_check.sh --from 3               #   first stage that needs the build builds it)
+#     GPU_CHECK_DRY_RUN=1 bash checks/gpu_check.sh    # CPU dry run (CI): order, caps, plumbing
 #
-# Budget: 540 s for the whole script, build included (GPU_CHECK_BUDGET_S). It is sized to end inside a
-# single 600-s command, the machine's start not counted: the 60 s left over cover the 10-s grace a
-# timed-out stage gets before it is killed, the file check and the copy of $OUT.
+# Needs: a CUDA GPU, torch with CUDA (>= 2.11), triton (>= 3.6), nvcc; uses pytest-xdist and
+# compute-sanitizer when present, never the network.
+# Budget: GPU_CHECK_BUDGET_S (default 540 s) for the whole script, build included. A step past its cap gets
+# TERM, then KILL 10 s later; the file check and summary after the last stage take seconds. So the script
+# ends within about the budget + 15 s: under a hard wall-clock limit, set the budget 60 s below it.
 # Stages, in the order of the value of their evidence. Each has a share of the budget; its cap is that
 # share, plus whatever earlier stages left unused beyond the shares of the stages still to come, and
 # never more than the budget left (a stage whose cap is under 10 s is skipped, and says so). With the
@@ -19,14 +21,15 @@
 #                             (tools/triton_compile_check.py --tiers defaults, parallel processes)
 #   1 build       28%  151 s  pip install -e . (IMSE_CUDA=1, this GPU's architecture), python -m imse_kernels
 #   2 correctness 20%  108 s  Triton cache warm-up: the bf16 sweep split over parallel processes (40% of the
-#                             cap); then benchmarks/gpu_correctness.py --dtypes bf16 against a float64 oracle
+#                             cap); then checks/gpu_correctness.py --dtypes bf16 against a float64 oracle
 #   3 tests_gpu   15%   81 s  TRITON_INTERPRET=0 pytest -m gpu, pytest-xdist processes (serial without it)
 #   4 sanitizer   15%   81 s  compute-sanitizer memcheck, then racecheck (tests/cuda_memcheck_case.py --quick)
-#   5 bench       15%   81 s  layer_bench.py bf16 (ViT-B, batch 64 and 1), then fp32 and model_bench.py
+#   5 bench       15%   81 s  benchmarks/layer_bench.py bf16 (ViT-B, batch 64 and 1), then fp32 and
+#                             benchmarks/model_bench.py
 # A stage that needs the compiled extension and finds none (SKIP_BUILD=1 or STAGES without 1 on a fresh
 # machine) builds it first, once per run, within its own cap.
-# Files in $OUT (default ./gpu_out), flat, at most 8 (what the device tool returns), each appended as
-# its stage runs, so a killed run keeps everything written before the kill:
+# Files in $OUT (default ./gpu_out): flat, at most 8 files, none over 16 MiB (checked at the end), each
+# appended as its stage runs, so a killed run keeps everything written before the kill:
 #   summary.log          one line per stage (rc, seconds, cap), the versions, correctness and test counts
 #   versions.log         stage 0: versions, nvidia-smi, the compile-check table for this GPU
 #   build.log            pip install -e . and python -m imse_kernels
@@ -38,7 +41,7 @@
 # Knobs: GPU_CHECK_BUDGET_S (540), STAGES or --stages (comma list, default 0,1,2,3,4,5), --from N,
 #   SKIP_BUILD=1 (stage 1 only reports), GPU_CHECK_DRY_RUN=1 or --dry-run, PYTHON (python3), BENCH_ARGS,
 #   GPU_CHECK_ASSUME_NO_BUILD=1 (treat the extension as missing: shows the build-first path in a dry run).
-# Exit code: 0, or 3 when $OUT breaks the device tool's file limits (stage results are in summary.log).
+# Exit code: 0, or 3 when $OUT is not that layout (stage results are in summary.log).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -52,7 +55,7 @@ while [ $# -gt 0 ]; do
     --from) STAGES=$(seq -s, "$2" 5); shift 2 ;;
     --dry-run) DRY=1; shift ;;
     --skip-build) SKIP_BUILD=1; shift ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -73,7 +76,8 @@ export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export PATH="$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer:$PATH"
 export MAX_JOBS="${MAX_JOBS:-16}"
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # this GPU's architecture only: half the nvcc time of 8.0;9.0
-  TORCH_CUDA_ARCH_LIST=$("${PYTHON:-python3}" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)
+  TORCH_CUDA_ARCH_LIST=$("${PYTHON:-python3}" -c \
+    "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)
   export TORCH_CUDA_ARCH_LIST
 fi
 export IMSE_CUDA=1
@@ -136,7 +140,9 @@ EXT_MODULE="imse_kernels._C_cuda"
 [ "$DRY" = "1" ] && EXT_MODULE="imse_kernels._C"   # no GPU toolkit needed to show the path on a CPU
 have_extension() {  # loadable, and built against this torch (imse_kernels._extension's rule)
   [ "${GPU_CHECK_ASSUME_NO_BUILD:-0}" = "1" ] && return 1
-  "$PY" -c "import sys, imse_kernels; from imse_kernels import _extension as e; sys.exit(0 if e.load('${EXT_MODULE#imse_kernels.}') else 1)" >/dev/null 2>&1
+  local mod="${EXT_MODULE#imse_kernels.}"
+  "$PY" -c "import sys, imse_kernels; from imse_kernels import _extension as e; sys.exit(0 if e.load('$mod') else 1)" \
+    >/dev/null 2>&1
 }
 build_cmd() {
   if [ "$DRY" = "1" ]; then
@@ -181,11 +187,18 @@ selected 3 && rm -f "$OUT/tests_gpu.log"
 selected 4 && rm -f "$OUT/sanitizer.log"
 selected 5 && rm -f "$OUT/bench.log" "$OUT/bench_results.tar.gz"
 
-log "gpu_check start $(date -u +%FT%TZ): stages $STAGES, budget ${BUDGET}s, dry run $DRY, skip build ${SKIP_BUILD:-0}, OUT $OUT"
-if COMMIT=$(git rev-parse --short HEAD 2>/dev/null); then git diff --quiet 2>/dev/null || COMMIT="$COMMIT+dirty"; else COMMIT="unknown (no git)"; fi
+log "gpu_check start $(date -u +%FT%TZ): stages $STAGES, budget ${BUDGET}s, dry run $DRY," \
+  "skip build ${SKIP_BUILD:-0}, OUT $OUT"
+if COMMIT=$(git rev-parse --short HEAD 2>/dev/null); then
+  git diff --quiet 2>/dev/null || COMMIT="$COMMIT+dirty"
+else
+  COMMIT="unknown (no git)"
+fi
 log "commit $COMMIT"
 plan="plan (stage share -> cap if every earlier stage used its share):"
-for n in 0 1 2 3 4 5; do selected "$n" && plan="$plan ${n}:${NAME[$n]} ${SHARE[$n]}%=$(( BUDGET * SHARE[$n] / 100 ))s"; done
+for n in 0 1 2 3 4 5; do
+  selected "$n" && plan="$plan ${n}:${NAME[$n]} ${SHARE[$n]}%=$(( BUDGET * SHARE[$n] / 100 ))s"
+done
 log "$plan"
 
 # ------------------------------------------------------------------------------ 0. versions, lowering
@@ -209,7 +222,8 @@ PYEOF
     echo "nvcc: $(command -v nvcc || echo absent) $(nvcc --version 2>/dev/null | tail -1)"
     echo "compute-sanitizer: $(command -v compute-sanitizer || echo absent)"
     if command -v nvidia-smi >/dev/null; then
-      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | sed 's/^/driver: /'
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 \
+        | sed 's/^/driver: /'
     else
       echo "driver: nvidia-smi absent"
     fi
@@ -218,7 +232,8 @@ PYEOF
   if [ "$DRY" = "1" ]; then  # a private, temporary triton cache
     ARCH=90; AOT_ARGS="--dtypes bf16 --shapes odd"
   else  # triton's own cache, which the JIT of the later stages may then find warm
-    ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(0); print(90 if m >= 9 else 80)" 2>/dev/null || echo 90)
+    ARCH=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(0); print(90 if m >= 9 else 80)" \
+      2>/dev/null || echo 90)
     AOT_ARGS="--dtypes bf16,fp32 --shapes vit,odd --cache-dir ${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
   fi
   # shellcheck disable=SC2086
@@ -235,11 +250,14 @@ if selected 1; then
     log "stage 1 build: not run (SKIP_BUILD=1); a later stage builds if the extension is missing"
   else
     build "stage 1 build" $(( CAP > 40 ? CAP - 30 : CAP ))
-    step "stage 1 build/imse_kernels_info" "$(( $(cap_of 1) < 30 ? $(cap_of 1) : 30 ))" "$OUT/build.log" "$PY" -m imse_kernels
+    INFO_CAP=$(cap_of 1)
+    step "stage 1 build/imse_kernels_info" $(( INFO_CAP < 30 ? INFO_CAP : 30 )) "$OUT/build.log" "$PY" -m imse_kernels
   fi
 fi
 # What the later stages import.
-"$PY" -c "import imse_kernels as m; from imse_kernels import _extension as e; print('imse_kernels', m.__file__, '| backends', m.available_backends(), '| _C', e.reason('_C') or 'loaded', '| _C_cuda', e.reason('_C_cuda') or 'loaded')" >> "$SUMMARY" 2>&1
+"$PY" -c "import imse_kernels as m; from imse_kernels import _extension as e
+print('imse_kernels', m.__file__, '| backends', m.available_backends(), '| _C', e.reason('_C') or 'loaded',
+      '| _C_cuda', e.reason('_C_cuda') or 'loaded')" >> "$SUMMARY" 2>&1
 
 # ------------------------------------------------------------------------ 2. correctness in bf16
 if selected 2; then
@@ -255,7 +273,7 @@ if selected 2; then
     local i pids=()
     for i in $(seq 0 $(( W_PAR - 1 ))); do
       # shellcheck disable=SC2086
-      "$PY" benchmarks/gpu_correctness.py $C_ARGS --backends "$W_BACKENDS" --dtypes bf16 --shard "$i/$W_PAR" \
+      "$PY" checks/gpu_correctness.py $C_ARGS --backends "$W_BACKENDS" --dtypes bf16 --shard "$i/$W_PAR" \
         --budget-s $(( WARM > 15 ? WARM - 10 : 5 )) > /dev/null 2>> "$BENCH_DIR/warmup.log" &
       pids+=($!)
     done
@@ -270,7 +288,7 @@ if selected 2; then
   # stdout repeats the JSON lines of correctness.jsonl; stderr (failures, counts) goes to the summary
   # shellcheck disable=SC2086
   step "stage 2 correctness" "$CAP" "$SUMMARY" sh -c 'exec "$@" > /dev/null' sh \
-    "$PY" benchmarks/gpu_correctness.py $C_ARGS --dtypes bf16 --out "$OUT/correctness.jsonl" \
+    "$PY" checks/gpu_correctness.py $C_ARGS --dtypes bf16 --out "$OUT/correctness.jsonl" \
     --budget-s $(( CAP > 30 ? CAP - 20 : CAP / 2 ))
   note "correctness: $(tail -1 "$OUT/correctness.jsonl" 2>/dev/null)"
 fi
@@ -309,7 +327,8 @@ if selected 4; then
       step "stage 4 sanitizer/racecheck" "$(cap_of 4)" "$OUT/sanitizer.log" compute-sanitizer --tool racecheck \
         --racecheck-report hazard --error-exitcode 1 "$PY" tests/cuda_memcheck_case.py --quick
     fi
-    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases passed|Device not supported' "$OUT/sanitizer.log" >> "$SUMMARY" 2>/dev/null
+    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|cases passed|Device not supported' "$OUT/sanitizer.log" \
+      >> "$SUMMARY" 2>/dev/null
   fi
 fi
 
@@ -322,8 +341,9 @@ if selected 5; then
     F_ARGS="--device cpu --quick --nets vit_s --layers proj --batches 1 --dtypes fp32 --modes fwdbwd"
     M_ARGS="--device cpu --quick --model-providers imse,imse_reference --model-batches 1"
   else
-    B_ARGS="--device cuda --nets vit_b --batches 64,1 --dtypes bf16 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
-    F_ARGS="--device cuda --nets vit_b --batches 64,1 --dtypes fp32 --modes fwdbwd,infer --skip-providers naive_compile --max-case-s 1.5"
+    L_ARGS="--device cuda --nets vit_b --batches 64,1 --modes fwdbwd,infer --skip-providers naive_compile"
+    B_ARGS="$L_ARGS --dtypes bf16 --max-case-s 1.5"
+    F_ARGS="$L_ARGS --dtypes fp32 --max-case-s 1.5"
     M_ARGS="--device cuda --max-case-s 3"
   fi
   CAP=$(cap_of 5)
@@ -342,7 +362,7 @@ if selected 5; then
   grep -E '^\s+(PASS|FAIL)\s' "$OUT/bench.log" >> "$SUMMARY" 2>/dev/null
 fi
 
-# ------------------------------------------------------------------------------ the device tool's limits
+# ---------------------------------------------------- the layout of $OUT: flat, <= 8 files, <= 16 MiB each
 N_FILES=$(find "$OUT" -mindepth 1 -type f | wc -l)
 N_DIRS=$(find "$OUT" -mindepth 1 -type d | wc -l)
 BAD_NAMES=$(find "$OUT" -mindepth 1 -type f | sed 's#.*/##' | grep -c '[^A-Za-z0-9._-]')
@@ -351,7 +371,8 @@ RC=0
 if [ "$N_FILES" -le 8 ] && [ "$N_DIRS" -eq 0 ] && [ "$BAD_NAMES" -eq 0 ] && [ "$BIG" -eq 0 ]; then
   log "file check: PASS ($N_FILES files, limit 8; no folders): $(ls "$OUT" | tr '\n' ' ')"
 else
-  log "file check: FAIL ($N_FILES files (limit 8), $N_DIRS folders, $BAD_NAMES odd names, $BIG over 16 MiB): $(ls "$OUT" | tr '\n' ' ')"
+  log "file check: FAIL ($N_FILES files (limit 8), $N_DIRS folders, $BAD_NAMES odd names, $BIG over 16 MiB):" \
+    "$(ls "$OUT" | tr '\n' ' ')"
   RC=3
 fi
 log "gpu_check done in $(( $(date +%s) - T0 ))s"

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Correctness of each spectral backend against a float64 oracle: one JSON line per check.
 
-    python benchmarks/gpu_correctness.py --device cuda                      # triton and cuda, full sweep
-    python benchmarks/gpu_correctness.py --device cpu --backends torch,cpu --quick
-    python benchmarks/gpu_correctness.py --device cpu --backends cpu --quick --inject-fault scale   # must fail
-    python benchmarks/gpu_correctness.py --device cuda --backends triton --dtypes bf16 --shard 0/8  # 1 of 8 warm-ups
+    python checks/gpu_correctness.py --device cuda                      # triton and cuda, full sweep
+    python checks/gpu_correctness.py --device cpu --backends torch,cpu --quick
+    python checks/gpu_correctness.py --device cpu --backends cpu --quick --inject-fault scale   # must fail
+    python checks/gpu_correctness.py --device cuda --backends triton --dtypes bf16 --shard 0/8  # 1 of 8 warm-ups
 
 Every primitive of the backend protocol (imse_kernels/backends/base.py) and the public
 `spectral_linear` (forward + backward under `use_backend(name)`, both routes pinned with
@@ -48,7 +48,8 @@ LAYERS_FULL = [(384, 1152, 384), (17, 33, 5), (768, 3072, 768), (3072, 768, 768)
 SHAPES_FULL = [(n, *layer) for layer in LAYERS_FULL for n in (1, 3, 197, 1000)]
 # Checked first (every dtype), so that a run stopped by --budget-s still covers N = 1, 3, 197, 1000,
 # an odd and a truncated shape and ViT-B fc1/fc2 on every backend.
-FIRST_FULL = [(197, 768, 3072, 768), (1000, 3072, 768, 768), (1, 384, 1152, 384), (3, 17, 33, 5), (1000, 768, 3072, 100)]
+FIRST_FULL = [(197, 768, 3072, 768), (1000, 3072, 768, 768), (1, 384, 1152, 384), (3, 17, 33, 5),
+              (1000, 768, 3072, 100)]
 LAYOUT_SHAPES_FULL = [(3, 17, 33, 5), (197, 384, 1152, 384), (1000, 768, 3072, 100)]
 DET_SHAPES_FULL = [(1000, 768, 3072, 768), (197, 3072, 768, 768)]
 # --quick: seconds on two CPU cores (fp16 GEMMs are slow there), still N = 1, odd sizes, truncated rank.
