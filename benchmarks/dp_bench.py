@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import bench_common as BC
-
 import torch
 
 

@@ -32,12 +32,19 @@ from typing import Optional
 
 import bench_common as BC
 import report
-from bench_common import (Record, SavedTensorTracker, Timing, device_peak_bytes, load1, measure_interleaved, min_ratio,
-                          paired_ratio)
-from layer_cases import BASELINE, DTYPES, MODES, SHAPES, TOKENS, Case, nominal_flops
-
 import torch
 import torch.nn.functional as F
+from bench_common import (
+    Record,
+    SavedTensorTracker,
+    Timing,
+    device_peak_bytes,
+    load1,
+    measure_interleaved,
+    min_ratio,
+    paired_ratio,
+)
+from layer_cases import BASELINE, DTYPES, MODES, SHAPES, TOKENS, Case, nominal_flops
 from torch import nn
 
 import imse_kernels

@@ -34,11 +34,17 @@ import time
 
 import bench_common as BC
 import report
-from bench_common import (Record, SavedTensorTracker, device_peak_bytes, load1, measure_interleaved, min_ratio,
-                          paired_ratio)
-
 import torch
 import torch.nn.functional as F
+from bench_common import (
+    Record,
+    SavedTensorTracker,
+    device_peak_bytes,
+    load1,
+    measure_interleaved,
+    min_ratio,
+    paired_ratio,
+)
 from torch import nn
 
 import imse_kernels

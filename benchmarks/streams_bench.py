@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 import bench_common as BC
-from bench_common import load1, measure_interleaved, paired_ratio
-
 import torch
+from bench_common import load1, measure_interleaved, paired_ratio
 from torch import nn
 
 from imse_kernels import FusedSpectralLinear, stream_codes
@@ -134,7 +133,8 @@ def model_level(args, log=print) -> list:
         multi = MultiStreamIMSE(copy.deepcopy(base), k, cfg)
         separate = [IMSE(copy.deepcopy(base), cfg) for _ in range(k)]
         chunks = [x[streams == c] for c in range(k)]
-        fns = {"multi": lambda: multi(x, streams), "separate": lambda: [a(c) for a, c in zip(separate, chunks)]}
+        fns = {"multi": lambda multi=multi, x=x, streams=streams: multi(x, streams),
+               "separate": lambda separate=separate, chunks=chunks: [a(c) for a, c in zip(separate, chunks)]}
         fns["imse"] = imse_fn(total)
         t = measure_interleaved(fns, args.device, args.rounds, args.min_block_s, args.warmup,
                                 min_rounds=args.min_rounds, max_case_s=args.max_case_s)

@@ -40,10 +40,8 @@ import time
 from pathlib import Path
 
 import bench_common as BC
-from bench_common import SavedTensorTracker, device_peak_bytes, load1, measure_interleaved, paired_ratio
-
 import torch
-import torch.nn.functional as F
+from bench_common import SavedTensorTracker, device_peak_bytes, load1, measure_interleaved, paired_ratio
 
 from imse_kernels import svf
 

@@ -17,9 +17,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
 import layer_bench as LB  # noqa: E402
+import torch  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 

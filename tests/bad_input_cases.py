@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from eval_files import PickledOsCall, write_cifar_c, write_damaged_jpeg, write_imagenet_c_tree, write_safetensors
 
 #: Options of every case (unless it gives its own): one method, tiny batches, no bars, no plot, one thread.

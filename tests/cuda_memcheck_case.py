@@ -20,7 +20,6 @@ import sys
 from typing import Optional
 
 import torch
-
 from helpers import per_code_oracle
 
 # Max error relative to max |reference|, against the float64 torch backend.

@@ -21,6 +21,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from bad_input_cases import FAST, make_cases, write_files  # noqa: E402
 
+
 def shown(argv: list, tmp: str) -> str:
     """The options a reader needs: the shared FAST ones left out, temporary paths as <tmp>."""
     out, i = [], 0

@@ -94,9 +94,9 @@ def cifar(out: Path, n: int, steps: int) -> None:
 
 def imagenet_c(out: Path, corruptions: list[str], size: tuple[int, int]) -> None:
     import timm
+    from eval_files import write_imagenet_c_tree
     from safetensors.torch import save_file
 
-    from eval_files import write_imagenet_c_tree
     from imse_kernels.eval.imagenet_c import subset_5000
 
     write_imagenet_c_tree(out, subset_5000(), corruptions=corruptions, severities=(5,), size=size)

@@ -20,12 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from eval_files import JPEG_SIZES, write_jpeg  # noqa: E402
+
 from imse_kernels.eval.preprocess import PREPROCESS, build_preprocess  # noqa: E402
 
 
 def main(out_prefix: str) -> None:
-    from torchvision import transforms as T
     import timm.data
+    from torchvision import transforms as T
 
     cfg = {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center"}
     mean, std = torch.tensor((0.5,) * 3), torch.tensor((0.5,) * 3)

@@ -1,6 +1,5 @@
 """Pure PyTorch backend: runs on any device and is the oracle every other backend is tested against.
 Its per-sample-code primitives are the protocol's ATen defaults (`base.py`)."""
-from typing import Optional
 
 import torch
 from torch import Tensor

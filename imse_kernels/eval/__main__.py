@@ -16,7 +16,7 @@ import torch
 
 from ..backends import use_backend
 from ..precision import SlowAutocastError
-from ..tta import ConfigError, IMSE, registry
+from ..tta import IMSE, ConfigError, registry
 from . import progress
 from .corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS
 from .data_spec import DATA_SOURCES, images_per_domain, spec_from_run
@@ -28,7 +28,7 @@ from .multi_stream import evaluate_multi_stream
 from .preprocess import DEFAULT_PREPROCESS, PREPROCESS, PREPROCESS_HELP
 from .protocol import REPORTS
 from .report import ResultsWriter
-from .run_config import (RUN, Invocation, Plan, layer, load_config_file, parse_assignment, parse_pairs, resolve)
+from .run_config import RUN, Invocation, Plan, layer, load_config_file, parse_assignment, parse_pairs, resolve
 from .runner import run_seed
 from .session import Session, set_up
 from .streams import DEFAULT_DIRICHLET, DIRICHLET_SETTINGS, SETTING_HELP, SETTINGS
@@ -255,7 +255,7 @@ def run_seeds(plan: Plan, session: Session, writer: Optional[ResultsWriter] = No
                 opts = MethodOptions(plan.config.methods, run.batch_size, seed, run.compile,
                                      None if comm is None else comm.group)
                 tag = f" (seed {seed})" if len(run.seeds) > 1 else ""
-                done = None if writer is None else (lambda part, runs=runs: writer.partial(runs + [part], images))
+                done = None if writer is None else (lambda part, runs=runs, images=images: writer.partial(runs + [part], images))
                 runs.append(run_seed(run, opts, domains, size, data.model, data.source, session.device, seed, comm,
                                      session.log, plan.invocation.progress, tag, on_result=done))
                 del domains

@@ -13,8 +13,16 @@ import torch
 from .checks import check_max_per_domain
 from .corruptions import corruption_order, select_corruptions
 from .errors import DataError
-from .images import (IMG_EXTENSIONS, ImageScan, class_index, head_label_warning, list_images, read_image,
-                     scan_images, unreadable_error)
+from .images import (
+    IMG_EXTENSIONS,
+    ImageScan,
+    class_index,
+    head_label_warning,
+    list_images,
+    read_image,
+    scan_images,
+    unreadable_error,
+)
 from .preprocess import Preprocess, build_preprocess, timm_eval
 from .protocol import DEFAULT_REPORTS, DataProtocol
 

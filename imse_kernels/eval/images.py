@@ -45,7 +45,8 @@ def read_image(path: Path, transform: Callable):
         with Image.open(path) as im:
             return transform(im.convert("RGB"))
     except FileNotFoundError:
-        raise DataError(path, "image file not found", "check the folder tree (every domain holds the same images)")
+        raise DataError(path, "image file not found",
+                        "check the folder tree (every domain holds the same images)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # PIL: SyntaxError on bad headers
         if isinstance(exc, DataError):
             raise

@@ -16,12 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..state_file import (StateFileError, atomic_write_bytes, atomic_write_text, dumps_safetensors,
-                          loads_safetensors, read_bytes)
+from ..state_file import (
+    StateFileError,
+    atomic_write_bytes,
+    atomic_write_text,
+    dumps_safetensors,
+    loads_safetensors,
+    read_bytes,
+)
 from .cache import cache_dir
 from .digits import IMG_SIZE, NUM_CLASSES, Split
 from .errors import DataError
-
 
 # ------------------------------------------------------------------------------------------ normalisation
 

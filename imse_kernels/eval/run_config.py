@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from ..tta import ConfigError, IMSE, registry
+from ..tta import IMSE, ConfigError, registry
 from ..tta.method_config import CheckedConfig, nearest
 from .checks import APPLIES_TO, check_data_dir, check_max_per_domain, check_options_apply
 from .corruptions import CORRUPTIONS, parse_corruptions
 from .data_spec import DATA_SOURCES
-from .images import SCAN_MODES
 from .imagenet_c import SUBSETS
+from .images import SCAN_MODES
 from .preprocess import DEFAULT_PREPROCESS, PREPROCESS
 from .protocol import DEFAULT_REPORTS, REPORTS
 from .streams import DEFAULT_DIRICHLET, SETTINGS

@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..layers.conversion import (preset_patterns, remember_requires_grad, restore_requires_grad, select_layers)
+from ..layers.conversion import preset_patterns, remember_requires_grad, restore_requires_grad, select_layers
 from .decomposition import decompose, load_decomposition, save_decomposition
 from .parametrization import SVFConfig
 from .svf_linear import SVFLinear

@@ -15,8 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.conv1d import linear_weight
-from ..state_file import (StateFileError, atomic_write_bytes, dumps_safetensors, loads_safetensors, read_bytes,
-                          sha256_hex, tensor_bytes)
+from ..state_file import (
+    StateFileError,
+    atomic_write_bytes,
+    dumps_safetensors,
+    loads_safetensors,
+    read_bytes,
+    sha256_hex,
+    tensor_bytes,
+)
 
 META_KEY = "imse_svf_decomposition"
 FORMAT = 1

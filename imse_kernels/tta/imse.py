@@ -16,8 +16,8 @@ from ..optim import SAM
 from .adapter import AdapterStateError, check_optimizer_state
 from .code_bank import BankEvent, CodeBank, Retrieval
 from .config import IMSEConfig
-from .diversity_probe import DiversityProbe
 from .distributed import digest, model_digests
+from .diversity_probe import DiversityProbe
 from .domain_stats import DomainStats, image_moments, patch_embedding_tokens
 from .method import Method, source_images
 from .parameters import select_layers

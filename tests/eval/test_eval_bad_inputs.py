@@ -4,8 +4,8 @@ or load with a warning, run and say so. tools/bad_inputs_table.py runs the same 
 from pathlib import Path
 
 import pytest
-
 from bad_input_cases import make_cases, write_files
+
 from imse_kernels.eval.__main__ import main
 
 CASES = {c.name: c for c in make_cases(Path("/nonexistent"))}  # the names; the files are written per module

@@ -4,7 +4,6 @@ Every format must give the source model's logits; every error must be one line n
 """
 import argparse
 import json
-import os
 import pickle
 import socket
 import subprocess

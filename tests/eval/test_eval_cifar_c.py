@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from eval_files import write_cifar_c
+
 from imse_kernels.eval.cifar_c import CifarC
 from imse_kernels.eval.errors import DataError
 

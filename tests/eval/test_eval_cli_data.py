@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-
 from eval_files import write_cifar_c, write_hub_cache, write_imagenet_c_tree, write_safetensors
 from helpers import run_cli
+
 from imse_kernels.eval import runner
 from imse_kernels.eval.__main__ import main
 from imse_kernels.eval.errors import DataError

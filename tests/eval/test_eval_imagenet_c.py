@@ -5,12 +5,17 @@ import json
 
 import pytest
 import torch
-
 from eval_files import write_imagenet_c_tree, write_jpeg
-from imse_kernels.eval.corruptions import (CORRUPTIONS, EXTRA_CORRUPTIONS, KNOWN_CORRUPTIONS, corruption_order,
-                                           select_corruptions)
+
+from imse_kernels.eval.corruptions import (
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    KNOWN_CORRUPTIONS,
+    corruption_order,
+    select_corruptions,
+)
 from imse_kernels.eval.errors import DataError
-from imse_kernels.eval.imagenet_c import SUBSET_5000_SHA256, ImageNetC, _SUBSET_5000_FILE, subset_5000
+from imse_kernels.eval.imagenet_c import _SUBSET_5000_FILE, SUBSET_5000_SHA256, ImageNetC, subset_5000
 from imse_kernels.eval.images import imagenet_wnids, load_label_map
 
 

@@ -7,8 +7,8 @@ import torch
 from eval_files import PickledOsCall
 
 from imse_kernels.eval import models as M
-from imse_kernels.eval.errors import DataError
 from imse_kernels.eval.digits import load_splits
+from imse_kernels.eval.errors import DataError
 
 
 def _test_vit():

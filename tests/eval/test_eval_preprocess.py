@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from eval_files import JPEG_SIZES, write_imagenet_c_tree, write_jpeg
 from PIL import Image
 
-from eval_files import JPEG_SIZES, write_imagenet_c_tree, write_jpeg
 from imse_kernels.eval.errors import DataError
 from imse_kernels.eval.imagenet_c import ImageNetC
 from imse_kernels.eval.preprocess import PREPROCESS, build_preprocess, check_input_size

@@ -10,8 +10,15 @@ import torch
 from imse_kernels.eval.metrics import shift_count, shift_detection
 from imse_kernels.eval.report import aggregate, seeds_table, table
 from imse_kernels.eval.runner import MethodResult, run_method, take
-from imse_kernels.eval.streams import (SCHEDULED, SETTINGS, build_stream, dirichlet_order, label_runs,
-                                       segment_batches, true_boundaries)
+from imse_kernels.eval.streams import (
+    SCHEDULED,
+    SETTINGS,
+    build_stream,
+    dirichlet_order,
+    label_runs,
+    segment_batches,
+    true_boundaries,
+)
 
 CS = ["gaussian_noise", "fog", "contrast"]
 N = 200  # images per domain

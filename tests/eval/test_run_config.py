@@ -4,7 +4,6 @@ against bugs, and the OpenMP restart."""
 import json
 
 import pytest
-import torch
 from helpers import tiny_vit
 
 from imse_kernels.eval import __main__ as cli

@@ -28,10 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cuda_memcheck_case as case
 import pytest
 import torch
-
-import cuda_memcheck_case as case
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_SRC = ROOT / "csrc" / "cuda"

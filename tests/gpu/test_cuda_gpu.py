@@ -10,10 +10,9 @@ and segmented dS kernels, or their ATen path) against a float64 per-code loop wi
 off, bitwise deterministic dS, and which kernels each setting launches. The emulated CPU runs of the
 same kernels are in tests/gpu/test_cuda_build.py.
 """
+import cuda_memcheck_case as case
 import pytest
 import torch
-
-import cuda_memcheck_case as case
 
 pytestmark = pytest.mark.gpu
 
@@ -335,7 +334,8 @@ def test_spectral_linear_gradcheck_float64(ops):
         s = torch.rand(r, dtype=torch.float64, device=CUDA, generator=g).requires_grad_()
         bias = torch.randn(d_out, dtype=torch.float64, device=CUDA, generator=g)
         with use_backend("cuda"):
-            assert torch.autograd.gradcheck(lambda x_, s_: spectral_linear(x_, U, s_, Vh, bias), (x, s))
+            assert torch.autograd.gradcheck(lambda x_, s_, U=U, Vh=Vh, bias=bias: spectral_linear(x_, U, s_, Vh, bias),
+                                            (x, s))
 
 
 def test_cuda_backend_available_on_gpu(ops):

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import factors, oracle
 
 import imse_kernels as ik
 from imse_kernels import backends
@@ -14,8 +15,6 @@ from imse_kernels.backends import fallback
 from imse_kernels.backends.base import SpectralBackend
 from imse_kernels.backends.torch_backend import TorchBackend
 from imse_kernels.precision import tf32_matmul_enabled
-
-from helpers import factors, oracle
 
 pytest.importorskip("triton")
 

@@ -11,10 +11,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import assert_close, oracle_backward, oracle_forward  # noqa: E402
+
 from imse_kernels import spectral_linear, use_backend  # noqa: E402
 from imse_kernels.backends import get_backend  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
-from helpers import assert_close, oracle_backward, oracle_forward  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -42,7 +42,7 @@ def test_timm_models_round_trip(kind):
 
 def test_vit_default_names():
     names = spectralize(_tiny("vit"))
-    assert names == [f"blocks.{i}.{l}" for i in range(2) for l in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert names == [f"blocks.{i}.{name}" for i in range(2) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
 
 
 def test_include_exclude_on_plain_tree():

@@ -5,12 +5,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import factors
 
 import imse_kernels
 from imse_kernels import _extension, spectral_linear, use_backend
 from imse_kernels.backends import requested_backend, resolve_backend
-
-from helpers import factors
 
 
 def test_available_backends_lists_torch_and_reasons():

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_backends, factors, rel_err
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -18,8 +19,6 @@ import imse_kernels
 from imse_kernels import FusedSpectralLinear, precision, spectral_linear, use_backend
 from imse_kernels.ops import force_route
 from imse_kernels.ops.weight_cache import RecomposedWeightCache
-
-from helpers import cpu_backends, factors, rel_err
 
 BF16 = torch.bfloat16
 CPU_BACKENDS = cpu_backends()

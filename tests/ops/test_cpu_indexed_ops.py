@@ -5,11 +5,10 @@ bitwise determinism across runs and thread counts, and bad inputs; then that `sp
 index=...)` under `use_backend("cpu")` reaches them and agrees with the torch backend."""
 import pytest
 import torch
+from helpers import code_table, factors, per_code_oracle
 
 import imse_kernels
 from imse_kernels import spectral_linear, use_backend
-
-from helpers import code_table, factors, per_code_oracle
 
 pytestmark = pytest.mark.skipif("cpu" not in imse_kernels.available_backends(),
                                 reason="the C++ CPU extension imse_kernels._C is not available")
@@ -257,7 +256,7 @@ def test_spectral_linear_uses_the_cpu_ops(monkeypatch, need_ds):
     for backend in ("torch", "cpu"):
         rec = _Recorder()
         if backend == "cpu":
-            monkeypatch.setattr(CpuBackend, "_ops", property(lambda self: rec))
+            monkeypatch.setattr(CpuBackend, "_ops", property(lambda self, rec=rec: rec))
         S = S0.clone().requires_grad_(need_ds)
         x = x0.clone().requires_grad_(True)
         with use_backend(backend):

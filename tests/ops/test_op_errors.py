@@ -1,11 +1,10 @@
 """Bad input raises a clear error naming the problem."""
 import pytest
 import torch
+from helpers import factors
 
 import imse_kernels
 from imse_kernels import spectral_linear, use_backend
-
-from helpers import factors
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ K = 1, codes no sample uses, per-sample and per-row indices, 3-D x; plus opcheck
 determinism and bad inputs."""
 import pytest
 import torch
+from helpers import code_table, cpu_backends, factors, tiny_vit
 
 from imse_kernels import spectral_linear, use_backend
 from imse_kernels.backends.base import segment_sum, sorted_segment_sum
 from imse_kernels.ops.planner import FACTORIZED
 from imse_kernels.ops.spectral_linear import _backward_op, _forward_op
-
-from helpers import code_table, cpu_backends, factors, tiny_vit
 
 CPU_BACKENDS = cpu_backends()
 

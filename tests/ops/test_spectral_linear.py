@@ -2,14 +2,13 @@
 both routes, opcheck, determinism, NaN and empty batches."""
 import pytest
 import torch
+from helpers import cpu_backends, factors, oracle
 
 import imse_kernels
 from imse_kernels import spectral_linear, use_backend
 from imse_kernels.ops import force_route
-from imse_kernels.ops.spectral_linear import _backward_op, _forward_op
 from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED
-
-from helpers import cpu_backends, factors, oracle
+from imse_kernels.ops.spectral_linear import _backward_op, _forward_op
 
 CPU_BACKENDS = cpu_backends()
 ROUTES = ["factorized", "recomposed"]

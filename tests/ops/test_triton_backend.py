@@ -8,12 +8,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
+
 from imse_kernels import spectral_linear, use_backend  # noqa: E402
 from imse_kernels.backends import get_backend, unavailable_reason  # noqa: E402
 from imse_kernels.backends.triton_backend import TritonBackend  # noqa: E402
 from imse_kernels.ops.planner import FACTORIZED, RECOMPOSED, plan  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
-from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None or not runtime.INTERPRETED,
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1)")

@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
+
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
 from imse_kernels.triton_kernels.chain import chain  # noqa: E402
 from imse_kernels.triton_kernels.recomposed_ds import recomposed_ds  # noqa: E402
 from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul  # noqa: E402
-from helpers import assert_close, oracle_backward, oracle_forward, spectral_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not runtime.INTERPRETED and not torch.cuda.is_available(),
                                 reason="needs TRITON_INTERPRET=1 or a GPU")

@@ -13,9 +13,11 @@ from imse_kernels.backends.triton_backend import TritonBackend  # noqa: E402
 from imse_kernels.triton_kernels import chain as chain_module  # noqa: E402
 from imse_kernels.triton_kernels import runtime, tuning  # noqa: E402
 from imse_kernels.triton_kernels.chain import chain  # noqa: E402
+
 MAX_CODES = getattr(chain_module, "MAX_CODES", 64)
-from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul  # noqa: E402
 from helpers import oracle_forward, spectral_inputs  # noqa: E402
+
+from imse_kernels.triton_kernels.scaled_matmul import scaled_matmul  # noqa: E402
 
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None or not runtime.INTERPRETED,
                                 reason="needs the Triton interpreter (TRITON_INTERPRET=1)")

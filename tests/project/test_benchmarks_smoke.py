@@ -98,8 +98,9 @@ def _profile_rows(stdout: str) -> dict:
 
 
 def _native_bf16() -> bool:
-    from imse_kernels.precision import cpu_native_dtype
     import torch
+
+    from imse_kernels.precision import cpu_native_dtype
 
     return cpu_native_dtype(torch.bfloat16)
 

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

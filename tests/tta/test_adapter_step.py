@@ -195,7 +195,7 @@ def test_cuda_graphs_step_equals_eager_and_keeps_the_first_logits():
     model = tiny_vit(spectral=True).cuda()
     eager = IMSE(copy.deepcopy(model), IMSEConfig(stats_window=8))
     graphs = IMSE(model, IMSEConfig(stats_window=8), compile={"mode": "reduce-overhead"})
-    for i in range(4):
+    for _ in range(4):
         x = torch.randn(8, 3, 32, 32, device="cuda")
         out_e, out_g = eager(x), graphs(x)
         torch.testing.assert_close(out_g, out_e, rtol=1e-3, atol=1e-3)

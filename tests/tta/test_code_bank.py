@@ -144,7 +144,7 @@ def test_recurring_domains_retrieve_their_own_entry():
     # entries 1, 2, 3 hold domains 0, 1, 2; the recurrences retrieve them
     assert retrieved[6] == 1 and retrieved[8] == 2 and retrieved[10] == 3
     stored = {e.entry_id: e for e in bank.entries}
-    for i, r in log:
+    for _, r in log:
         torch.testing.assert_close(r.codes["blocks.0.attn.qkv"], stored[r.entry].codes["blocks.0.attn.qkv"])
         assert r.distances[r.entry] == min(r.distances.values()) and set(r.distances) >= {0, 1}
     assert len(bank.entries) == 6

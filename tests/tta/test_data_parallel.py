@@ -21,7 +21,7 @@ def launch(tmp_path, world, *flags, timeout=20.0, ranks=None):
     procs = {q: subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / f"rank{q}.pt"), str(q), str(world),
                                   init, "--timeout", str(timeout), *flags])
              for q in ranks}
-    for q, p in procs.items():
+    for p in procs.values():
         p.wait(timeout=timeout * 6 + 120)
     out = {}
     for q in procs:
@@ -81,7 +81,7 @@ def test_streams_sharded_across_ranks_equal_one_process(tmp_path, single_streams
         owned += res[q]["owned"]
         assert res[q]["owned"] == [k for k in range(4) if k % world == q]  # round-robin
     assert sorted(owned) == [0, 1, 2, 3]
-    for i, (idx1, logits1) in enumerate(single_streams["logits"]):
+    for i, (_idx1, logits1) in enumerate(single_streams["logits"]):
         full = torch.empty_like(logits1)
         for q in range(world):
             idx, logits = res[q]["logits"][i]

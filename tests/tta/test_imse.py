@@ -13,7 +13,6 @@ from torch import nn
 from imse_kernels import FusedSpectralLinear, spectral_layers, spectralize
 from imse_kernels.tta import IMSE, IMSEConfig, Retrieval
 
-
 # ------------------------------------------------------------------ the step written out by hand
 
 class RefSVDLinear(nn.Module):

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from imse_kernels.losses import (
-    diversity_loss, entropy_threshold, expert_alignment_moments, layer_diversity, lowest_k, lowest_k_mean,
-    reliable_entropy, reliable_mask, softmax_entropy, std_from_moments,
+    diversity_loss,
+    entropy_threshold,
+    expert_alignment_moments,
+    layer_diversity,
+    lowest_k,
+    lowest_k_mean,
+    reliable_entropy,
+    reliable_mask,
+    softmax_entropy,
+    std_from_moments,
 )
 
 

@@ -9,8 +9,20 @@ import torch
 from helpers import tiny_vit
 
 from imse_kernels.eval.run_config import RUN, load_config_file, resolve
-from imse_kernels.tta import (IMSE, REGISTRY, SAR, ConfigError, IMSEConfig, Method, SARConfig, Source, TentConfig,
-                              build, make_config, names)
+from imse_kernels.tta import (
+    IMSE,
+    REGISTRY,
+    SAR,
+    ConfigError,
+    IMSEConfig,
+    Method,
+    SARConfig,
+    Source,
+    TentConfig,
+    build,
+    make_config,
+    names,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "imagenet_c").glob("*.yaml"))

@@ -7,11 +7,10 @@ import dataclasses
 
 import pytest
 import torch
-
 from helpers import CountingBackend, domain, tiny_vit
 
-from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, MultiStreamIMSE
 from imse_kernels.optim import RowAdam
+from imse_kernels.tta import IMSE, AdapterStateError, IMSEConfig, MultiStreamIMSE
 
 CONFIG = dict(stats_window=4, shift_threshold=0.3, lr=3e-3)  # within-domain KL of 4-image windows < 0.3 < across
 K = 3

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import adapted_imse, image_source, imse_adapter
-from safetensors.torch import load as st_load, save as st_save
+from helpers import adapted_imse, image_source
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from imse_kernels import state_file
 from imse_kernels.state_file import atomic_write_text, read_bytes, tensor_bytes
