@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", default="8,8,8,3,8,3,1", help="batch sizes of the stream, in order")
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--eager-reps", type=int, default=3, help="eager steps timed per distinct batch size")
-    ap.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk caches (default: a fresh folder)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk caches (default: a fresh folder)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depth", type=int, default=None, help="override the ViT depth (smoke runs; IMSE needs > 3)")
     ap.add_argument("--img-size", type=int, default=None, help="override the image size (smoke runs)")
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         compiled(x)
         rows.append({"call": i + 1, "batch": b, "seconds": time.perf_counter() - t, "graphs": counter.frame_count})
-        print(f"call {i + 1:2d}  batch {b:3d}  {rows[-1]['seconds']:8.2f} s  graphs so far {counter.frame_count}", flush=True)
+        print(f"call {i + 1:2d}  batch {b:3d}  {rows[-1]['seconds']:8.2f} s  graphs so far {counter.frame_count}",
+              flush=True)
     eager_s = {}
     for b in sorted(set(batches)):
         x = torch.randn(b, 3, *size, generator=g)
@@ -70,7 +72,8 @@ def main(argv=None) -> None:
             ts.append(time.perf_counter() - t)
         eager_s[b] = statistics.median(ts)
     lines = [f"compile warm-up: {args.model}, backend {args.backend}, threads {args.threads}, "
-             f"OMP_WAIT_POLICY {env['omp_wait_policy']}, {'warm' if args.warm_cache else 'cold'} inductor cache, torch {env['torch']}, commit {str(env['git_commit'])[:10]}",
+             f"OMP_WAIT_POLICY {env['omp_wait_policy']}, {'warm' if args.warm_cache else 'cold'} inductor cache, "
+             f"torch {env['torch']}, commit {str(env['git_commit'])[:10]}",
              f"cpu {env['cpu']} ({env['cpu_count']} cores)", "",
              "call  batch  seconds  graphs so far  eager step s (median)"]
     lines += [f"{r['call']:4d}  {r['batch']:5d}  {r['seconds']:7.2f}  {r['graphs']:13d}  {eager_s[r['batch']]:.3f}"

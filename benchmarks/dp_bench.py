@@ -70,9 +70,9 @@ def worker(args) -> None:
     if group is not None:
         dist.barrier()
     if rank == 0:
+        trained_s = sum(p.numel() for p in adapter.optimizer.param_groups[0]["params"])
         Path(args.out).write_text(json.dumps({"times": times[args.warmup:], "comm": per_step,
-                                              "trained_s": sum(p.numel() for p in adapter.optimizer.param_groups[0]["params"]),
-                                              "shard": int(shard.shape[0])}))
+                                              "trained_s": trained_s, "shard": int(shard.shape[0])}))
     if group is not None:
         dist.destroy_process_group()
 
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     vit_b = None if args.quick else launch("vit_base_patch16_224", 2, 1, 2, 1, 1)
     lines = [f"dp_bench on {BC.machine_tag('cpu')}, fp32, IMSE step (SAM: two forward+backward passes), "
              f"{'a 4-block ViT-Tiny at 32 px' if args.quick else 'ViT-S/16 at 224 px'}, global batch {batch}; "
-             f"{rounds} rounds x {steps} steps; total {time.perf_counter() - t_start:.0f} s, load {BC.load1():.1f} at end",
+             f"{rounds} rounds x {steps} steps; total {time.perf_counter() - t_start:.0f} s, "
+             f"load {BC.load1():.1f} at end",
              "", "configuration          step ms   (1 rank x 2 threads) / this, median of rounds"]
     lines += [f"{n:<22} {med[n] * 1e3:>8.0f}   {ratio[n]:.2f}" for n in configs]
     lines += ["", f"bytes each rank sends per step, 2 ranks ({runs['2 ranks x 1 thread'][0]['trained_s']} trained s; "

@@ -53,7 +53,8 @@ from imse_kernels import FusedSpectralLinear, spectralize
 MODEL_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
                "vit_base": "vit_base_patch16_224"}
 PROVIDERS = ("imse", "imse_harness", "imse_reference", "tent", "source", "source_spectral")
-COMPILED_PROVIDERS = ("imse_compiled", "imse_reference_compiled", "imse_cudagraphs")  # opt-in: compile time is paid in warm-up
+# Opt-in providers: their compile time is paid in warm-up.
+COMPILED_PROVIDERS = ("imse_compiled", "imse_reference_compiled", "imse_cudagraphs")
 REFERENCE = "imse_reference"
 LAYER_PATTERNS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -109,7 +110,8 @@ class HandIMSE:
 
     def __init__(self, model: nn.Module, layer_type, all_s_grad: bool, lr=7e-3, rho=0.05, margin=0.4,
                  lam=50.0, ratio=1.0, div_blocks=3, compile=False) -> None:
-        self.model, self.rho, self.margin, self.lam, self.ratio, self.div_blocks = model, rho, margin, lam, ratio, div_blocks
+        self.model, self.rho, self.margin, self.lam = model, rho, margin, lam
+        self.ratio, self.div_blocks = ratio, div_blocks
         depth = len(model.blocks)
         layers = {n: m for n, m in model.named_modules() if isinstance(m, layer_type)}
         block = {n: int(n.split("blocks.")[1].split(".")[0]) for n in layers}
@@ -159,7 +161,8 @@ class HandIMSE:
             logits, loss, mask = self._fwd_loss(x)
             loss.backward()
             with torch.no_grad():
-                norm = torch.linalg.vector_norm(torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]))
+                norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm(2) for p in self.params if p.grad is not None]))
                 scale = self.rho / (norm + 1e-12)
                 eps = []
                 for p in self.params:
@@ -311,7 +314,8 @@ def run_model_case(name: str, batch: int, device: str, precisions: list, provide
         return fn
 
     fns = {key(p, prec): wrap(built[prec][p][0], prec) for prec in precisions for p in providers}
-    timings = measure_interleaved(fns, device, rounds, min_block_s, warmup, min_rounds=min_rounds, max_case_s=max_case_s, log=log)
+    timings = measure_interleaved(fns, device, rounds, min_block_s, warmup, min_rounds=min_rounds,
+                                  max_case_s=max_case_s, log=log)
     load = load1()
     ref32, records = timings.get(key(REFERENCE, "fp32")), []
     for prec in precisions:
@@ -374,7 +378,8 @@ def add_args(ap) -> None:
     ap.add_argument("--model-batches", default=None, help="default 1,8 (cpu) / 8,64 (cuda)")
     ap.add_argument("--model-providers", default=None, help="default: " + ",".join(PROVIDERS))
     ap.add_argument("--model-depth", type=int, default=None, help="override the ViT depth (smoke runs)")
-    ap.add_argument("--model-img-size", type=int, default=None, help="override the image size (smoke runs; default 224)")
+    ap.add_argument("--model-img-size", type=int, default=None,
+                    help="override the image size (smoke runs; default 224)")
     BC.add_precisions_arg(ap)
     ap.add_argument("--imse-retrieval", default="none", help="IMSEConfig.retrieval for the imse provider")
 
@@ -420,7 +425,8 @@ def run(args, records: list, log=print) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     BC.add_common_args(ap)
     add_args(ap)
     args = ap.parse_args(argv)

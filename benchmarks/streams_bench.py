@@ -123,8 +123,8 @@ def model_level(args, log=print) -> list:
                             min_rounds=args.min_rounds, max_case_s=args.max_case_s)
     for n in batches:
         per_image[n] = t[f"imse_b{n}"].median() / n * 1e3
-        rows.append({"level": "model", "provider": f"imse_b{n}", "images": n, "ms_per_step": t[f"imse_b{n}"].median() * 1e3,
-                     "ms_per_image": per_image[n], "load1": load1()})
+        rows.append({"level": "model", "provider": f"imse_b{n}", "images": n,
+                     "ms_per_step": t[f"imse_b{n}"].median() * 1e3, "ms_per_image": per_image[n], "load1": load1()})
         log(f"  IMSE step b{n}: {per_image[n]:.1f} ms per image")
     for k, b in layouts:
         total = k * b
@@ -144,7 +144,8 @@ def model_level(args, log=print) -> list:
                "multi_over_imse": paired_ratio(t["multi"], t["imse"]),
                "separate_over_multi": paired_ratio(t["separate"], t["multi"]), "load1": load1()}
         rows.append(row)
-        log(f"  {k} streams x {b}: multi {BC.fmt(row['ms_per_step'])} ms, IMSE b{total} {BC.fmt(row['imse_same_total_ms'])} ms, "
+        log(f"  {k} streams x {b}: multi {BC.fmt(row['ms_per_step'])} ms, "
+            f"IMSE b{total} {BC.fmt(row['imse_same_total_ms'])} ms, "
             f"{k} separate {BC.fmt(row['separate_ms'])} ms; multi/IMSE {BC.fmt(row['multi_over_imse'], 2)}, "
             f"separate/multi {BC.fmt(row['separate_over_multi'], 2)}")
     return rows
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"  {row['layer']} b{batch} K={k}: one_code {BC.fmt(row['one_code_ms'])} ms, codes "
                       f"{BC.fmt(row['codes_ms'])} ms, loop {BC.fmt(row['loop_ms'])} ms; codes/one_code "
-                      f"{BC.fmt(row['codes_over_one_code'], 2)}, codes/one_code_F {BC.fmt(row['codes_over_one_code_F'], 2)}, "
+                      f"{BC.fmt(row['codes_over_one_code'], 2)}, "
+                      f"codes/one_code_F {BC.fmt(row['codes_over_one_code_F'], 2)}, "
                       f"loop/codes {BC.fmt(row['loop_over_codes'], 2)}",
                       flush=True)
     lines = ["Layer level, fwd+bwd (codes trained, dx needed)",

@@ -33,12 +33,14 @@ SELECTION_FLAGS = ("nets", "layers", "batches", "modes", "providers", "dtypes", 
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--level", default="layer,model", help="layer, model or both (comma list)")
-    ap.add_argument("--full", action="store_true", help="the full sweep: every net x layer x batch x mode, and the model "
+    ap.add_argument("--full", action="store_true",
+                    help="the full sweep: every net x layer x batch x mode, and the model "
                     "level (the default without flags is the short headline run of the README's cases)")
-    ap.add_argument("--report", default=None, metavar="JSON", help="re-render the tables of a saved run (no measuring); "
-                    "rewrites its .txt unless --no-save")
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="re-render the tables of a saved run (no measuring); rewrites its .txt unless --no-save")
     BC.add_common_args(ap)
     LB.add_args(ap)
     MB.add_args(ap)

@@ -20,11 +20,13 @@ def main() -> None:
     try:
         from imse_kernels import _build_info
 
-        built = f"torch {_build_info.TORCH_VERSION}, CUDA extension: {_build_info.CUDA_BUILT} ({_build_info.CUDA_ARCH_LIST})"
+        built = (f"torch {_build_info.TORCH_VERSION}, "
+                 f"CUDA extension: {_build_info.CUDA_BUILT} ({_build_info.CUDA_ARCH_LIST})")
     except ImportError:
         built = "no compiled extension"
     print(f"imse_kernels {imse_kernels.__version__}  (python {platform.python_version()}, {platform.machine()})")
-    print(f"torch        {torch.__version__}  (CUDA {torch.version.cuda}, device available: {torch.cuda.is_available()})")
+    print(f"torch        {torch.__version__}  "
+          f"(CUDA {torch.version.cuda}, device available: {torch.cuda.is_available()})")
     print(f"triton       {triton_version}")
     print(f"built with   {built}")
     print(f"cpu          {cpu_model()}, {torch.backends.cpu.get_cpu_capability()}: {cpu_precision_report()}; "

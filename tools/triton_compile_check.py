@@ -15,9 +15,9 @@ Per unique specialisation it records compile seconds (a private, empty triton ca
 `cuobjdump -res-usage` on the cubin (the cuobjdump that the triton package carries; spill bytes are the
 per-thread STACK + LOCAL frame, which in these kernels holds nothing but spilled registers). A job
 fails when it does not lower, its shared memory exceeds the architecture's opt-in maximum, it needs
-more than 255 registers, or it spills more than SPILL_LIMIT bytes per thread. The failure counts unless the configuration is one
-`tuning.DROPPED` already removes from the tuner (lowered here as evidence, marked `dropped`) or a
-`CODES_P2` the launcher never uses (marked `unreachable`).
+more than 255 registers, or it spills more than SPILL_LIMIT bytes per thread. The failure counts unless the
+configuration is one `tuning.DROPPED` already removes from the tuner (lowered here as evidence, marked
+`dropped`) or a `CODES_P2` the launcher never uses (marked `unreachable`).
 
 Job sets (--tiers, default all):
   defaults    every primitive and variant with its default tile, for every shape class, dtype and arch;
@@ -369,7 +369,8 @@ def _only_config(kernel: str, cfg: tuning.Config):
 
 def _extra_launches(backend, kernel: str, cfg: tuning.Config, cap: int, shape: str, dtype, precision: str):
     """Launches of `kernel` with a configuration given on the command line (the check must be able to fail)."""
-    patterns = {"chain": ("fwd_h", "bwd", "bwd_codes"), "scaled_matmul": ("fwd", "bwd"), "recomposed_ds": ("bwd_R",)}[kernel]
+    patterns = {"chain": ("fwd_h", "bwd", "bwd_codes"), "scaled_matmul": ("fwd", "bwd"),
+                "recomposed_ds": ("bwd_R",)}[kernel]
     pats = _patterns(backend, shape, dtype, 5)
     out = []
     for pattern in patterns:

@@ -20,7 +20,8 @@ from .fallback import disabled_backends
 from .torch_backend import TorchBackend
 
 BACKEND_NAMES = ("torch", "cpu", "triton", "cuda")
-_MODULES = {"cpu": ("compiled_backend", "CpuBackend"), "triton": ("triton_backend", "TritonBackend"), "cuda": ("compiled_backend", "CudaBackend")}
+_MODULES = {"cpu": ("compiled_backend", "CpuBackend"), "triton": ("triton_backend", "TritonBackend"),
+            "cuda": ("compiled_backend", "CudaBackend")}
 # auto's preference per device type: the first usable one serves.
 _AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 # Backends not yet verified on real hardware: under auto, checked at first use of each shape.

@@ -62,7 +62,8 @@ class SpectralBackend:
     def supports(self, device: torch.device) -> bool:
         raise NotImplementedError
 
-    def factorized_forward(self, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor], save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
+    def factorized_forward(self, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Tensor],
+                           save_h: bool) -> tuple[Tensor, Optional[Tensor]]:
         """y = ((x·Vhᵀ) ⊙ s)·Uᵀ + bias, and h = x·Vhᵀ when save_h (else None)."""
         raise NotImplementedError
 
@@ -70,7 +71,8 @@ class SpectralBackend:
         """W = (U ⊙ s)·Vh in U's dtype."""
         raise NotImplementedError
 
-    def factorized_backward(self, grad: Tensor, h: Tensor, U: Tensor, s: Tensor, Vh: Tensor, need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
+    def factorized_backward(self, grad: Tensor, h: Tensor, U: Tensor, s: Tensor, Vh: Tensor,
+                            need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
         """t = grad·U; ds = Σ_n h ⊙ t; dx = (t ⊙ s)·Vh when need_dx (else None)."""
         raise NotImplementedError
 
@@ -78,7 +80,8 @@ class SpectralBackend:
         """dx = ((grad·U) ⊙ s)·Vh, for a layer whose s is frozen."""
         raise NotImplementedError
 
-    def recomposed_backward(self, grad: Tensor, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, W: Tensor, need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
+    def recomposed_backward(self, grad: Tensor, x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, W: Tensor,
+                            need_dx: bool) -> tuple[Optional[Tensor], Tensor]:
         """G = gradᵀ·x; ds = rowsum((Uᵀ·G) ⊙ Vh); dx = grad·W when need_dx (else None)."""
         raise NotImplementedError
 

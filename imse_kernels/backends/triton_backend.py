@@ -101,7 +101,8 @@ class TritonBackend(SpectralBackend):
     @staticmethod
     def _check(op: str, s: Tensor, **named: Optional[Tensor]) -> None:
         """Clear errors for what the kernels cannot take: dtypes, devices, ranks of the operands."""
-        tensors = {k: (v.unsqueeze(0) if k == "bias" and v.dim() == 1 else v) for k, v in named.items() if v is not None}
+        tensors = {k: (v.unsqueeze(0) if k == "bias" and v.dim() == 1 else v)
+                   for k, v in named.items() if v is not None}
         runtime.check_operands(f"triton {op}", tensors)
         U = named["U"]
         if s.dim() != 1 or s.shape[0] != U.shape[1] or s.device != U.device or not s.is_floating_point():

@@ -255,7 +255,8 @@ def run_seeds(plan: Plan, session: Session, writer: Optional[ResultsWriter] = No
                 opts = MethodOptions(plan.config.methods, run.batch_size, seed, run.compile,
                                      None if comm is None else comm.group)
                 tag = f" (seed {seed})" if len(run.seeds) > 1 else ""
-                done = None if writer is None else (lambda part, runs=runs, images=images: writer.partial(runs + [part], images))
+                done = None if writer is None else (
+                    lambda part, runs=runs, images=images: writer.partial(runs + [part], images))
                 runs.append(run_seed(run, opts, domains, size, data.model, data.source, session.device, seed, comm,
                                      session.log, plan.invocation.progress, tag, on_result=done))
                 del domains

@@ -22,7 +22,8 @@ class Plan:
     flops_recomposed: int
 
 
-def step_flops(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool, has_weight: bool) -> tuple[int, int]:
+def step_flops(n: int, d_in: int, d_out: int, r: int, need_ds: bool, need_dx: bool,
+               has_weight: bool) -> tuple[int, int]:
     """FLOPs of a forward (+ the backward implied by need_ds/need_dx) on each route: (F, R)."""
     f = 2 * n * r * (d_in + d_out)
     if need_ds:

@@ -226,7 +226,8 @@ def _check_inputs(x: Tensor, U: Tensor, s: Tensor, Vh: Tensor, bias: Optional[Te
         )
     if x.dim() == 0 or x.shape[-1] != Vh.shape[1]:
         raise ValueError(
-            f"spectral_linear: x has shape {tuple(x.shape)} but Vh {tuple(Vh.shape)} expects last dim d_in={Vh.shape[1]}"
+            f"spectral_linear: x has shape {tuple(x.shape)} but Vh {tuple(Vh.shape)} "
+            f"expects last dim d_in={Vh.shape[1]}"
         )
     if bias is not None and tuple(bias.shape) != (U.shape[0],):
         raise ValueError(f"spectral_linear: bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}")

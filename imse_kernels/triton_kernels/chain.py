@@ -125,7 +125,8 @@ def chain(
     Returns (out, h_out, ds): h_out = a·b1 in a's dtype when save_h; ds = Σ_rows (a·b1) ⊙ h
     (float32, (R,), or (C, R) summed per code with `index`) when h is given. Unrequested results are None.
     """
-    runtime.check_operands("chain", {"a": a, "b1": b1, "b2": b2} | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
+    runtime.check_operands("chain", {"a": a, "b1": b1, "b2": b2}
+                           | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
     M, K = a.shape
     R, N = b2.shape
     s_shape = (R,) if index is None else (s.shape[0], R)

@@ -45,7 +45,8 @@ def recomposed_ds_kernel(
     tl.store(part_ptr + pid_i * R + offs_r, tl.sum(acc * vh, axis=1), mask=mask_r)
 
 
-def recomposed_ds(U: torch.Tensor, G: torch.Tensor, Vh: torch.Tensor, cfg: Optional[tuning.Config] = None) -> torch.Tensor:
+def recomposed_ds(U: torch.Tensor, G: torch.Tensor, Vh: torch.Tensor,
+                  cfg: Optional[tuning.Config] = None) -> torch.Tensor:
     """rowsum((Uᵀ·G) ⊙ Vh) in float32 for U (d_out×r), G (d_out×d_in), Vh (r×d_in); any strides."""
     runtime.check_operands("recomposed_ds", {"U": U, "G": G, "Vh": Vh})
     d_out, r = U.shape

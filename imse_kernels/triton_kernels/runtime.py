@@ -88,7 +88,8 @@ def check_operands(op: str, dtype_of: dict, same_device: bool = True) -> None:
         if t.dim() != 2:
             raise ValueError(f"{op}: {n} must be 2-D, got shape {tuple(t.shape)}")
     if not supports(first.device):
-        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {first.device}")
+        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), "
+                           f"got {first.device}")
 
 
 @triton.jit

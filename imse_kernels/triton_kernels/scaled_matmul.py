@@ -76,7 +76,8 @@ def scaled_matmul(
     Returns (C, ds): ds = Σ_rows (a·b) ⊙ h (float32, (N,)) when h is given, else None.
     write_c=False computes only ds (C is returned as None and never allocated).
     """
-    runtime.check_operands("scaled_matmul", {"a": a, "b": b} | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
+    runtime.check_operands("scaled_matmul", {"a": a, "b": b}
+                           | ({"bias": bias.unsqueeze(0)} if bias is not None else {}))
     if scale not in ("k", "n"):
         raise ValueError(f"scaled_matmul: scale must be 'k' or 'n', got {scale!r}")
     M, K = a.shape
@@ -84,7 +85,8 @@ def scaled_matmul(
     if K2 != K:
         raise ValueError(f"scaled_matmul: inner dimensions differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
     if s is not None and s.shape != ((K,) if scale == "k" else (N,)):
-        raise ValueError(f"scaled_matmul: s has shape {tuple(s.shape)}, expected ({K if scale == 'k' else N},) for scale={scale!r}")
+        raise ValueError(f"scaled_matmul: s has shape {tuple(s.shape)}, "
+                         f"expected ({K if scale == 'k' else N},) for scale={scale!r}")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"scaled_matmul: bias must be ({N},), got {tuple(bias.shape)}")
     if h is not None and h.shape != (M, N):

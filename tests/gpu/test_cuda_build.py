@@ -120,8 +120,8 @@ def test_cuda_library_holds_sm80_and_sm90_code():
         for sm in ("sm_80", "sm_90"):
             assert f".{sm}.cubin" in out, f"cuobjdump --list-elf shows no {sm} cubin:\n{out}"
         syms = subprocess.run([tool, "--dump-elf-symbols", str(lib)], capture_output=True, text=True).stdout
-        for kernel in ("fused_kernel", "colsum_kernel", "reduce_kernel", "gather_scale_kernel", "segment_partial_kernel",
-                       "segment_reduce_kernel"):
+        for kernel in ("fused_kernel", "colsum_kernel", "reduce_kernel", "gather_scale_kernel",
+                       "segment_partial_kernel", "segment_reduce_kernel"):
             assert kernel in syms, f"kernel {kernel} missing from the device code"
         for kernel in ("gemm_tc_kernel", "gemm_simt_kernel"):  # plain GEMMs are cuBLAS's
             assert kernel not in syms, f"hand-written GEMM {kernel} is back in the device code"
@@ -134,12 +134,14 @@ def test_cuda_ops_registered_for_cuda_key():
 
     importlib.import_module("imse_kernels._C_cuda")
     for op in OPS + INDEXED_OPS:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"imse_ext::{op}", "CUDA"), f"imse_ext::{op} has no CUDA kernel"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"imse_ext::{op}", "CUDA"), \
+            f"imse_ext::{op} has no CUDA kernel"
     schema = str(torch.ops.imse_ext.indexed_backward.default._schema)
     assert schema.startswith("imse_ext::indexed_backward(Tensor grad, Tensor h, Tensor U, Tensor S, Tensor Vh, "
                              "Tensor index, bool need_dx)"), schema
     schema = str(torch.ops.imse_ext.factorized_forward.default._schema)
-    assert schema.startswith("imse_ext::factorized_forward(Tensor x, Tensor U, Tensor s, Tensor Vh, Tensor? bias, bool save_h)"), schema
+    assert schema.startswith("imse_ext::factorized_forward(Tensor x, Tensor U, Tensor s, Tensor Vh, "
+                             "Tensor? bias, bool save_h)"), schema
 
 
 def test_cuda_switch_op_registered():
@@ -263,7 +265,8 @@ def test_emulated_switch_selects_aten_path(emu):
     for off in ("0", "off", "False"):
         with case.env(IMSE_CUDA_FUSED=off):
             assert all(_launches(emu, f) == 0 for f in calls.values()), off
-    with case.env(IMSE_CUDA_FUSED="sometimes"), pytest.raises(RuntimeError, match="IMSE_CUDA_FUSED must be auto, 1 or 0"):
+    with case.env(IMSE_CUDA_FUSED="sometimes"), \
+            pytest.raises(RuntimeError, match="IMSE_CUDA_FUSED must be auto, 1 or 0"):
         calls["forward"]()
     with pytest.raises(RuntimeError, match="kernel must be 'chain' or 'ds'"):
         emu.cuda_fused_mode("gemm")
@@ -546,8 +549,9 @@ def test_emulated_kernels_race_free_under_thread_sanitizer(tmp_path):
     _sanitizer_runtime("libtsan.so")
     exe = tmp_path / "emu_selftest_tsan"
     emu_dir = CUDA_SRC / "emu"
-    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fsanitize=thread", "-Wno-unknown-pragmas",
-                    str(emu_dir / "emu_selftest.cpp"), str(emu_dir / "emu_kernels.cpp"), "-o", str(exe), "-lpthread"],
+    subprocess.run([os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-g", "-fsanitize=thread",
+                    "-Wno-unknown-pragmas", str(emu_dir / "emu_selftest.cpp"), str(emu_dir / "emu_kernels.cpp"),
+                    "-o", str(exe), "-lpthread"],
                    check=True, capture_output=True, text=True)
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, TSAN_OPTIONS="halt_on_error=1:exitcode=66"))
@@ -564,7 +568,8 @@ def test_emulated_kernels_under_address_sanitizer():
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "cuda_memcheck_case.py"), "--emu-build",
                            "imse_cuda_emu_asan", "--asan", "--quick"],
                           capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
-    assert proc.returncode == 0, f"AddressSanitizer run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"AddressSanitizer run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "cases passed" in proc.stdout
     # The per-sample-code kernels (docs/design.md §8) in the same AddressSanitizer library.
     script = (
@@ -577,10 +582,12 @@ def test_emulated_kernels_under_address_sanitizer():
         "    for fused in ('1', '0'):\n"
         "        with case.env(IMSE_CUDA_FUSED=fused):\n"
         "            for i, shape in enumerate(case.INDEXED_SHAPES):\n"
-        "                case.check_indexed(torch.ops.imse_emu, *shape, dtype, torch.device('cpu'), bias=i % 2 == 0, seed=i)\n"
+        "                case.check_indexed(torch.ops.imse_emu, *shape, dtype, torch.device('cpu'), "
+        "bias=i % 2 == 0, seed=i)\n"
         "                n += 1\n"
         "print(f'indexed: {n} cases passed')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=str(ROOT),
                           timeout=900)
-    assert proc.returncode == 0, f"AddressSanitizer run (indexed ops) failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (f"AddressSanitizer run (indexed ops) failed (rc {proc.returncode}):\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     assert "indexed: 56 cases passed" in proc.stdout

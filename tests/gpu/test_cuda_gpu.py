@@ -66,7 +66,8 @@ def _all_outputs(ops, x, U, s, Vh, b, grad):
     y, h = ops.factorized_forward(x, U, s, Vh, b, True)
     W = ops.recompose(U, s, Vh)
     return {"y": ops.factorized_forward(x, U, s, Vh, b, False)[0], "y_h": y, "h": h,
-            "dx_input": ops.factorized_input_grad(grad, U, s, Vh), "ds": ops.factorized_backward(grad, h, U, s, Vh, True)[1],
+            "dx_input": ops.factorized_input_grad(grad, U, s, Vh),
+            "ds": ops.factorized_backward(grad, h, U, s, Vh, True)[1],
             "ds_recomposed": ops.recomposed_backward(grad, x, U, s, Vh, W, True)[1]}
 
 
@@ -200,7 +201,8 @@ def test_indexed_small_shapes_match_float64_loop(ops, dtype, fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(4, 197, 768, 768, 768, 3), (64, 197, 768, 3072, 700, 64), (1, 1, 3072, 768, 300, 1)])
+@pytest.mark.parametrize("shape", [(4, 197, 768, 768, 768, 3), (64, 197, 768, 3072, 700, 64),
+                                   (1, 1, 3072, 768, 300, 1)])
 def test_indexed_vit_shapes_kernels_and_aten_path(ops, dtype, shape):
     from imse_kernels.backends.compiled_backend import cuda_fused_kernels
 

@@ -84,7 +84,8 @@ def test_a_failing_forward_kernel_falls_back_with_the_right_result(gpu_like_chai
     assert backends.serving_backend(torch.device("cpu")) == "cpu"
     y.sum().backward()  # the backward runs on the backend that serves now
     torch.testing.assert_close(s.grad.double(), ((x.detach().double() @ Vh.double().t())
-                                                 * (torch.ones(7, 20, dtype=torch.float64) @ U.double())).sum(0), rtol=1e-5, atol=1e-5)
+                                                 * (torch.ones(7, 20, dtype=torch.float64) @ U.double())).sum(0),
+                               rtol=1e-5, atol=1e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: later calls are quiet
         _expect_oracle(*_call())
@@ -131,7 +132,8 @@ class _Fake(SpectralBackend):
 def test_the_chain_walks_triton_then_cuda_then_torch():
     fallback.reset()
     fakes = {"triton": _Fake("triton", "raises"), "cuda": _Fake("cuda", "wrong"), "torch": TorchBackend()}
-    chain = fallback.FallbackChain(("triton", "cuda", "torch"), fakes.get, frozenset({"triton", "cuda"}), fakes["torch"])
+    chain = fallback.FallbackChain(("triton", "cuda", "torch"), fakes.get, frozenset({"triton", "cuda"}),
+                                   fakes["torch"])
     U, s, Vh, _ = factors(9, 11, 5, bias=False)
     with pytest.warns(RuntimeWarning) as record:
         W = chain.recompose(U, s, Vh)

@@ -93,7 +93,8 @@ def test_non_contiguous_inputs(backend):
     Ut = torch.randn(19, 23).t()  # non-contiguous U
     for route in ROUTES:
         with use_backend(backend), force_route(route):
-            torch.testing.assert_close(spectral_linear(x, Ut, s, Vh, b).double(), oracle(x, Ut, s, Vh, b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(spectral_linear(x, Ut, s, Vh, b).double(), oracle(x, Ut, s, Vh, b),
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -111,7 +111,8 @@ class FakeModel:
         self.codes = {k: v + (d + 1) for k, v in self.codes.items()}
 
     def snapshot(self):
-        return {k: v.clone() for k, v in self.codes.items()}, {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []}
+        return ({k: v.clone() for k, v in self.codes.items()},
+                {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []})
 
 
 def run_stream(bank, order, batch=8, model=None):

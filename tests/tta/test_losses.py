@@ -111,7 +111,8 @@ def test_moments_under_bf16_autocast_are_float32_and_close():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m = expert_alignment_moments(x, Vh)
     assert m.sum.dtype == torch.float32
-    torch.testing.assert_close(std_from_moments(m), std_from_moments(expert_alignment_moments(x, Vh)), rtol=3e-2, atol=3e-3)
+    torch.testing.assert_close(std_from_moments(m), std_from_moments(expert_alignment_moments(x, Vh)),
+                               rtol=3e-2, atol=3e-3)
 
 
 def test_degenerate_expert_gives_finite_gradient():

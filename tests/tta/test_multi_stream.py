@@ -207,7 +207,8 @@ def test_row_adam_equals_torch_adam_per_row():
     for i in range(k):
         st = opts[i].state[refs[i]]
         assert torch.equal(table[i], refs[i].detach())
-        assert torch.equal(adam.exp_avg["t"][i], st["exp_avg"]) and torch.equal(adam.exp_avg_sq["t"][i], st["exp_avg_sq"])
+        assert torch.equal(adam.exp_avg["t"][i], st["exp_avg"])
+        assert torch.equal(adam.exp_avg_sq["t"][i], st["exp_avg_sq"])
         assert adam.steps[i] == int(st["step"])
     assert adam.steps == [3, 2, 4]
 

@@ -110,7 +110,8 @@ def _json_edit(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     elif kind == "dtype":  # the tensor's dtype in the safetensors header, same byte size where possible
         t = header[rng.choice(names)]
         size = _DTYPES[t["dtype"]]
-        t["dtype"] = rng.choice([k for k, v in _DTYPES.items() if k != t["dtype"] and (v == size or rng.random() < 0.2)])
+        t["dtype"] = rng.choice([k for k, v in _DTYPES.items()
+                                 if k != t["dtype"] and (v == size or rng.random() < 0.2)])
     elif kind == "shape":
         t = header[rng.choice(names)]
         shape = t["shape"]
@@ -162,7 +163,8 @@ def _mutations(data: bytes, n_total: int, seed: int = 1234):
 def _tensor_at(data: bytes, offset: int) -> str:
     n, header = _split(data)
     rel = offset - 8 - n
-    return next(k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] <= rel < v["data_offsets"][1])
+    return next(k for k, v in header.items()
+                if k != "__metadata__" and v["data_offsets"][0] <= rel < v["data_offsets"][1])
 
 
 def test_damaged_bank_files_are_rejected_or_load_identical(banks, tmp_path):
