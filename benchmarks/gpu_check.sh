@@ -214,7 +214,7 @@ PYEOF
       echo "driver: nvidia-smi absent"
     fi
   } >> "$OUT/versions.log" 2>&1
-  grep -E '^(python|nvcc|compute-sanitizer|driver):' "$OUT/versions.log" >> "$SUMMARY"
+  grep -E '^(python |nvcc:|compute-sanitizer:|driver:)' "$OUT/versions.log" >> "$SUMMARY"
   if [ "$DRY" = "1" ]; then  # a private, temporary triton cache
     ARCH=90; AOT_ARGS="--dtypes bf16 --shapes odd"
   else  # triton's own cache, which the JIT of the later stages may then find warm
