@@ -280,9 +280,9 @@ if selected 2; then
     wait "${pids[@]}"
     return 0
   }
-  export -f warm 2>/dev/null || true
+  export -f warm
   export PY C_ARGS W_BACKENDS W_PAR WARM BENCH_DIR
-  step "stage 2 correctness/warmup" "$WARM" "$SUMMARY" bash -c "$(declare -f warm); warm"
+  step "stage 2 correctness/warmup" "$WARM" "$SUMMARY" bash -c warm  # the exported function: one summary line
   note "warm-up: $(grep -c 'passed' "$BENCH_DIR/warmup.log" 2>/dev/null || echo 0) shards finished"
   CAP=$(cap_of 2)
   # stdout repeats the JSON lines of correctness.jsonl; stderr (failures, counts) goes to the summary

@@ -4,7 +4,9 @@
 #
 #     bash tools/make_triton_venv.sh                 # triton 3.6.0 in /tmp/venv-triton-3.6.0
 #     bash tools/make_triton_venv.sh 3.6.0 DIR
-#     DIR/bin/python tools/triton_compile_check.py --full --csv benchmarks/results/triton_compile_check_triton-3.6.0.csv
+#     TRITON_INTERPRET=0 DIR/bin/python tools/triton_compile_check.py \
+#         --csv benchmarks/results/triton_compile_check_triton-3.6.0.csv \
+#         --table benchmarks/results/triton_compile_check_triton-3.6.0.txt
 #
 # The venv sees the calling interpreter's packages (a .pth file naming its site-packages, which Python
 # appends after the venv's own), so torch and numpy are not downloaded again; the venv's site-packages

@@ -21,7 +21,8 @@ configuration is one `tuning.DROPPED` already removes from the tuner (lowered he
 
 Job sets (--tiers, default all):
   defaults    every primitive and variant with its default tile, for every shape class, dtype and arch;
-  candidates  every tuner candidate (and every dropped one) on the vit and odd shape classes;
+  candidates  every tuner candidate on the vit and odd shape classes, and every dropped one (also those of a
+              kernel that DROPPED left without tiles, which the backend no longer offers);
   codes       the per-sample-codes chain at CODES_P2 in {16, 64, 256} (256 is unreachable: K > 64 runs
               on the segmented ATen path), default tile.
 Shape classes (only the specialisation matters, so the row count stands for any with its
@@ -261,6 +262,8 @@ def collect(tiers: set, archs, dtypes, shapes, extra: list) -> list[Job]:
             jobs[key] = Job(launch.kernel, cap, dtype, _config_name(launch),
                             launch.kwargs.get("CODES_P2") if launch.kwargs.get("INDEXED") else None, flags, launch,
                             status_note=note)
+        elif not note:  # a specialisation some use still launches counts, whatever else lowered it as evidence
+            jobs[key].status_note = ""
         jobs[key].uses.add(use)
 
     for cap in archs:
@@ -331,16 +334,32 @@ def _launches(call, cap: int, precision: str, default_only: bool, fp32: bool, co
                 out.append((launch, dropped))
     if default_only:  # the dropped configurations are not candidates, so they never show here
         return out
-    for kernel in {lch.kernel for lch, _ in out}:
-        for cfg in tuning.dropped_configs(kernel, cap, fp32, precision, codes, aligned):
-            for name in offered:
+    # The dropped configurations, as evidence: offered again with nothing dropped (so those of a kernel
+    # left without tiles, which the backend no longer offers, are lowered too), each chosen by its name.
+    evidence = [(kernel, cfg) for kernel in KERNEL_MODULES
+                for cfg in tuning.dropped_configs(kernel, cap, fp32, precision, codes, aligned)]
+    with _nothing_dropped():
+        everything: dict = {"name": None}
+        with capturing(cap, precision, everything), contextlib.suppress(_Offered):
+            call()
+        for kernel, cfg in evidence:
+            for name in [n for n in everything.get("offered", []) if n.endswith("/" + cfg.name)]:
                 choice["name"] = name
-                with capturing(cap, precision, choice) as sink, _only_config(kernel, cfg):
+                with capturing(cap, precision, choice) as sink:
                     call()
-                out += [(lch, True) for lch in sink if lch.kernel == kernel]
-                if sink:
-                    break
+                out += [(lch, True) for lch in sink if lch.kernel == kernel and _config_name(lch) == cfg.name]
     return out
+
+
+@contextlib.contextmanager
+def _nothing_dropped():
+    """Inside: `tuning.DROPPED` is empty, so the backend offers every configuration of its tables."""
+    saved = tuning.DROPPED
+    tuning.DROPPED = {}
+    try:
+        yield
+    finally:
+        tuning.DROPPED = saved
 
 
 _ROWS_ARG = {"chain": "M", "scaled_matmul": "M", "recomposed_ds": "R"}

@@ -123,6 +123,7 @@ DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {
         "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
     }),
     ('chain', 80, 'fp32', 'codes', 'unaligned'): frozenset({
+        "k16_m128_n128_r64_group_m8_w8s3", "k16_m64_n128_r64_group_m8_w4s3", "k16_m64_n64_r64_group_m8_w4s3",
         "k32_m16_n64_r32_group_m8_w4s3",
     }),
     ('chain', 80, 'fp32', 'plain', 'aligned'): frozenset({
@@ -159,7 +160,8 @@ DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {
         "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
     }),
     ('chain', 90, 'fp32', 'codes', 'unaligned'): frozenset({
-        "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
     }),
     ('chain', 90, 'fp32', 'plain', 'aligned'): frozenset({
         "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
@@ -174,7 +176,8 @@ DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {
         "k32_m64_n64_r64_group_m8_w4s3",
     }),
     ('chain', 90, 'tf32', 'codes', 'unaligned'): frozenset({
-        "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m128_n128_r64_group_m8_w8s3", "k32_m128_n256_r64_group_m8_w8s3", "k32_m16_n64_r64_group_m8_w4s3",
+        "k32_m64_n128_r64_group_m8_w4s3", "k32_m64_n64_r64_group_m8_w4s3",
     }),
     ('chain', 90, 'tf32', 'plain', 'aligned'): frozenset({
         "k32_m128_n256_r64_group_m8_w8s3", "k32_m64_n128_r64_group_m8_w4s3",
@@ -193,6 +196,9 @@ DROPPED: dict[tuple[str, int, str, str, str], frozenset[str]] = {
         "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
     }),
     ('scaled_matmul', 80, 'tf32', 'plain', 'aligned'): frozenset({
+        "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
+    }),
+    ('scaled_matmul', 80, 'tf32', 'plain', 'unaligned'): frozenset({
         "k16_m128_n128_group_m8_w4s4", "k16_m128_n256_group_m8_w8s3", "k16_m256_n128_group_m8_w8s3",
     }),
     ('scaled_matmul', 90, '16bit', 'plain', 'aligned'): frozenset({

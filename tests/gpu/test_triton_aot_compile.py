@@ -77,3 +77,31 @@ def test_the_check_specialises_as_the_jit_does():
     assert "a_ptr" not in odd and "K" not in odd and "stride_am" not in odd and "M" in vit and "M" not in odd
     assert "stride_b1k" in spec["vit"]["ones"].split(",")  # Vhᵀ's unit stride, folded into a constant
     assert "M" in spec["n1"]["ones"].split(",")
+
+
+EVIDENCE = r"""
+import sys
+sys.path.insert(0, {tools!r})
+import triton_compile_check as t
+for job in t.collect({{"candidates"}}, [90], ["fp32"], ["vit"], []):
+    print(job.kernel, job.config, job.flags, job.status_note or "-")
+"""
+
+
+def test_the_tiles_of_a_kernel_left_without_any_are_still_lowered_as_evidence():
+    """fp32 IEEE per-sample codes on sm_90: tuning.DROPPED removes every `chain` tile, so the backend offers
+    the ATen path alone; the check still lowers each dropped tile for each coded launch, marked `dropped`
+    (its failures do not count), so the tables keep the evidence for the drop."""
+    from imse_kernels.triton_kernels import tuning
+
+    dropped = tuning.dropped("chain", 90, fp32=True, precision="ieee", codes=True, aligned=True)
+    assert tuning.candidates("chain", 90, fp32=True, precision="ieee", codes=True, aligned=True) == []
+    assert len(dropped) == len(tuning.CANDIDATES["chain"][90])
+    proc = subprocess.run([sys.executable, "-c", EVIDENCE.format(tools=os.path.join(ROOT, "tools"))],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [line.split() for line in proc.stdout.splitlines()]
+    coded = [j for j in jobs if j[0] == "chain" and "INDEXED" in j[2]]
+    assert {j[1] for j in coded} == dropped and all(j[3] == "dropped" for j in coded), coded
+    assert {j[2] for j in coded} == {"HAS_BIAS,SAVE_H,INDEXED", "DS,INDEXED", "INDEXED"}
+    assert [j for j in jobs if j[3] == "-"], "the offered candidates count"

@@ -1,7 +1,10 @@
 """Launchers that cannot misbehave (docs/design.md, section 5), on the CPU through the interpreter:
 a strided bias, codes outside [0, K) (NaN rows, as the CUDA gather kernel gives, and never a read
 outside the code table), large code tables sent to the segmented ATen path instead of a one-hot tile
-that compiles for minutes, and fp32 with IEEE dots served by cuBLAS unless asked otherwise."""
+that compiles for minutes, fp32 with IEEE dots served by cuBLAS unless asked otherwise, and per-sample
+codes for which the compile check left `chain` no tile served by the ATen path."""
+import contextlib
+
 import pytest
 import torch
 
@@ -228,3 +231,109 @@ def test_runtime_aligned_is_the_jit_specialisation_of_vit_shapes():
     assert not runtime.aligned((a.view(-1)[1:65].view(1, 64),), (64,))  # starts 4 bytes into the storage
     assert runtime.aligned((a.view(-1)[16:].view(3, 80), None), (80,))  # 64 bytes in, stride 80: aligned
     assert not runtime.aligned((a[:, ::2],), (32,)) and runtime.aligned((a.t(),), (64,))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-sample codes where the compile check left `chain` no tile
+
+# (capability, dot precision of fp32 operands, layout) of the per-sample-code problems for which the real
+# tuning.DROPPED removes every `chain` tile (the compile check's tables: 0.4-26 KB spilled per thread).
+NO_CHAIN_TILE = [(80, "ieee", "unaligned"), (90, "ieee", "aligned"), (90, "ieee", "unaligned"),
+                 (90, "tf32", "unaligned")]
+CODED_SIZES = {"aligned": (9, 32, 48, 16), "unaligned": (9, 37, 26, 21)}  # n, d_in, d_out, r
+
+
+def _coded_problem(layout: str, k: int = 4):
+    n, d_in, d_out, r = CODED_SIZES[layout]
+    x, U, _, Vh, b = factors(n, d_in, d_out, r, torch.float32)
+    S = torch.rand(k, r, generator=torch.Generator().manual_seed(1)) + 0.5
+    index = torch.tensor([(3 * i + 1) % k for i in range(n)])
+    return x, U, S, Vh, b, index
+
+
+def _as_gpu(monkeypatch, capability: int, precision: str, answer=None) -> list:
+    """The backend sees a GPU of `capability` with fp32 dots at `precision`; returns the list of the tuner's
+    questions (key, candidates, default), answered by tuning.choose or by `answer`."""
+    monkeypatch.setattr(runtime, "capability", lambda device: capability)
+    monkeypatch.setattr(runtime, "dot_precision", lambda dtype: precision if dtype == torch.float32 else "ieee")
+    asked, answer = [], answer or tuning.choose
+
+    def spy(key, device, candidates, default):
+        asked.append((key, list(candidates), default))
+        return answer(key, device, candidates, default)
+
+    monkeypatch.setattr(tuning, "choose", spy)
+    return asked
+
+
+@pytest.mark.parametrize("capability,precision,layout", NO_CHAIN_TILE)
+def test_per_sample_codes_without_a_chain_tile_run_on_the_aten_path(monkeypatch, capability, precision, layout):
+    """Where tuning.DROPPED leaves `chain` no tile for the per-sample-code launches (fp32 IEEE on sm_90;
+    unaligned fp32 IEEE on sm_80; unaligned TF32 on sm_90), the Triton backend offers the tuner `blas`
+    alone, the protocol's ATen path (backends/base.py), also under a forced variant: no chain kernel
+    launches, and forward, backward and input gradient match the float64 oracle."""
+    aligned = layout == "aligned"
+    assert tuning.candidates("chain", capability, True, precision, codes=True, aligned=aligned) == []
+    asked = _as_gpu(monkeypatch, capability, precision)
+    launched = []
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            raise AssertionError("a chain kernel launched for a problem with no chain tile left")
+
+    monkeypatch.setattr(chain_module, "chain_kernel", NoLaunch())
+    x, U, S, Vh, b, index = _coded_problem(layout)
+    assert runtime.aligned((x, U, Vh, b), (x.shape[1], *U.shape)) == aligned
+    g = torch.randn(x.shape[0], U.shape[0], generator=torch.Generator().manual_seed(2))
+    ref = get_backend("torch")
+    y64, h64 = ref.indexed_forward(x.double(), U.double(), S.double(), Vh.double(), b.double(), index, True)
+    dx64, dS64 = ref.indexed_backward(g.double(), h64, U.double(), S.double(), Vh.double(), index, True)
+    tb = get_backend("triton")
+    for forced in (None, "fused"):
+        with tuning.force(forced) if forced else contextlib.nullcontext():
+            y, h = tb.indexed_forward(x, U, S, Vh, b, index, True)
+            dx, dS = tb.indexed_backward(g, h, U, S, Vh, index, True)
+            dx_only = tb.indexed_input_grad(g, U, S, Vh, index)
+        for got, want in ((y, y64), (h, h64), (dx, dx64), (dS, dS64), (dx_only, dx64)):
+            assert _rel(got, want) < 1e-5
+    assert not launched
+    assert len(asked) == 6 and all(cands == ["blas"] and default == "blas" for _, cands, default in asked), asked
+    assert all(key.endswith("|" + layout) for key, _, _ in asked[:3])
+
+
+@pytest.mark.parametrize("capability,precision,layout", NO_CHAIN_TILE)
+def test_with_nothing_dropped_the_same_problems_would_offer_chain_tiles(monkeypatch, capability, precision, layout):
+    """The test above depends on tuning.DROPPED: with it emptied, the same calls offer `fused/` tiles, and
+    TF32 (whose default is the kernel) would launch one by default."""
+    monkeypatch.setattr(tuning, "DROPPED", {})
+
+    def stop(key, device, candidates, default):
+        raise _Offered
+
+    asked = _as_gpu(monkeypatch, capability, precision, answer=stop)
+    x, U, S, Vh, b, index = _coded_problem(layout)
+    with pytest.raises(_Offered):
+        get_backend("triton").indexed_forward(x, U, S, Vh, b, index, True)
+    _, cands, default = asked[0]
+    assert len([n for n in cands if n.startswith("fused/")]) == len(tuning.CANDIDATES["chain"][capability])
+    assert (default == "blas") if precision == "ieee" else default.startswith("fused/")
+
+
+@pytest.mark.parametrize("capability,layout", [(80, "aligned"), (80, "unaligned"), (90, "aligned"),
+                                               (90, "unaligned")])
+def test_fp32_ieee_per_sample_codes_default_to_aten_on_every_gpu_and_layout(monkeypatch, capability, layout):
+    """Without timing, fp32 IEEE per-sample codes run on the ATen path on sm_80 and sm_90 in either layout;
+    the tuner (IMSE_TRITON_TUNE=1) is offered only the chain tiles tuning.DROPPED kept (on sm_80 aligned
+    the small-row tile; none elsewhere)."""
+    asked = _as_gpu(monkeypatch, capability, "ieee")
+    x, U, S, Vh, b, index = _coded_problem(layout)
+    y, _ = get_backend("triton").indexed_forward(x, U, S, Vh, b, index, False)
+    y64, _ = get_backend("torch").indexed_forward(x.double(), U.double(), S.double(), Vh.double(), b.double(),
+                                                  index, False)
+    assert _rel(y, y64) < 1e-5
+    _, cands, default = asked[0]
+    kept = [c.name for c in tuning.candidates("chain", capability, True, "ieee", codes=True,
+                                                aligned=layout == "aligned")]
+    assert default == "blas" and cands == [f"fused/{n}" for n in kept] + ["blas"]
+    assert len(kept) == (1 if (capability, layout) == (80, "aligned") else 0)
