@@ -245,7 +245,7 @@ CODED_SIZES = {"aligned": (9, 32, 48, 16), "unaligned": (9, 37, 26, 21)}  # n, d
 
 def _coded_problem(layout: str, k: int = 4):
     n, d_in, d_out, r = CODED_SIZES[layout]
-    x, U, _, Vh, b = factors(n, d_in, d_out, r, torch.float32)
+    x, U, _, Vh, b = spectral_inputs(n, d_in, d_out, r, torch.float32)
     S = torch.rand(k, r, generator=torch.Generator().manual_seed(1)) + 0.5
     index = torch.tensor([(3 * i + 1) % k for i in range(n)])
     return x, U, S, Vh, b, index
