@@ -42,6 +42,21 @@ def conv1d_shell(conv: nn.Module) -> nn.Module:
     return shell
 
 
+def rebuild_linear(weight: Tensor, bias: Optional[Tensor],
+                   requires_grad: tuple[bool, bool] = (True, True)) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (d_out, d_in) and `bias`, with the given `requires_grad`."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.weight.requires_grad_(requires_grad[0])
+    if linear.bias is not None:
+        linear.bias.requires_grad_(requires_grad[1])
+    return linear
+
+
 def rebuild_conv1d(shell: nn.Module, weight: Tensor, bias: Optional[Tensor],
                    requires_grad: tuple[bool, bool] = (True, True)) -> nn.Module:
     """A Conv1D like `shell` holding `weight` (nn.Linear layout, (d_out, d_in); stored transposed) and `bias`."""

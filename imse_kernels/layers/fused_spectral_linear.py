@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..ops.spectral_linear import _spectral_linear, spectral_linear
 from ..ops.weight_cache import RecomposedWeightCache
 from ..overrides import Override
+from .conv1d import rebuild_linear
 
 #: (ids of the coded layers in scope, index) inside `stream_codes`; None outside.
 active_codes = Override("stream_codes")
@@ -119,16 +120,7 @@ class FusedSpectralLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """Merge back into an `nn.Linear`; its parameters get the `requires_grad` the original
         layer had (`linear_requires_grad`, recorded by `from_linear`)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.U.device, dtype=self.U.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.weight.requires_grad_(self.linear_requires_grad[0])
-        if linear.bias is not None:
-            linear.bias.requires_grad_(self.linear_requires_grad[1])
-        return linear
+        return rebuild_linear(self.weight, self.bias, self.linear_requires_grad)
 
     def enable_codes(self, num_codes: int) -> nn.Parameter:
         """Hold a (num_codes, r) table of per-stream codes, each row a copy of the current s."""

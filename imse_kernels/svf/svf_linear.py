@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..layers.conv1d import conv1d_shell, is_conv1d, linear_weight, rebuild_conv1d
+from ..layers.conv1d import conv1d_shell, is_conv1d, linear_weight, rebuild_conv1d, rebuild_linear
 from ..ops import RecomposedWeightCache, spectral_linear
 from .decomposition import svd_factors
 from .experts import active_mixture
@@ -138,16 +138,7 @@ class SVFLinear(nn.Module):
         weight, shell = self.merged_weight(s), self.__dict__["conv1d_shell"]
         if shell is not None:
             return rebuild_conv1d(shell, weight, self.bias, self.linear_requires_grad)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.U.device, dtype=self.U.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        linear.weight.requires_grad_(self.linear_requires_grad[0])
-        if linear.bias is not None:
-            linear.bias.requires_grad_(self.linear_requires_grad[1])
-        return linear
+        return rebuild_linear(weight, self.bias, self.linear_requires_grad)
 
     def extra_repr(self) -> str:
         k = 0 if self.experts is None else self.experts.shape[0]
